@@ -1,0 +1,381 @@
+"""``Fabric``: the object a training loop talks to. It validates, unwraps, and hands off to its strategy.
+
+Names and semantics follow Lightning Fabric, so switching is a change of import.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any, TypeVar, cast, overload
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from fabric_ckpt.io.paths import PathLike
+from fabric_ckpt.state import FilterFn, unwrap_objects, validate_filter
+from fabric_ckpt.strategies import Strategy, select_strategy
+from fabric_ckpt.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
+
+__all__ = ["Fabric"]
+
+T = TypeVar("T")
+
+
+class Fabric:
+    """Runs a training loop on a strategy and saves/restores its state.
+
+    Args:
+        accelerator: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``/``"gpu"`` or ``"mps"``.
+        strategy: ``"auto"``, ``"single"``, or a :class:`~fabric_ckpt.strategies.Strategy` instance.
+        devices: devices per node: a count, a list of indices, or ``"auto"``.
+        num_nodes: number of machines.
+        callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
+            :meth:`call`) are called.
+
+    Example:
+        >>> fabric = Fabric()
+        >>> model, optimizer = fabric.setup(model, optimizer)
+        >>> fabric.save("ckpt/last.ckpt", {"model": model, "optimizer": optimizer, "step": 10})
+    """
+
+    def __init__(
+        self,
+        accelerator: str = "auto",
+        strategy: str | Strategy = "auto",
+        devices: int | str | list[int] = 1,
+        num_nodes: int = 1,
+        callbacks: Any | list[Any] | None = None,
+    ) -> None:
+        self._strategy = select_strategy(strategy, accelerator, devices, num_nodes)
+        if callbacks is None:
+            self._callbacks: list[Any] = []
+        elif isinstance(callbacks, (list, tuple)):
+            self._callbacks = list(callbacks)
+        else:
+            self._callbacks = [callbacks]
+        self._launched = False
+
+    # ------------------------------------------------------------------ topology
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @property
+    def device(self) -> torch.device:
+        return self._strategy.root_device
+
+    @property
+    def global_rank(self) -> int:
+        return self._strategy.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._strategy.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._strategy.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._strategy.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._strategy.is_global_zero
+
+    def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
+        """Prepare the processes, then run ``fn(fabric, *args, **kwargs)`` if given and return its result.
+
+        Example:
+            >>> fabric.launch(lambda fabric: print(fabric.global_rank))
+        """
+        if not self._launched:
+            self._strategy.setup_environment()
+            self._launched = True
+        return fn(self, *args, **kwargs) if fn is not None else None
+
+    # ------------------------------------------------------------------ setup
+    @overload
+    def setup(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule: ...
+
+    @overload
+    def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> tuple[Any, ...]: ...
+
+    def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> Any:
+        """Place ``module`` (and wrap it for the strategy) and set up its optimizers.
+
+        Returns the module alone, or ``(module, *optimizers)``.
+
+        Example:
+            >>> model, optimizer = fabric.setup(model, optimizer)
+        """
+        wrapped = self.setup_module(module, move_to_device=move_to_device)
+        if not optimizers:
+            return wrapped
+        return (wrapped, *[self._setup_optimizer(opt) for opt in optimizers])
+
+    def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
+        """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
+
+        Example:
+            >>> model = fabric.setup_module(model)
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"setup_module expects a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(module, FabricModule):
+            raise ValueError("This module was already set up with fabric.setup(); set it up only once")
+        self._ensure_launched()
+        original = module
+        target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
+        if move_to_device:
+            self._strategy.module_to_device(target)
+        forward_module = self._strategy.setup_module(module)
+        return FabricModule(forward_module, original, self._strategy)
+
+    def setup_optimizers(self, *optimizers: Optimizer) -> Any:
+        """Set up optimizers; returns one optimizer, or a tuple for several.
+
+        Example:
+            >>> optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
+        """
+        if not optimizers:
+            raise ValueError("setup_optimizers needs at least one optimizer")
+        wrapped = tuple(self._setup_optimizer(opt) for opt in optimizers)
+        return wrapped[0] if len(wrapped) == 1 else wrapped
+
+    def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, FabricOptimizer):
+            raise ValueError("This optimizer was already set up with fabric.setup(); set it up only once")
+        self._ensure_launched()
+        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy)
+
+    def setup_dataloaders(self, *dataloaders: DataLoader, move_to_device: bool = True) -> Any:
+        """Return the dataloaders, moving each batch to the device when that is not the CPU.
+
+        Example:
+            >>> loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=8))
+        """
+        if not dataloaders:
+            raise ValueError("setup_dataloaders needs at least one dataloader")
+        wrapped = tuple(
+            _DeviceLoader(loader, self.device) if move_to_device and self.device.type != "cpu" else loader
+            for loader in dataloaders
+        )
+        return wrapped[0] if len(wrapped) == 1 else wrapped
+
+    def _ensure_launched(self) -> None:
+        if not self._launched:
+            self.launch()
+
+    # ------------------------------------------------------------------ training helpers
+    def backward(self, tensor: torch.Tensor, *args: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Call ``tensor.backward`` through the strategy (use instead of ``loss.backward()``)."""
+        self._strategy.backward(tensor, model, *args, **kwargs)
+
+    def to_device(self, obj: T) -> T:
+        """Move a module, tensor, or (nested) collection of tensors to this process's device."""
+        if isinstance(obj, nn.Module):
+            self._strategy.module_to_device(obj)
+            return obj
+        return cast(T, _move(obj, self.device))
+
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
+        """Skip gradient synchronisation in the block, e.g. while accumulating gradients."""
+        with self._strategy.no_backward_sync(module, enabled):
+            yield
+
+    @contextmanager
+    def init_module(self) -> Iterator[None]:
+        """Create the module's tensors directly on this process's device."""
+        with self.device:
+            yield
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank 0 only."""
+        if self.is_global_zero:
+            print(*args, **kwargs)
+
+    @staticmethod
+    def seed_everything(seed: int | None = None, workers: bool = False) -> int:
+        """Seed Python, NumPy (if installed) and torch; return the seed.
+
+        Example:
+            >>> Fabric.seed_everything(42)
+            42
+        """
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", random.randint(0, 2**32 - 1)))
+        os.environ["PL_GLOBAL_SEED"] = str(seed)
+        os.environ["PL_SEED_WORKERS"] = str(int(workers))
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            import numpy
+
+            numpy.random.seed(seed % 2**32)
+        except ImportError:
+            pass
+        return seed
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self, name: str | None = None) -> None:
+        """Wait until every process reaches this point."""
+        self._strategy.barrier(name)
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        """Send ``obj`` from rank ``src`` to every process."""
+        return cast(T, self._strategy.broadcast(obj, src))
+
+    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        return self._strategy.all_gather(tensor, sync_grads)
+
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        return self._strategy.all_reduce(tensor, reduce_op)
+
+    def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it."""
+        for callback in self._callbacks:
+            method = getattr(callback, hook_name, None)
+            if callable(method):
+                method(*args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None) -> None:
+        """Save ``state``: modules, optimizers and stateful objects as state dicts, the rest as given.
+
+        Args:
+            path: a local path or fsspec URL; an existing checkpoint there is replaced atomically.
+            state: a dict (or ``AttributeDict``) of modules, optimizers, stateful objects and plain data.
+            filter: per key of ``state``, a ``(key, value) -> bool`` selecting the items of that entry to save.
+
+        Example:
+            >>> fabric.save("ckpt.pt", {"model": model, "step": 3}, filter={"model": lambda k, v: "weight" in k})
+        """
+        objects = unwrap_objects(state)
+        validate_filter(filter, objects)
+        self._strategy.save_checkpoint(path, objects, filter=filter, on_save=self._save_hooks(objects))
+
+    def load(
+        self,
+        path: PathLike,
+        state: MutableMapping[str, Any] | None = None,
+        *,
+        strict: bool = True,
+        weights_only: bool = True,
+        verify: bool = True,
+    ) -> dict[str, Any]:
+        """Restore ``state`` in place from ``path`` and return what it did not ask for.
+
+        Without ``state`` (or with an empty one) the whole checkpoint is returned, tensors on the CPU.
+
+        Args:
+            strict: a key of ``state`` missing from the checkpoint raises ``KeyError`` and modules load strictly.
+            weights_only: refuse arbitrary unpickling (PyTorch's meaning); pass ``False`` for trusted files only.
+            verify: check the checkpoint's checksums before using it.
+
+        Example:
+            >>> remainder = fabric.load("ckpt.pt", {"model": model, "optimizer": optimizer})
+            >>> step = remainder["step"]
+        """
+        if state is not None and not isinstance(state, MutableMapping):
+            raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
+        objects = unwrap_objects(state) if state else None
+        remainder = self._strategy.load_checkpoint(
+            path,
+            objects,
+            strict=strict,
+            weights_only=weights_only,
+            verify=verify,
+            on_load=self._load_hooks(objects or {}),
+        )
+        if state and objects is not None:
+            for key, value in objects.items():
+                if not isinstance(state[key], (nn.Module, Optimizer)) and value is not state[key]:
+                    state[key] = value
+        self.barrier("load")
+        return remainder
+
+    def load_raw(
+        self,
+        path: PathLike,
+        obj: nn.Module | Optimizer,
+        *,
+        strict: bool = True,
+        weights_only: bool = True,
+        verify: bool = True,
+    ) -> None:
+        """Load a file holding a plain state dict (e.g. ``torch.save(model.state_dict())``) into ``obj``.
+
+        Example:
+            >>> fabric.load_raw("pretrained.pt", model)
+        """
+        self._strategy.load_raw(path, obj, strict=strict, weights_only=weights_only, verify=verify)
+        self.barrier("load_raw")
+
+    @staticmethod
+    def _hook_modules(objects: Mapping[str, Any]) -> list[nn.Module]:
+        modules: list[nn.Module] = []
+        for obj in objects.values():
+            module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
+            if module is not None and all(module is not seen for seen in modules):
+                modules.append(module)
+        return modules
+
+    def _save_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
+        def on_save(checkpoint: dict[str, Any]) -> None:
+            self.call("on_save_checkpoint", checkpoint)
+            _call_each(self._hook_modules(objects), "on_save_checkpoint", checkpoint)
+
+        return on_save
+
+    def _load_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
+        def on_load(checkpoint: dict[str, Any]) -> None:
+            _call_each(self._hook_modules(objects), "on_load_checkpoint", checkpoint)
+            self.call("on_load_checkpoint", checkpoint)
+
+        return on_load
+
+
+def _call_each(targets: Iterable[Any], hook_name: str, *args: Any) -> None:
+    for target in targets:
+        method = getattr(target, hook_name, None)
+        if callable(method):
+            method(*args)
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return type(obj)({key: _move(value, device) for key, value in obj.items()})  # type: ignore[call-arg]
+    if isinstance(obj, (list, tuple)):
+        moved = [_move(value, device) for value in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+class _DeviceLoader:
+    """Iterates a dataloader, moving each batch to ``device``."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self._loader = loader
+        self._device = device
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._loader:
+            yield _move(batch, self._device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)

@@ -1,0 +1,25 @@
+"""How bytes reach storage: paths (local or fsspec), atomic commits, the file formats, and integrity checks.
+
+Strategies decide *what* goes where; this package decides *how* it is written and read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabric_ckpt.io.atomic import atomic_write
+from fabric_ckpt.io.paths import PathLike, resolve
+from fabric_ckpt.io.reading import open_checkpoint
+from fabric_ckpt.io.torch_format import ArchiveSummary, write_torch_archive
+
+__all__ = ["PathLike", "open_checkpoint", "save_file"]
+
+
+def save_file(path: PathLike, obj: Any, *, force_zip64: bool = False) -> ArchiveSummary:
+    """Write ``obj`` atomically to ``path`` as a ``torch.load``-able single-file checkpoint.
+
+    Example:
+        >>> save_file("memory://ckpt/model.pt", {"model": model.state_dict()})
+    """
+    with atomic_write(resolve(path)) as sink:
+        return write_torch_archive(sink, obj, force_zip64=force_zip64)

@@ -1,0 +1,101 @@
+"""Atomic commits: a checkpoint appears under its final name complete, or not at all.
+
+Local files: bytes go to a hidden sibling temporary file, are fsynced, then ``os.replace``-d over the target and the
+folder is fsynced, so a crash at any moment leaves either the old file or the new one. Other filesystems: the bytes go
+to a sibling temporary object that is moved over the target only after it was written completely. On any exception the
+temporary is removed and the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from fabric_ckpt.io.paths import Location
+
+__all__ = ["TEMP_MARKER", "atomic_write", "is_temporary_name", "temporary_name"]
+
+TEMP_MARKER = ".fabric-tmp-"
+
+
+def temporary_name(final_name: str) -> str:
+    """A hidden name beside ``final_name`` that no other writer (process or thread) picks."""
+    return f".{final_name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def is_temporary_name(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARKER in name
+
+
+@contextmanager
+def atomic_write(location: Location) -> Iterator[Any]:
+    """Yield a binary writable; on a clean exit its bytes replace ``location`` atomically.
+
+    Example:
+        >>> with atomic_write(resolve("out/model.ckpt")) as f:
+        ...     f.write(b"...")
+    """
+    if location.isdir():
+        raise IsADirectoryError(
+            errno.EISDIR,
+            "a folder is in the way of the checkpoint file; remove it or pick another path",
+            location.original,
+        )
+    location.makedirs_parent()
+    writer = _local_atomic_write if location.is_local else _fsspec_atomic_write
+    with writer(location) as sink:
+        yield sink
+
+
+@contextmanager
+def _local_atomic_write(location: Location) -> Iterator[Any]:
+    temporary = location.sibling(temporary_name(location.name))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    sink = os.fdopen(os.open(temporary, flags, 0o666), "wb", buffering=0)
+    try:
+        yield sink
+        os.fsync(sink.fileno())
+        sink.close()
+        os.replace(temporary, location.path)
+    except BaseException:
+        sink.close()
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_folder(location.parent)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _fsspec_atomic_write(location: Location) -> Iterator[Any]:
+    fs = location.fs
+    temporary = location.sibling(temporary_name(location.name))
+    sink = fs.open(temporary, "wb")
+    try:
+        yield sink
+        sink.close()
+        fs.mv(temporary, location.path)
+    except BaseException:
+        # Closing an fsspec file commits what was written so far, to the temporary name only.
+        with suppress(Exception):
+            sink.close()
+        with suppress(Exception):
+            fs.rm(temporary)
+        raise

@@ -1,0 +1,153 @@
+"""Reading one checkpoint file: find it, recognise its format, verify it, and unpickle it safely.
+
+Local zip archives are memory-mapped (``torch.load(mmap=True)``), so tensors are views of the page cache until they
+are copied into their destinations. Remote files are first streamed to a temporary local file. Every failure becomes
+a documented exception that names the path: ``FileNotFoundError``, :class:`CheckpointError` (not a checkpoint,
+truncated, unreadable), :class:`CheckpointCorruptedError` (bytes fail their checksums) or
+:class:`UnsafeCheckpointError` (needs ``weights_only=False``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import pickle
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.io.paths import Location, PathLike, local_copy, resolve
+from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
+from fabric_ckpt.io.zip_archive import ZipFormatError
+
+__all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "open_checkpoint", "sniff_format"]
+
+FORMAT_ZIP = "zip"
+FORMAT_LEGACY = "legacy-pickle"
+FORMAT_SAFETENSORS = "safetensors"
+_MAX_SAFETENSORS_HEADER = 100 << 20
+_UNSAFE_HINTS = (
+    "Unsupported global",
+    "was not an allowed global",
+    "is blocked",
+    "must be",
+    "Unsupported operand",
+)
+
+
+def sniff_format(head: bytes, size: int) -> str | None:
+    """Recognise a checkpoint format from the first bytes of the file (its name is not trusted)."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return FORMAT_ZIP
+    if head[:1] == b"\x80":
+        return FORMAT_LEGACY
+    if len(head) >= 9:
+        header_len = struct.unpack("<Q", head[:8])[0]
+        if 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER) and head[8:9] == b"{":
+            return FORMAT_SAFETENSORS
+    return None
+
+
+def existing_file(path: PathLike) -> Location:
+    """Resolve ``path`` and check that it names a file, with the errors a user expects."""
+    location = resolve(path)
+    if not location.exists():
+        raise FileNotFoundError(errno.ENOENT, "Checkpoint not found", location.original)
+    if location.isdir():
+        raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint file")
+    return location
+
+
+@contextmanager
+def open_checkpoint(
+    path: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
+) -> Iterator[Any]:
+    """Yield the object stored in the checkpoint file at ``path``; tensors may be views of a memory map.
+
+    Copy what must outlive the ``with`` block (see :func:`fabric_ckpt.state.materialize`).
+
+    Example:
+        >>> with open_checkpoint("model.ckpt") as checkpoint:
+        ...     model.load_state_dict(checkpoint["model"])
+    """
+    location = existing_file(path)
+    with local_copy(location, progress=progress) as local:
+        yield load_local_file(local, location.original, weights_only=weights_only, verify=verify)
+
+
+def load_local_file(local: str, display: str, *, weights_only: bool, verify: bool) -> Any:
+    size = os.path.getsize(local)
+    if size == 0:
+        raise CheckpointError(f"Checkpoint '{display}' is empty (0 bytes)")
+    with open(local, "rb") as f:
+        head = f.read(16)
+    kind = sniff_format(head, size)
+    if kind == FORMAT_ZIP:
+        _check_archive(local, display, verify=verify)
+        return _torch_load(local, display, weights_only=weights_only, mmap=True)
+    if kind == FORMAT_LEGACY:
+        return _torch_load(local, display, weights_only=weights_only, mmap=False)
+    if kind == FORMAT_SAFETENSORS:
+        return _load_safetensors(local, display)
+    raise CheckpointError(
+        f"'{display}' is not a checkpoint: its first bytes {head[:8]!r} match no known format "
+        "(torch zip archive, legacy torch pickle, safetensors)"
+    )
+
+
+def _check_archive(local: str, display: str, *, verify: bool) -> None:
+    # Errors are raised only after the mapping is closed: a traceback holding views of it would block the close.
+    damage = None
+    problems = []
+    with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            info = read_archive_info(mapped)
+        except ZipFormatError as err:
+            damage = str(err)
+        else:
+            if verify and info.is_torch_checkpoint:
+                problems = verify_archive(mapped, info, first_only=True)
+    if damage is not None:
+        raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {damage}")
+    if not info.is_torch_checkpoint:
+        what = "a TorchScript archive (use torch.jit.load)" if info.is_torchscript else "a zip archive without data.pkl"
+        raise CheckpointError(f"'{display}' is not a checkpoint: it is {what}")
+    if problems:
+        raise CheckpointCorruptedError(f"Checkpoint '{display}' is corrupted: {problems[0]}")
+
+
+def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+            return torch.load(local, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if weights_only and any(hint in message for hint in _UNSAFE_HINTS):
+            detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"Checkpoint '{display}' holds objects that only arbitrary unpickling can rebuild, which the safe "
+                f"default weights_only=True refuses ({detail}). If you trust this file, pass weights_only=False."
+            ) from None
+        raise CheckpointError(f"Checkpoint '{display}' could not be unpickled: {message}") from err
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, struct.error) as err:
+        raise CheckpointError(f"Checkpoint '{display}' could not be read: {type(err).__name__}: {err}") from err
+
+
+def _load_safetensors(local: str, display: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            f"'{display}' is a safetensors file; install the extra to read it: pip install 'fabric-ckpt[safetensors]'"
+        ) from None
+    try:
+        return dict(load_file(local, device="cpu"))
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError variants
+        raise CheckpointError(f"Safetensors file '{display}' could not be read: {err}") from err

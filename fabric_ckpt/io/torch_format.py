@@ -1,0 +1,268 @@
+"""The single-file format: a ``torch.save``-compatible zip archive that carries its own integrity manifest.
+
+Records, in order: ``data.pkl`` (the pickled object; tensors refer to storages by key, exactly as ``torch.save``
+pickles them), ``byteorder``, one ``data/<key>`` per storage (64-byte aligned, so ``torch.load(mmap=True)`` maps them),
+``version``, ``.data/serialization_id``, and last ``.data/fabric_ckpt.json``: sizes and CRC-32s of every other record
+and the checkpoint entry each storage belongs to. Every record also carries its real CRC-32 in the zip directory, and
+the archive comment marks the file as ours, so a file we wrote is never accepted unverified because its manifest was
+damaged. ``torch.load`` ignores the extra record and the comment.
+
+``.format_version`` is deliberately absent: with it, torch may compute record offsets assuming its own writer's
+layout instead of reading them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import pickle
+import secrets
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from typing_extensions import Buffer
+
+from fabric_ckpt._version import __version__
+from fabric_ckpt.io.checksum import crc32
+from fabric_ckpt.io.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
+
+__all__ = [
+    "MANIFEST_RECORD",
+    "MARKER",
+    "ArchiveInfo",
+    "Problem",
+    "read_archive_info",
+    "verify_archive",
+    "write_torch_archive",
+]
+
+ARCHIVE_PREFIX = "archive"
+MANIFEST_RECORD = ".data/fabric_ckpt.json"
+MARKER = b"fabric_ckpt/1"
+FORMAT_NAME = "fabric_ckpt"
+FORMAT_VERSION = 1
+_PICKLE_PROTOCOL = 2  # what torch.save writes
+
+
+class _StoragePickler(pickle.Pickler):
+    """Pickles like ``torch.save``: each storage becomes a persistent id ``("storage", type, key, location, numel)``."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=_PICKLE_PROTOCOL)
+        self.storages: dict[str, torch.UntypedStorage] = {}
+        self.keys_by_storage: dict[int, str] = {}
+        self._dtypes_by_address: dict[int, torch.dtype] = {}
+
+    def persistent_id(self, obj: Any) -> tuple[str, Any, str, str, int] | None:
+        if isinstance(obj, torch.storage.TypedStorage):
+            storage = obj._untyped_storage
+            dtype = obj.dtype
+            storage_type = getattr(torch, obj._pickle_storage_type())
+            numel = obj._size()
+        elif isinstance(obj, torch.UntypedStorage):
+            storage, dtype, storage_type, numel = obj, torch.uint8, torch.UntypedStorage, obj.nbytes()
+        else:
+            return None
+        address = storage.data_ptr()
+        if storage.device.type != "meta" and address != 0:
+            known = self._dtypes_by_address.setdefault(address, dtype)
+            if known != dtype:
+                raise RuntimeError(
+                    "Cannot save multiple tensors or storages that view the same data as different types "
+                    f"({known} and {dtype})"
+                )
+        key = self.keys_by_storage.setdefault(storage._cdata, str(len(self.keys_by_storage)))
+        self.storages[key] = storage
+        return ("storage", storage_type, key, torch.serialization.location_tag(storage), numel)
+
+
+def _tensor_owners(obj: Any, path: str, owners: dict[int, str]) -> None:
+    """Map each storage (by identity) to the first checkpoint path that holds a tensor on it."""
+    if isinstance(obj, torch.Tensor):
+        if obj.layout == torch.strided and not obj.is_meta:
+            owners.setdefault(obj.untyped_storage()._cdata, path)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _tensor_owners(value, f"{path}/{key}" if path else str(key), owners)
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            _tensor_owners(value, f"{path}/{index}" if path else str(index), owners)
+
+
+def _cpu_bytes(storage: torch.UntypedStorage) -> tuple[memoryview, torch.UntypedStorage]:
+    """A zero-copy view of a CPU storage's bytes (copied to CPU first if needed), plus the storage to keep alive."""
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    size = storage.nbytes()
+    if size == 0:
+        return memoryview(b""), storage
+    array = (ctypes.c_ubyte * size).from_address(storage.data_ptr())
+    return memoryview(array).cast("B"), storage
+
+
+@dataclass
+class ArchiveSummary:
+    """What a save wrote: total bytes and the number of tensor storages."""
+
+    size: int
+    storages: int
+
+
+def write_torch_archive(sink: Writable, obj: Any, *, force_zip64: bool = False) -> ArchiveSummary:
+    """Write ``obj`` to ``sink`` as a ``torch.load``-able archive with an integrity manifest.
+
+    Example:
+        >>> with open("model.pt", "wb") as f:
+        ...     write_torch_archive(f, {"weight": torch.ones(2)})
+    """
+    buffer = io.BytesIO()
+    pickler = _StoragePickler(buffer)
+    pickler.dump(obj)
+    owners: dict[int, str] = {}
+    _tensor_owners(obj, "", owners)
+    tensor_names = {f"data/{key}": owners[cdata] for cdata, key in pickler.keys_by_storage.items() if cdata in owners}
+    writer = ZipWriter(sink, force_zip64=force_zip64)
+    writer.add(f"{ARCHIVE_PREFIX}/data.pkl", buffer.getbuffer())
+    writer.add(f"{ARCHIVE_PREFIX}/byteorder", sys.byteorder.encode())
+    for key, storage in pickler.storages.items():
+        view, _keepalive = _cpu_bytes(storage)
+        writer.add(f"{ARCHIVE_PREFIX}/data/{key}", view)
+        del view, _keepalive
+    writer.add(f"{ARCHIVE_PREFIX}/version", b"3\n")
+    writer.add(f"{ARCHIVE_PREFIX}/.data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
+    writer.add(f"{ARCHIVE_PREFIX}/{MANIFEST_RECORD}", _manifest(writer.entries, tensor_names))
+    size = writer.finish(comment=MARKER)
+    return ArchiveSummary(size=size, storages=len(pickler.storages))
+
+
+def _manifest(entries: list[ZipEntry], tensor_names: dict[str, str]) -> bytes:
+    prefix_len = len(ARCHIVE_PREFIX) + 1
+    manifest = {
+        "format": FORMAT_NAME,
+        "layout": "file",
+        "version": FORMAT_VERSION,
+        "writer": f"fabric_ckpt {__version__}",
+        "torch": torch.__version__,
+        "checksum": "crc32",
+        "records": [[e.name[prefix_len:], e.size, e.crc32] for e in entries],
+        "tensors": tensor_names,
+    }
+    return json.dumps(manifest, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem: the record at fault, the checkpoint entry it holds (if known), and what is wrong."""
+
+    record: str
+    entry: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"record {self.record!r}" + (f" (entry {self.entry!r})" if self.entry else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ArchiveInfo:
+    """The records of a torch archive (names without the archive prefix) and its manifest, if it has one."""
+
+    prefix: str
+    records: dict[str, ZipEntry]
+    claims_fabric: bool
+    manifest: dict[str, Any] | None = None
+    manifest_problem: str | None = None
+    tensor_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_torch_checkpoint(self) -> bool:
+        return "data.pkl" in self.records
+
+    @property
+    def is_torchscript(self) -> bool:
+        return "constants.pkl" in self.records
+
+
+def read_archive_info(data: Buffer) -> ArchiveInfo:
+    """Read the directory and manifest of a torch archive held in ``data``.
+
+    Raises:
+        ZipFormatError: the archive itself is unreadable.
+    """
+    directory = read_zip_directory(data)
+    first = next(iter(directory.entries), "")
+    prefix = first.split("/", 1)[0] if "/" in first else ""
+    records = {
+        name[len(prefix) + 1 :] if prefix else name: entry
+        for name, entry in directory.entries.items()
+        if not prefix or name.startswith(prefix + "/")
+    }
+    info = ArchiveInfo(prefix, records, claims_fabric=directory.comment.startswith(b"fabric_ckpt/"))
+    manifest_entry = records.get(MANIFEST_RECORD)
+    if manifest_entry is None:
+        if info.claims_fabric:
+            info.manifest_problem = "the integrity manifest is missing"
+        return info
+    info.claims_fabric = True
+    view = memoryview(data).cast("B")
+    raw = bytes(view[manifest_entry.data_offset : manifest_entry.data_offset + manifest_entry.size])
+    if crc32(raw) != manifest_entry.crc32:
+        info.manifest_problem = "the integrity manifest is damaged (CRC-32 mismatch)"
+        return info
+    try:
+        manifest = json.loads(raw)
+        info.tensor_names = dict(manifest.get("tensors", {}))
+        info.manifest = manifest
+    except (ValueError, TypeError, AttributeError):
+        info.manifest_problem = "the integrity manifest is not valid JSON"
+    return info
+
+
+def verify_archive(data: Buffer, info: ArchiveInfo, *, first_only: bool = False) -> list[Problem]:
+    """Check every record's bytes against its CRC-32, and the zip directory against the manifest.
+
+    Files without CRCs (``torch.save`` with ``compute_crc32=False``) and without a manifest are accepted as is.
+    """
+    problems: list[Problem] = []
+    if info.manifest_problem:
+        problems.append(Problem(MANIFEST_RECORD, None, info.manifest_problem))
+        if first_only:
+            return problems
+    listed = _manifest_records(info)
+    view = memoryview(data).cast("B")
+    for name, entry in sorted(info.records.items(), key=lambda item: item[1].data_offset):
+        if name == MANIFEST_RECORD:
+            continue
+        entry_name = info.tensor_names.get(name)
+        expected = listed.pop(name, None) if listed is not None else None
+        if listed is not None and expected is None:
+            problems.append(Problem(name, entry_name, "the record is not listed in the integrity manifest"))
+        elif expected is not None and tuple(expected) != (entry.size, entry.crc32):
+            problems.append(Problem(name, entry_name, "the zip directory disagrees with the integrity manifest"))
+        elif entry.method == 0 and (entry.crc32 != 0 or info.claims_fabric):
+            actual = crc32(view[entry.data_offset : entry.data_offset + entry.size])
+            if actual != entry.crc32:
+                problems.append(
+                    Problem(
+                        name,
+                        entry_name,
+                        f"bytes damaged (CRC-32 {actual:#010x}, expected {entry.crc32:#010x})",
+                    )
+                )
+        if problems and first_only:
+            return problems
+    for name in listed or {}:
+        problems.append(Problem(name, info.tensor_names.get(name), "the record listed in the manifest is missing"))
+    return problems
+
+
+def _manifest_records(info: ArchiveInfo) -> dict[str, tuple[int, int]] | None:
+    if info.manifest is None:
+        return None
+    try:
+        return {str(name): (int(size), int(crc)) for name, size, crc in info.manifest["records"]}
+    except (KeyError, TypeError, ValueError):
+        return {}

@@ -1,0 +1,276 @@
+"""Restoring objects in place from a checkpoint, all-or-nothing.
+
+Every module and optimizer entry is validated first (keys under ``strict``, shapes, parameter groups); only when the
+whole request fits is anything copied. Module tensors are copied into the existing parameters and buffers by
+``load_state_dict``; optimizer state is copied into the optimizer's existing state tensors where they exist, so
+loading allocates nothing that training had not already allocated, and nothing stays a view of the checkpoint file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from fabric_ckpt.errors import CheckpointMismatchError
+from fabric_ckpt.state import check_strict_keys, is_stateful, materialize
+
+__all__ = [
+    "ModuleLoader",
+    "load_module_state",
+    "load_optimizer_state",
+    "prepare_module_state",
+    "restore",
+    "validate_optimizer_state",
+]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torch.optim classes whose every non-scalar state tensor has its parameter's shape.
+_FACTORED_OPTIMIZERS = {"LBFGS", "Adafactor"}
+
+ModuleLoader = Callable[[nn.Module, Mapping[str, Any], bool], None]
+
+
+@dataclass(frozen=True)
+class _ExpectedKey:
+    module: nn.Module
+    tensor: torch.Tensor | None  # None for extra state
+
+
+def _custom_loading(module: nn.Module) -> bool:
+    overridden = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+    is_batch_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+    return bool(module._load_state_dict_pre_hooks) or (overridden and not is_batch_norm)
+
+
+def _expected_keys(module: nn.Module) -> tuple[dict[str, _ExpectedKey], list[str]]:
+    """The keys ``load_state_dict`` fills, and the prefixes of submodules that load in their own way."""
+    expected: dict[str, _ExpectedKey] = {}
+    custom_prefixes: list[str] = []
+    for name, sub in module.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if _custom_loading(sub):
+            custom_prefixes.append(prefix)
+        for key, param in sub._parameters.items():
+            if param is not None:
+                expected[prefix + key] = _ExpectedKey(sub, param)
+        for key, buffer in sub._buffers.items():
+            if buffer is not None and key not in sub._non_persistent_buffers_set:
+                expected[prefix + key] = _ExpectedKey(sub, buffer)
+        if type(sub).get_extra_state is not nn.Module.get_extra_state:
+            expected[prefix + "_extra_state"] = _ExpectedKey(sub, None)
+    return expected, custom_prefixes
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop ``module.``/``_orig_mod.`` from every key when all keys carry it and the module's keys do not."""
+    while state_dict:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None or any(k.startswith(prefix) for k in expected):
+            return state_dict
+        stripped: Any = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items())
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            stripped._metadata = OrderedDict(
+                (k[len(prefix) :] if k.startswith(prefix) else ("" if k == prefix[:-1] else k), v)
+                for k, v in metadata.items()
+            )
+        state_dict = stripped
+    return state_dict
+
+
+def _allowed_missing(key: str, expected: _ExpectedKey, state_dict: Mapping[str, Any]) -> bool:
+    """BatchNorm fills ``num_batches_tracked`` itself when the checkpoint predates it (version < 2)."""
+    if not key.endswith("num_batches_tracked") or not isinstance(expected.module, nn.modules.batchnorm._NormBase):
+        return False
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    version = metadata.get(key.rsplit(".", 1)[0] if "." in key else "", {}).get("version")
+    return version is None or version < 2
+
+
+def prepare_module_state(module: nn.Module, state_dict: Any, *, strict: bool, label: str) -> Mapping[str, Any]:
+    """Validate ``state_dict`` against ``module``; return it ready for ``load_state_dict`` (prefixes fixed).
+
+    Raises:
+        CheckpointMismatchError: not a state dict, keys differ under ``strict``, a value is not a tensor, or a shape
+            differs. Nothing has been copied when it is raised.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(f"{label} is a {type(state_dict).__name__}, not a state dict the module can load")
+    expected, custom_prefixes = _expected_keys(module)
+    state_dict = _strip_wrapper_prefixes(state_dict, expected)
+
+    def checked_by_us(key: str) -> bool:
+        return not any(key.startswith(prefix) for prefix in custom_prefixes)
+
+    if strict:
+        missing = [
+            k
+            for k, e in expected.items()
+            if k not in state_dict and checked_by_us(k) and not _allowed_missing(k, e, state_dict)
+        ]
+        unexpected = [k for k in state_dict if k not in expected and checked_by_us(k)]
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"{label} does not match the module {type(module).__name__} (strict loading): "
+                f"missing keys {missing}, unexpected keys {unexpected}. "
+                "Pass strict=False to load only the keys both have."
+            )
+    for key, value in state_dict.items():
+        target = expected.get(key)
+        if target is None or target.tensor is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointMismatchError(f"{label}: '{key}' is a {type(value).__name__}, the module expects a tensor")
+        if nn.parameter.is_lazy(target.tensor):
+            continue
+        if value.shape != target.tensor.shape and not (target.tensor.dim() == 0 and value.shape == (1,)):
+            raise CheckpointMismatchError(
+                f"{label}: shape mismatch for '{key}': the checkpoint has "
+                f"{list(value.shape)}, the module has {list(target.tensor.shape)}"
+            )
+    return state_dict
+
+
+def load_module_state(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    """Copy a validated state dict into ``module``'s existing tensors."""
+    module.load_state_dict(state_dict, strict=strict)
+
+
+def _elementwise(optimizer: Optimizer) -> bool:
+    cls = type(optimizer)
+    return cls.__module__.startswith("torch.optim") and cls.__name__ not in _FACTORED_OPTIMIZERS
+
+
+def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: str) -> None:
+    """Check parameter groups and state-tensor shapes before ``optimizer.load_state_dict`` touches anything.
+
+    Raises:
+        CheckpointMismatchError: naming the group, parameter and state key at fault.
+    """
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise CheckpointMismatchError(f"{label} is not an optimizer state dict (it needs 'state' and 'param_groups')")
+    groups, saved = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved):
+        raise CheckpointMismatchError(f"{label} has {len(saved)} parameter group(s), the optimizer has {len(groups)}")
+    for index, (group, saved_group) in enumerate(zip(groups, saved, strict=False)):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise CheckpointMismatchError(
+                f"{label}: parameter group {index} has {len(saved_group['params'])} parameters "
+                f"in the checkpoint, {len(group['params'])} in the optimizer"
+            )
+    params = dict(
+        zip(
+            chain.from_iterable(g["params"] for g in saved),
+            chain.from_iterable(g["params"] for g in groups),
+            strict=False,
+        )
+    )
+    for param_id, param_state in state_dict["state"].items():
+        param = params.get(param_id)
+        if param is None or not isinstance(param_state, Mapping):
+            continue
+        current = optimizer.state.get(param, {})
+        for key, value in param_state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            existing = current.get(key)
+            if isinstance(existing, torch.Tensor):
+                want = existing.shape
+            elif _elementwise(optimizer) and value.dim() > 0:
+                want = param.shape
+            else:
+                continue
+            if value.shape != want:
+                raise CheckpointMismatchError(
+                    f"{label}: state '{key}' of parameter {param_id} has shape "
+                    f"{list(value.shape)} in the checkpoint, the optimizer needs {list(want)}"
+                )
+
+
+def load_optimizer_state(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Load a validated optimizer state dict, reusing the optimizer's existing state tensors.
+
+    ``Optimizer.load_state_dict`` keeps checkpoint tensors as they are when dtype and device already match, so
+    afterwards each one is copied into the tensor it replaces (or cloned) and no state aliases the checkpoint.
+    """
+    previous = {param: dict(param_state) for param, param_state in optimizer.state.items()}
+    checkpoint_addresses = {
+        value.untyped_storage().data_ptr()
+        for param_state in state_dict["state"].values()
+        if isinstance(param_state, Mapping)
+        for value in param_state.values()
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided
+    }
+    optimizer.load_state_dict(dict(state_dict))
+    memo: dict[int, torch.UntypedStorage] = {}
+    with torch.no_grad():
+        for param, param_state in optimizer.state.items():
+            old = previous.get(param, {})
+            for key, value in list(param_state.items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                reusable = old.get(key)
+                if (
+                    isinstance(reusable, torch.Tensor)
+                    and reusable is not value
+                    and reusable.shape == value.shape
+                    and reusable.dtype == value.dtype
+                    and reusable.device == value.device
+                ):
+                    reusable.copy_(value)
+                    param_state[key] = reusable
+                elif value.layout == torch.strided and value.untyped_storage().data_ptr() in checkpoint_addresses:
+                    param_state[key] = materialize(value, memo)
+
+
+def restore(
+    objects: dict[str, Any],
+    checkpoint: dict[str, Any],
+    *,
+    strict: bool,
+    load_module: ModuleLoader = load_module_state,
+    load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None] = load_optimizer_state,
+) -> dict[str, Any]:
+    """Restore ``objects`` in place from ``checkpoint``; return the entries nobody asked for.
+
+    Modules and optimizers are validated before anything changes. Stateful objects are restored first (their
+    ``load_state_dict`` may reject the data), then modules, optimizers, and finally plain values, which replace
+    the values in ``objects`` itself.
+    """
+    check_strict_keys(objects, checkpoint, strict=strict)
+    present = [key for key in objects if key in checkpoint]
+    prepared: dict[str, Any] = {}
+    for key in present:
+        obj = objects[key]
+        if isinstance(obj, nn.Module):
+            module_strict = strict and getattr(obj, "strict_loading", True) is not False
+            label = f"Checkpoint entry '{key}'"
+            prepared[key] = (
+                prepare_module_state(obj, checkpoint[key], strict=module_strict, label=label),
+                module_strict,
+            )
+        elif isinstance(obj, Optimizer):
+            validate_optimizer_state(obj, checkpoint[key], label=f"Checkpoint entry '{key}'")
+    memo: dict[int, torch.UntypedStorage] = {}
+    for key in present:
+        obj = objects[key]
+        if is_stateful(obj) and not isinstance(obj, (nn.Module, Optimizer)):
+            obj.load_state_dict(materialize(checkpoint[key], memo))
+    for key in present:
+        if isinstance(objects[key], nn.Module):
+            state_dict, module_strict = prepared[key]
+            load_module(objects[key], state_dict, module_strict)
+    for key in present:
+        if isinstance(objects[key], Optimizer):
+            load_optimizer(objects[key], checkpoint[key])
+    for key in present:
+        if not is_stateful(objects[key]):
+            objects[key] = materialize(checkpoint[key], memo)
+    return {key: materialize(value, memo) for key, value in checkpoint.items() if key not in objects}

@@ -1,0 +1,177 @@
+"""Objects <-> checkpoint dicts: unwrapping, filters, strict key checks, and copies that own their memory.
+
+Nothing here knows about files: strategies call these rules and hand the result to ``fabric_ckpt.io``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
+
+__all__ = [
+    "FilterFn",
+    "apply_filter",
+    "check_strict_keys",
+    "is_stateful",
+    "materialize",
+    "to_checkpoint",
+    "unwrap_objects",
+    "validate_filter",
+]
+
+FilterFn = Callable[[str, Any], bool]
+
+
+def is_stateful(obj: Any) -> bool:
+    """Whether ``obj`` is an object with ``state_dict()`` and ``load_state_dict()`` (not a class)."""
+    return (
+        not isinstance(obj, type)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
+    unwrapped: dict[str, Any] = {}
+    for key, obj in state.items():
+        if isinstance(obj, nn.Module):
+            obj = unwrap_module(obj)
+        elif isinstance(obj, Optimizer):
+            obj = unwrap_optimizer(obj)
+        unwrapped[key] = obj
+    return unwrapped
+
+
+def validate_filter(filter: Mapping[str, FilterFn] | None, state: Mapping[str, Any]) -> None:
+    """Reject a ``filter`` that is not a dict of callables keyed by entries of ``state``."""
+    if filter is None:
+        return
+    if not isinstance(filter, Mapping):
+        raise TypeError(
+            f"`filter` must be a dict mapping a key of `state` to a callable (key, value) -> bool, "
+            f"got {type(filter).__name__}"
+        )
+    unknown = [key for key in filter if key not in state]
+    if unknown:
+        raise ValueError(f"`filter` has key(s) {unknown} that are not in `state`; the state's keys are {list(state)}")
+    for key, fn in filter.items():
+        if not callable(fn):
+            raise TypeError(f"`filter[{key!r}]` must be a callable (key, value) -> bool, got {type(fn).__name__}")
+
+
+def apply_filter(key: str, value: Any, fn: FilterFn) -> Any:
+    """Keep the items of the state dict ``value`` that ``fn(item_key, item_value)`` accepts (type preserved)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`filter[{key!r}]` needs a dict to filter, but the entry {key!r} is a {type(value).__name__}")
+    kept = [(k, v) for k, v in value.items() if fn(k, v)]
+    if isinstance(value, OrderedDict):
+        result: Any = OrderedDict(kept)
+        metadata = getattr(value, "_metadata", None)
+        if metadata is not None:
+            result._metadata = metadata
+        return result
+    return dict(kept)
+
+
+def to_checkpoint(
+    objects: Mapping[str, Any],
+    filter: Mapping[str, FilterFn] | None,
+    *,
+    module_state: Callable[[nn.Module], Any],
+    optimizer_state: Callable[[Optimizer], Any],
+) -> dict[str, Any]:
+    """Turn unwrapped objects into the checkpoint dict: state dicts for modules/optimizers/stateful objects.
+
+    ``AttributeDict`` (or other ``dict`` subclass) values become plain dicts so the file loads under
+    ``weights_only=True``.
+    """
+    checkpoint: dict[str, Any] = {}
+    for key, obj in objects.items():
+        if isinstance(obj, nn.Module):
+            value = module_state(obj)
+        elif isinstance(obj, Optimizer):
+            value = optimizer_state(obj)
+        elif is_stateful(obj):
+            value = obj.state_dict()
+        else:
+            value = _plain_containers(obj)
+        if filter and key in filter:
+            value = apply_filter(key, value, filter[key])
+        checkpoint[key] = value
+    return checkpoint
+
+
+def _plain_containers(obj: Any) -> Any:
+    from fabric_ckpt.types import AttributeDict
+
+    if isinstance(obj, AttributeDict):
+        return {key: _plain_containers(value) for key, value in obj.items()}
+    if type(obj) is dict:
+        return {key: _plain_containers(value) for key, value in obj.items()}
+    if type(obj) is list:
+        return [_plain_containers(value) for value in obj]
+    return obj
+
+
+def check_strict_keys(requested: Mapping[str, Any], checkpoint: Mapping[str, Any], *, strict: bool) -> None:
+    """With ``strict``, every key of the requested state must be in the checkpoint (``KeyError`` otherwise)."""
+    if not strict:
+        return
+    missing = [key for key in requested if key not in checkpoint]
+    if missing:
+        raise KeyError(
+            f"The requested state contains a key '{missing[0]}' that does not exist in the loaded checkpoint "
+            f"(its keys: {sorted(map(str, checkpoint))}). To disable strict loading, set `strict=False`."
+        )
+
+
+def materialize(obj: Any, memo: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """Copy every tensor in ``obj`` into fresh memory, keeping tensors that shared a storage sharing it.
+
+    Checkpoint tensors are views of a memory-mapped file; what is handed back to the user must not be.
+
+    Example:
+        >>> owned = materialize(checkpoint["extra"])
+    """
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        return _copy_tensor(obj, memo)
+    if isinstance(obj, dict):
+        result = copy.copy(obj)
+        for key, value in obj.items():
+            result[key] = materialize(value, memo)
+        return result
+    if isinstance(obj, list):
+        return [materialize(value, memo) for value in obj]
+    if isinstance(obj, tuple):
+        items = [materialize(value, memo) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) -> torch.Tensor:
+    if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
+        return tensor.clone()
+    storage = tensor.untyped_storage()
+    key = storage.data_ptr()
+    if key == 0:
+        fresh = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    else:
+        if key not in memo:
+            memo[key] = storage.clone()
+        fresh = torch.empty((0,), dtype=tensor.dtype, device=tensor.device)
+        fresh.set_(memo[key], tensor.storage_offset(), tensor.size(), tensor.stride())
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(fresh, requires_grad=tensor.requires_grad)
+    return fresh.requires_grad_(tensor.requires_grad) if tensor.requires_grad else fresh

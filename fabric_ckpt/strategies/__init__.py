@@ -1,0 +1,9 @@
+"""Strategies: one class per checkpoint layout, chosen by name or passed as an instance."""
+
+from __future__ import annotations
+
+from fabric_ckpt.strategies.base import Strategy
+from fabric_ckpt.strategies.registry import STRATEGY_NAMES, select_strategy
+from fabric_ckpt.strategies.single import SingleDeviceStrategy
+
+__all__ = ["STRATEGY_NAMES", "SingleDeviceStrategy", "Strategy", "select_strategy"]

@@ -1,0 +1,105 @@
+"""Shared fixtures: a CPU Fabric, small models, and a clean in-memory fsspec store per test."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+import torch
+from torch import nn
+
+from fabric_ckpt import Fabric
+
+
+@pytest.fixture
+def fabric() -> Fabric:
+    return Fabric(accelerator="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _clean_memory_filesystem():
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    yield
+    fs.store.clear()
+
+
+class Net(nn.Module):
+    """Parameters, a persistent buffer, a non-persistent buffer and BatchNorm's running stats."""
+
+    def __init__(self, width: int = 8, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, width, bias=bias)
+        self.norm = nn.BatchNorm1d(width)
+        self.fc2 = nn.Linear(width, 2, bias=bias)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x)))) * self.scale
+
+
+def make_net(seed: int = 0, **kwargs) -> Net:
+    torch.manual_seed(seed)
+    return Net(**kwargs)
+
+
+def trained(seed: int = 0, steps: int = 3, optimizer_cls=torch.optim.Adam) -> tuple[Net, torch.optim.Optimizer]:
+    """A model and an optimizer that has state (a few real steps taken)."""
+    model = make_net(seed)
+    optimizer = optimizer_cls(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(torch.randn(6, 4, generator=generator)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def snapshot(obj) -> dict:
+    """A deep copy of a module's or optimizer's state, to compare against later."""
+    state = obj.state_dict()
+    if isinstance(obj, nn.Module):
+        return {k: v.clone() for k, v in state.items()}
+    return {
+        "state": {
+            k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in s.items()}
+            for k, s in state["state"].items()
+        },
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Bitwise equality of two module or optimizer snapshots."""
+    if "state" in a and "param_groups" in a:
+        assert a["param_groups"] == b["param_groups"]
+        assert a["state"].keys() == b["state"].keys()
+        for key in a["state"]:
+            assert a["state"][key].keys() == b["state"][key].keys()
+            for name, value in a["state"][key].items():
+                other = b["state"][key][name]
+                if isinstance(value, torch.Tensor):
+                    assert bitwise_equal(value, other), (key, name)
+                else:
+                    assert value == other
+        return
+    assert a.keys() == b.keys()
+    for key in a:
+        assert bitwise_equal(a[key], b[key]), key
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(_bytes_of(a), _bytes_of(b))
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    flat = torch.empty(tensor.numel(), dtype=tensor.dtype)
+    flat.copy_(tensor.detach().reshape(-1))
+    return flat.view(torch.uint8)
