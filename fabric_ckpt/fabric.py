@@ -17,8 +17,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.io.paths import PathLike
-from fabric_ckpt.state import FilterFn, unwrap_objects, validate_filter
+from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.strategies import Strategy, select_strategy
+from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
 from fabric_ckpt.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
 
 __all__ = ["Fabric"]
@@ -262,7 +263,7 @@ class Fabric:
         """
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
-        self._strategy.save_checkpoint(path, objects, filter=filter, on_save=self._save_hooks(objects))
+        self._strategy.save_checkpoint(path, objects, SaveOptions(filter=filter, on_save=self._save_hooks(objects)))
 
     def load(
         self,
@@ -272,6 +273,8 @@ class Fabric:
         strict: bool = True,
         weights_only: bool = True,
         verify: bool = True,
+        ignore_keys: IgnoreKeys = None,
+        load_weights_only: bool = False,
     ) -> dict[str, Any]:
         """Restore ``state`` in place from ``path`` and return what it did not ask for.
 
@@ -281,6 +284,11 @@ class Fabric:
             strict: a key of ``state`` missing from the checkpoint raises ``KeyError`` and modules load strictly.
             weights_only: refuse arbitrary unpickling (PyTorch's meaning); pass ``False`` for trusted files only.
             verify: check the checkpoint's checksums before using it.
+            ignore_keys: ``/``-separated glob paths of checkpoint entries to drop before restoring
+                (``["model/head.*", "rng"]``), or a callable that edits the checkpoint dict in place. Dropped entries
+                count as absent.
+            load_weights_only: restore only the modules' weights (Composer's name); optimizers, schedulers and plain
+                values in ``state`` are left untouched.
 
         Example:
             >>> remainder = fabric.load("ckpt.pt", {"model": model, "optimizer": optimizer})
@@ -289,14 +297,15 @@ class Fabric:
         if state is not None and not isinstance(state, MutableMapping):
             raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
         objects = unwrap_objects(state) if state else None
-        remainder = self._strategy.load_checkpoint(
-            path,
-            objects,
+        options = LoadOptions(
             strict=strict,
             weights_only=weights_only,
             verify=verify,
+            ignore_keys=ignore_keys,
+            load_weights_only=load_weights_only,
             on_load=self._load_hooks(objects or {}),
         )
+        remainder = self._strategy.load_checkpoint(path, objects, options)
         if state and objects is not None:
             for key, value in objects.items():
                 if not isinstance(state[key], (nn.Module, Optimizer)) and value is not state[key]:

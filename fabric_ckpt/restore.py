@@ -235,6 +235,7 @@ def restore(
     checkpoint: dict[str, Any],
     *,
     strict: bool,
+    load_weights_only: bool = False,
     load_module: ModuleLoader = load_module_state,
     load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None] = load_optimizer_state,
 ) -> dict[str, Any]:
@@ -242,8 +243,13 @@ def restore(
 
     Modules and optimizers are validated before anything changes. Stateful objects are restored first (their
     ``load_state_dict`` may reject the data), then modules, optimizers, and finally plain values, which replace
-    the values in ``objects`` itself.
+    the values in ``objects`` itself. With ``load_weights_only`` only modules are restored and everything else in
+    ``objects`` is left as it is.
     """
+    if load_weights_only:
+        objects_to_restore = {k: v for k, v in objects.items() if isinstance(v, nn.Module)}
+        restore(objects_to_restore, checkpoint, strict=strict, load_module=load_module, load_optimizer=load_optimizer)
+        return {k: materialize(v) for k, v in checkpoint.items() if k not in objects_to_restore}
     check_strict_keys(objects, checkpoint, strict=strict)
     present = [key for key in objects if key in checkpoint]
     prepared: dict[str, Any] = {}

@@ -6,8 +6,9 @@ Nothing here knows about files: strategies call these rules and hand the result 
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
 
 __all__ = [
     "FilterFn",
+    "IgnoreKeys",
+    "apply_ignore_keys",
     "apply_filter",
     "check_strict_keys",
     "is_stateful",
@@ -28,6 +31,7 @@ __all__ = [
 ]
 
 FilterFn = Callable[[str, Any], bool]
+IgnoreKeys = Sequence[str] | Callable[[dict[str, Any]], Any] | None
 
 
 def is_stateful(obj: Any) -> bool:
@@ -134,6 +138,42 @@ def check_strict_keys(requested: Mapping[str, Any], checkpoint: Mapping[str, Any
             f"The requested state contains a key '{missing[0]}' that does not exist in the loaded checkpoint "
             f"(its keys: {sorted(map(str, checkpoint))}). To disable strict loading, set `strict=False`."
         )
+
+
+def apply_ignore_keys(checkpoint: dict[str, Any], ignore_keys: IgnoreKeys) -> None:
+    """Drop the entries ``ignore_keys`` names from ``checkpoint``, in place (Composer's ``ignore_keys``).
+
+    ``ignore_keys`` is a list of ``/``-separated paths with glob patterns (``"model/layer1.weight"``,
+    ``"model/*"``, ``"optimizer/state/*/exp_avg"``, ``"rng"``): a matching path is removed with all its children,
+    and a container emptied this way is removed too, so it counts as absent. Or a callable that edits the
+    checkpoint dict in place.
+
+    Example:
+        >>> apply_ignore_keys(checkpoint, ["rng", "model/head.*"])
+    """
+    if ignore_keys is None:
+        return
+    if callable(ignore_keys):
+        ignore_keys(checkpoint)
+        return
+    if isinstance(ignore_keys, str) or not all(isinstance(pattern, str) for pattern in ignore_keys):
+        raise TypeError(f"`ignore_keys` must be a list of path patterns or a callable, got {ignore_keys!r}")
+    patterns = list(ignore_keys)
+    if patterns:
+        _drop_matching(checkpoint, "", patterns)
+
+
+def _drop_matching(node: dict[Any, Any], prefix: str, patterns: list[str]) -> None:
+    for key in list(node):
+        path = f"{prefix}{key}"
+        if any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns):
+            del node[key]
+            continue
+        child = node[key]
+        if isinstance(child, dict) and child:
+            _drop_matching(child, path + "/", patterns)
+            if not child:
+                del node[key]
 
 
 def materialize(obj: Any, memo: dict[int, torch.UntypedStorage] | None = None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,12 +27,32 @@ from fabric_ckpt.restore import (
     restore,
     validate_optimizer_state,
 )
-from fabric_ckpt.state import FilterFn, materialize, to_checkpoint
+from fabric_ckpt.state import FilterFn, IgnoreKeys, apply_ignore_keys, materialize, to_checkpoint
 from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
 
-__all__ = ["CheckpointHook", "Strategy"]
+__all__ = ["CheckpointHook", "LoadOptions", "SaveOptions", "Strategy"]
 
 CheckpointHook = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How ``fabric.save`` wants a checkpoint written; strategies take this object, so options can grow."""
+
+    filter: Mapping[str, FilterFn] | None = None
+    on_save: CheckpointHook | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How ``fabric.load`` wants a checkpoint read and restored."""
+
+    strict: bool = True
+    weights_only: bool = True
+    verify: bool = True
+    ignore_keys: IgnoreKeys = None
+    load_weights_only: bool = False
+    on_load: CheckpointHook | None = None
 
 
 class Strategy(ABC):
@@ -119,36 +140,22 @@ class Strategy(ABC):
     def load_optimizer_state_dict(self, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
         load_optimizer_state(optimizer, state_dict)
 
-    def save_checkpoint(
-        self,
-        path: PathLike,
-        state: Mapping[str, Any],
-        *,
-        filter: Mapping[str, FilterFn] | None = None,
-        on_save: CheckpointHook | None = None,
-    ) -> None:
+    def save_checkpoint(self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = SaveOptions()) -> None:
         """Write ``state`` (already unwrapped) as one file from global rank 0."""
         checkpoint = to_checkpoint(
-            state, filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
+            state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
         )
-        if on_save is not None:
-            on_save(checkpoint)
+        if options.on_save is not None:
+            options.on_save(checkpoint)
         if self.is_global_zero:
             save_file(path, checkpoint)
         self.barrier("save_checkpoint")
 
     def load_checkpoint(
-        self,
-        path: PathLike,
-        state: dict[str, Any] | None = None,
-        *,
-        strict: bool = True,
-        weights_only: bool = True,
-        verify: bool = True,
-        on_load: CheckpointHook | None = None,
+        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = LoadOptions()
     ) -> dict[str, Any]:
         """Restore ``state`` (already unwrapped) in place from ``path``; return the remainder."""
-        with open_checkpoint(path, weights_only=weights_only, verify=verify) as checkpoint:
+        with open_checkpoint(path, weights_only=options.weights_only, verify=options.verify) as checkpoint:
             if not isinstance(checkpoint, dict):
                 if state:
                     raise CheckpointError(
@@ -156,17 +163,24 @@ class Strategy(ABC):
                         "load it with fabric.load_raw() or fabric.load(path) without a state"
                     )
                 return materialize(checkpoint)
-            if on_load is not None:
-                on_load(checkpoint)
-            if not state:
-                return materialize(checkpoint)
-            return restore(
-                state,
-                checkpoint,
-                strict=strict,
-                load_module=self.load_module_state_dict,
-                load_optimizer=self.load_optimizer_state_dict,
-            )
+            return self._restore(checkpoint, state, options)
+
+    def _restore(
+        self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions
+    ) -> dict[str, Any]:
+        if options.on_load is not None:
+            options.on_load(checkpoint)
+        apply_ignore_keys(checkpoint, options.ignore_keys)
+        if not state:
+            return materialize(checkpoint)
+        return restore(
+            state,
+            checkpoint,
+            strict=options.strict,
+            load_weights_only=options.load_weights_only,
+            load_module=self.load_module_state_dict,
+            load_optimizer=self.load_optimizer_state_dict,
+        )
 
     def load_raw(
         self,
