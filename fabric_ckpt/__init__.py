@@ -16,18 +16,31 @@ from fabric_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.strategies import SingleDeviceStrategy, Strategy
+from fabric_ckpt.io.consolidate import consolidate
+from fabric_ckpt.manager import CheckpointManager
+from fabric_ckpt.rng import RNGState
+from fabric_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from fabric_ckpt.timestamp import Time, Timestamp, TimeUnit, parse_time
 from fabric_ckpt.types import AttributeDict, Stateful
 
 __all__ = [
     "AttributeDict",
+    "CheckpointManager",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "DDPStrategy",
+    "FSDPStrategy",
     "Fabric",
+    "RNGState",
     "SingleDeviceStrategy",
     "Stateful",
     "Strategy",
+    "Time",
+    "TimeUnit",
+    "Timestamp",
     "UnsafeCheckpointError",
     "__version__",
+    "consolidate",
+    "parse_time",
 ]

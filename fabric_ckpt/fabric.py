@@ -87,6 +87,10 @@ class Fabric:
         return self._strategy.world_size
 
     @property
+    def num_nodes(self) -> int:
+        return self._strategy.num_nodes
+
+    @property
     def is_global_zero(self) -> bool:
         return self._strategy.is_global_zero
 
@@ -111,15 +115,23 @@ class Fabric:
     def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> Any:
         """Place ``module`` (and wrap it for the strategy) and set up its optimizers.
 
-        Returns the module alone, or ``(module, *optimizers)``.
+        Returns the module alone, or ``(module, *optimizers)``. Under FSDP, optimizers created before the module
+        was sharded are re-pointed at the sharded parameters.
 
         Example:
             >>> model, optimizer = fabric.setup(model, optimizer)
         """
-        wrapped = self.setup_module(module, move_to_device=move_to_device)
+        self._check_setup_module(module)
+        for optimizer in optimizers:
+            self._check_setup_optimizer(optimizer)
+        self._ensure_launched()
+        if move_to_device:
+            self._strategy.module_to_device(_uncompiled(module))
+        forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
+        wrapped = FabricModule(forward_module, module, self._strategy)
         if not optimizers:
             return wrapped
-        return (wrapped, *[self._setup_optimizer(opt) for opt in optimizers])
+        return (wrapped, *[wrap_optimizer(optimizer, self._strategy) for optimizer in prepared])
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
@@ -127,17 +139,21 @@ class Fabric:
         Example:
             >>> model = fabric.setup_module(model)
         """
+        return self.setup(module, move_to_device=move_to_device)
+
+    @staticmethod
+    def _check_setup_module(module: Any) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"setup_module expects a torch.nn.Module, got {type(module).__name__}")
         if isinstance(module, FabricModule):
             raise ValueError("This module was already set up with fabric.setup(); set it up only once")
-        self._ensure_launched()
-        original = module
-        target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
-        if move_to_device:
-            self._strategy.module_to_device(target)
-        forward_module = self._strategy.setup_module(module)
-        return FabricModule(forward_module, original, self._strategy)
+
+    @staticmethod
+    def _check_setup_optimizer(optimizer: Any) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, FabricOptimizer):
+            raise ValueError("This optimizer was already set up with fabric.setup(); set it up only once")
 
     def setup_optimizers(self, *optimizers: Optimizer) -> Any:
         """Set up optimizers; returns one optimizer, or a tuple for several.
@@ -151,10 +167,7 @@ class Fabric:
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, FabricOptimizer):
-            raise ValueError("This optimizer was already set up with fabric.setup(); set it up only once")
+        self._check_setup_optimizer(optimizer)
         self._ensure_launched()
         return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy)
 
@@ -230,16 +243,20 @@ class Fabric:
     # ------------------------------------------------------------------ collectives
     def barrier(self, name: str | None = None) -> None:
         """Wait until every process reaches this point."""
+        self._ensure_launched()
         self._strategy.barrier(name)
 
     def broadcast(self, obj: T, src: int = 0) -> T:
         """Send ``obj`` from rank ``src`` to every process."""
+        self._ensure_launched()
         return cast(T, self._strategy.broadcast(obj, src))
 
     def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        self._ensure_launched()
         return self._strategy.all_gather(tensor, sync_grads)
 
     def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        self._ensure_launched()
         return self._strategy.all_reduce(tensor, reduce_op)
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
@@ -261,6 +278,7 @@ class Fabric:
         Example:
             >>> fabric.save("ckpt.pt", {"model": model, "step": 3}, filter={"model": lambda k, v: "weight" in k})
         """
+        self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
         self._strategy.save_checkpoint(path, objects, SaveOptions(filter=filter, on_save=self._save_hooks(objects)))
@@ -294,6 +312,7 @@ class Fabric:
             >>> remainder = fabric.load("ckpt.pt", {"model": model, "optimizer": optimizer})
             >>> step = remainder["step"]
         """
+        self._ensure_launched()
         if state is not None and not isinstance(state, MutableMapping):
             raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
         objects = unwrap_objects(state) if state else None
@@ -327,6 +346,7 @@ class Fabric:
         Example:
             >>> fabric.load_raw("pretrained.pt", model)
         """
+        self._ensure_launched()
         self._strategy.load_raw(path, obj, strict=strict, weights_only=weights_only, verify=verify)
         self.barrier("load_raw")
 
@@ -352,6 +372,10 @@ class Fabric:
             self.call("on_load_checkpoint", checkpoint)
 
         return on_load
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    return cast(nn.Module, module._orig_mod) if is_compiled(module) else module
 
 
 def _call_each(targets: Iterable[Any], hook_name: str, *args: Any) -> None:

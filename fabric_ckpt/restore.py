@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -23,6 +23,8 @@ from fabric_ckpt.state import check_strict_keys, is_stateful, materialize
 
 __all__ = [
     "ModuleLoader",
+    "RestorePlan",
+    "prepare_restore",
     "load_module_state",
     "load_optimizer_state",
     "prepare_module_state",
@@ -202,12 +204,13 @@ def load_optimizer_state(optimizer: Optimizer, state_dict: Mapping[str, Any]) ->
     """
     previous = {param: dict(param_state) for param, param_state in optimizer.state.items()}
     checkpoint_addresses = {
-        value.untyped_storage().data_ptr()
+        _storage_address(value)
         for param_state in state_dict["state"].values()
         if isinstance(param_state, Mapping)
         for value in param_state.values()
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided
+        if isinstance(value, torch.Tensor)
     }
+    checkpoint_addresses.discard(None)
     optimizer.load_state_dict(dict(state_dict))
     memo: dict[int, torch.UntypedStorage] = {}
     with torch.no_grad():
@@ -226,8 +229,103 @@ def load_optimizer_state(optimizer: Optimizer, state_dict: Mapping[str, Any]) ->
                 ):
                     reusable.copy_(value)
                     param_state[key] = reusable
-                elif value.layout == torch.strided and value.untyped_storage().data_ptr() in checkpoint_addresses:
+                elif _storage_address(value) in checkpoint_addresses:
                     param_state[key] = materialize(value, memo)
+
+
+@dataclass
+class RestorePlan:
+    """A validated restore: :meth:`apply` copies the checkpoint into the objects and returns the remainder."""
+
+    objects: dict[str, Any]
+    checkpoint: dict[str, Any]
+    present: list[str]
+    module_states: dict[str, tuple[Mapping[str, Any], bool]]
+    load_module: ModuleLoader
+    load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None]
+    restored_keys: frozenset[str]
+    _memo: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+
+    def apply(self) -> dict[str, Any]:
+        """Restore everything and return the remainder (all phases below, in order)."""
+        self.apply_stateful()
+        self.apply_modules()
+        self.apply_optimizers()
+        return self.finish()
+
+    def apply_stateful(self) -> None:
+        """Stateful objects first: their ``load_state_dict`` may still reject the data, before any tensor changed."""
+        for key in self.present:
+            obj = self.objects[key]
+            if is_stateful(obj) and not isinstance(obj, (nn.Module, Optimizer)):
+                obj.load_state_dict(materialize(self.checkpoint[key], self._memo))
+
+    def apply_modules(self) -> None:
+        for key, (state_dict, module_strict) in self.module_states.items():
+            self.load_module(self.objects[key], state_dict, module_strict)
+
+    def apply_optimizers(self) -> None:
+        for key in self.present:
+            if isinstance(self.objects[key], Optimizer):
+                self.load_optimizer(self.objects[key], self.checkpoint[key])
+
+    def finish(self) -> dict[str, Any]:
+        """Replace the plain values in ``objects`` and return the entries nobody asked for (owning their memory)."""
+        for key in self.present:
+            if not is_stateful(self.objects[key]):
+                self.objects[key] = materialize(self.checkpoint[key], self._memo)
+        return {
+            key: materialize(value, self._memo)
+            for key, value in self.checkpoint.items()
+            if key not in self.restored_keys
+        }
+
+
+def prepare_restore(
+    objects: dict[str, Any],
+    checkpoint: dict[str, Any],
+    *,
+    strict: bool,
+    load_weights_only: bool = False,
+    load_module: ModuleLoader = load_module_state,
+    load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None] = load_optimizer_state,
+) -> RestorePlan:
+    """Validate restoring ``objects`` from ``checkpoint`` (keys, shapes, groups) without changing anything.
+
+    With ``load_weights_only`` only the modules in ``objects`` are restored; everything else is left as it is and
+    stays in the remainder.
+
+    Raises:
+        KeyError: ``strict`` and a key of ``objects`` is not in the checkpoint.
+        CheckpointMismatchError: a module or optimizer entry does not fit its object.
+    """
+    targets = {k: v for k, v in objects.items() if isinstance(v, nn.Module)} if load_weights_only else objects
+    check_strict_keys(targets, checkpoint, strict=strict)
+    present = [key for key in targets if key in checkpoint]
+    module_states: dict[str, tuple[Mapping[str, Any], bool]] = {}
+    for key in present:
+        obj = objects[key]
+        label = f"Checkpoint entry '{key}'"
+        if isinstance(obj, nn.Module):
+            module_strict = strict and getattr(obj, "strict_loading", True) is not False
+            module_states[key] = (
+                prepare_module_state(obj, checkpoint[key], strict=module_strict, label=label),
+                module_strict,
+            )
+        elif isinstance(obj, Optimizer):
+            validate_optimizer_state(obj, checkpoint[key], label=label)
+    return RestorePlan(objects, checkpoint, present, module_states, load_module, load_optimizer, frozenset(present))
+
+
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's memory starts (a sharded tensor's local shard); ``None`` when it has no plain storage."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    if local.layout != torch.strided or local.is_meta:
+        return None
+    try:
+        return int(local.untyped_storage().data_ptr())
+    except RuntimeError:
+        return None
 
 
 def restore(
@@ -239,44 +337,17 @@ def restore(
     load_module: ModuleLoader = load_module_state,
     load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None] = load_optimizer_state,
 ) -> dict[str, Any]:
-    """Restore ``objects`` in place from ``checkpoint``; return the entries nobody asked for.
+    """Restore ``objects`` in place from ``checkpoint`` (validated first); return the entries nobody asked for.
 
-    Modules and optimizers are validated before anything changes. Stateful objects are restored first (their
-    ``load_state_dict`` may reject the data), then modules, optimizers, and finally plain values, which replace
-    the values in ``objects`` itself. With ``load_weights_only`` only modules are restored and everything else in
-    ``objects`` is left as it is.
+    Example:
+        >>> remainder = restore({"model": model, "step": 0}, checkpoint, strict=True)
     """
-    if load_weights_only:
-        objects_to_restore = {k: v for k, v in objects.items() if isinstance(v, nn.Module)}
-        restore(objects_to_restore, checkpoint, strict=strict, load_module=load_module, load_optimizer=load_optimizer)
-        return {k: materialize(v) for k, v in checkpoint.items() if k not in objects_to_restore}
-    check_strict_keys(objects, checkpoint, strict=strict)
-    present = [key for key in objects if key in checkpoint]
-    prepared: dict[str, Any] = {}
-    for key in present:
-        obj = objects[key]
-        if isinstance(obj, nn.Module):
-            module_strict = strict and getattr(obj, "strict_loading", True) is not False
-            label = f"Checkpoint entry '{key}'"
-            prepared[key] = (
-                prepare_module_state(obj, checkpoint[key], strict=module_strict, label=label),
-                module_strict,
-            )
-        elif isinstance(obj, Optimizer):
-            validate_optimizer_state(obj, checkpoint[key], label=f"Checkpoint entry '{key}'")
-    memo: dict[int, torch.UntypedStorage] = {}
-    for key in present:
-        obj = objects[key]
-        if is_stateful(obj) and not isinstance(obj, (nn.Module, Optimizer)):
-            obj.load_state_dict(materialize(checkpoint[key], memo))
-    for key in present:
-        if isinstance(objects[key], nn.Module):
-            state_dict, module_strict = prepared[key]
-            load_module(objects[key], state_dict, module_strict)
-    for key in present:
-        if isinstance(objects[key], Optimizer):
-            load_optimizer(objects[key], checkpoint[key])
-    for key in present:
-        if not is_stateful(objects[key]):
-            objects[key] = materialize(checkpoint[key], memo)
-    return {key: materialize(value, memo) for key, value in checkpoint.items() if key not in objects}
+    plan = prepare_restore(
+        objects,
+        checkpoint,
+        strict=strict,
+        load_weights_only=load_weights_only,
+        load_module=load_module,
+        load_optimizer=load_optimizer,
+    )
+    return plan.apply()

@@ -15,10 +15,15 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.errors import CheckpointMismatchError
 from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
 
 __all__ = [
     "FilterFn",
+    "find_owner_module",
+    "is_fqn_keyed",
+    "optimizer_state_to_fqn",
+    "optimizer_state_to_index",
     "IgnoreKeys",
     "apply_ignore_keys",
     "apply_filter",
@@ -215,3 +220,72 @@ def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) ->
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(fresh, requires_grad=tensor.requires_grad)
     return fresh.requires_grad_(tensor.requires_grad) if tensor.requires_grad else fresh
+
+
+def find_owner_module(optimizer: Optimizer, objects: Mapping[str, Any]) -> nn.Module | None:
+    """The module in ``objects`` that holds every parameter of ``optimizer`` (needed to name its state by FQN)."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for obj in objects.values():
+        if isinstance(obj, nn.Module):
+            module = unwrap_module(obj)
+            if params <= {id(p) for p in module.parameters()}:
+                return module
+    return None
+
+
+def is_fqn_keyed(optimizer_state: Any) -> bool:
+    """Whether an optimizer state dict names parameters by FQN (DCP's form) rather than by index (torch's)."""
+    if not isinstance(optimizer_state, Mapping):
+        return False
+    groups = optimizer_state.get("param_groups") or []
+    return any(isinstance(p, str) for group in groups for p in group.get("params", []))
+
+
+def _parameter_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+def optimizer_state_to_fqn(state: Mapping[str, Any], optimizer: Optimizer, module: nn.Module) -> dict[str, Any]:
+    """Torch's index-keyed optimizer state dict -> the FQN-keyed form DCP saves (parameters named by ``module``)."""
+    names = _parameter_names(module)
+    live = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [index for group in state["param_groups"] for index in group["params"]]
+    fqn_of = {index: names[id(param)] for index, param in zip(saved, live, strict=True)}
+    return {
+        "state": {fqn_of.get(k, k): v for k, v in state["state"].items()},
+        "param_groups": [{**group, "params": [fqn_of[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def optimizer_state_to_index(
+    state: Mapping[str, Any], optimizer: Optimizer, module: nn.Module, *, label: str
+) -> dict[str, Any]:
+    """DCP's FQN-keyed optimizer state -> torch's index-keyed form, ordered like ``optimizer``'s own groups.
+
+    Raises:
+        CheckpointMismatchError: the groups do not hold the same parameters (by name) as the optimizer's.
+    """
+    names = _parameter_names(module)
+    groups = optimizer.param_groups
+    if len(groups) != len(state["param_groups"]):
+        raise CheckpointMismatchError(
+            f"{label} has {len(state['param_groups'])} parameter group(s), the optimizer has {len(groups)}"
+        )
+    index_of: dict[str, int] = {}
+    new_groups = []
+    for number, (group, saved) in enumerate(zip(groups, state["param_groups"], strict=True)):
+        live_names = [names.get(id(p), "") for p in group["params"]]
+        if sorted(live_names) != sorted(saved["params"]):
+            missing = sorted(set(live_names) - set(saved["params"]))
+            extra = sorted(set(saved["params"]) - set(live_names))
+            raise CheckpointMismatchError(
+                f"{label}: parameter group {number} holds other parameters than the optimizer's "
+                f"(not in the checkpoint: {missing}; only in the checkpoint: {extra})"
+            )
+        for name in live_names:
+            index_of[name] = len(index_of)
+        new_groups.append({**saved, "params": [index_of[name] for name in live_names]})
+    return {
+        "state": {index_of[name]: value for name, value in state["state"].items() if name in index_of},
+        "param_groups": new_groups,
+    }

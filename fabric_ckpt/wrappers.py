@@ -56,6 +56,13 @@ class FabricModule(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         return unwrap_module(self).load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        """The original module's parameters under their original names (no wrapper prefix)."""
+        return unwrap_module(self).named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        return unwrap_module(self).named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -45,7 +45,7 @@ class TestUnreadableFiles:
             fabric.load_raw(path, make_net())
 
     def test_folder_is_a_checkpoint_error(self, tmp_path, fabric):
-        with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
+        with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint"):
             fabric.load(tmp_path)
 
     def test_empty_file(self, tmp_path, fabric):

@@ -61,6 +61,9 @@ def test_setup_returns_wrappers_that_act_like_the_originals(fabric):
     wrapped, wrapped_optimizer = fabric.setup(model, optimizer)
     assert isinstance(wrapped, FabricModule) and wrapped.module is model
     assert list(wrapped.state_dict()) == list(model.state_dict())
+    assert list(dict(wrapped.named_parameters())) == list(dict(model.named_parameters()))
+    assert list(dict(wrapped.named_buffers())) == list(dict(model.named_buffers()))
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in model.parameters()]
     assert wrapped.fc1 is model.fc1 and isinstance(wrapped, nn.Module)
     wrapped.custom_attribute = 5
     assert model.custom_attribute == 5

@@ -5,6 +5,7 @@ Strategies decide *what* goes where; this package decides *how* it is written an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fabric_ckpt.io.atomic import atomic_write
@@ -15,11 +16,17 @@ from fabric_ckpt.io.torch_format import ArchiveSummary, write_torch_archive
 __all__ = ["PathLike", "open_checkpoint", "save_file"]
 
 
-def save_file(path: PathLike, obj: Any, *, force_zip64: bool = False) -> ArchiveSummary:
+def save_file(
+    path: PathLike,
+    obj: Any,
+    *,
+    force_zip64: bool = False,
+    on_storage_written: Callable[[int], object] | None = None,
+) -> ArchiveSummary:
     """Write ``obj`` atomically to ``path`` as a ``torch.load``-able single-file checkpoint.
 
     Example:
         >>> save_file("memory://ckpt/model.pt", {"model": model.state_dict()})
     """
     with atomic_write(resolve(path)) as sink:
-        return write_torch_archive(sink, obj, force_zip64=force_zip64)
+        return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)

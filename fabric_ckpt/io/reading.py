@@ -54,11 +54,17 @@ def sniff_format(head: bytes, size: int) -> str | None:
     return None
 
 
-def existing_file(path: PathLike) -> Location:
-    """Resolve ``path`` and check that it names a file, with the errors a user expects."""
+def existing_location(path: PathLike) -> Location:
+    """Resolve ``path`` and check that something is there, with the error a user expects."""
     location = resolve(path)
     if not location.exists():
         raise FileNotFoundError(errno.ENOENT, "Checkpoint not found", location.original)
+    return location
+
+
+def existing_file(path: PathLike) -> Location:
+    """Resolve ``path`` and check that it names a file."""
+    location = existing_location(path)
     if location.isdir():
         raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint file")
     return location
@@ -68,15 +74,23 @@ def existing_file(path: PathLike) -> Location:
 def open_checkpoint(
     path: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
 ) -> Iterator[Any]:
-    """Yield the object stored in the checkpoint file at ``path``; tensors may be views of a memory map.
+    """Yield the object stored at ``path``; tensors may be views of a memory map.
 
-    Copy what must outlive the ``with`` block (see :func:`fabric_ckpt.state.materialize`).
+    A sharded checkpoint folder is verified and consolidated in memory (full tensors). Copy what must outlive the
+    ``with`` block (see :func:`fabric_ckpt.state.materialize`).
 
     Example:
         >>> with open_checkpoint("model.ckpt") as checkpoint:
         ...     model.load_state_dict(checkpoint["model"])
     """
-    location = existing_file(path)
+    location = existing_location(path)
+    if location.isdir():
+        from fabric_ckpt.io import sharded
+
+        if not sharded.is_sharded(location):
+            raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
+        yield sharded.read_consolidated(location, weights_only=weights_only, verify=verify)
+        return
     with local_copy(location, progress=progress) as local:
         yield load_local_file(local, location.original, weights_only=weights_only, verify=verify)
 

@@ -19,6 +19,8 @@ import json
 import pickle
 import secrets
 import sys
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from fabric_ckpt.io.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_d
 
 __all__ = [
     "MANIFEST_RECORD",
+    "LazyTensor",
     "MARKER",
     "ArchiveInfo",
     "Problem",
@@ -47,16 +50,65 @@ FORMAT_VERSION = 1
 _PICKLE_PROTOCOL = 2  # what torch.save writes
 
 
+@dataclass
+class LazyTensor:
+    """A tensor known by shape and dtype now, whose values ``load()`` produces only when its record is written.
+
+    Writing a checkpoint of lazy tensors keeps one tensor in memory at a time (used to consolidate sharded
+    checkpoints); the file is indistinguishable from one written from real tensors.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        stride = [1] * len(self.shape)
+        for dim in range(len(self.shape) - 2, -1, -1):
+            stride[dim] = stride[dim + 1] * max(self.shape[dim + 1], 1)
+        arguments: tuple[Any, ...] = (
+            _LazyStorage(self),
+            0,
+            torch.Size(self.shape),
+            tuple(stride),
+            False,
+            OrderedDict(),
+        )
+        return (torch._utils._rebuild_tensor_v2, arguments)
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+@dataclass
+class _LazyStorage:
+    tensor: LazyTensor
+
+
+def _storage_type(dtype: torch.dtype) -> Any:
+    empty = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(0), dtype=dtype, _internal=True)
+    return getattr(torch, empty._pickle_storage_type())
+
+
 class _StoragePickler(pickle.Pickler):
     """Pickles like ``torch.save``: each storage becomes a persistent id ``("storage", type, key, location, numel)``."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=_PICKLE_PROTOCOL)
-        self.storages: dict[str, torch.UntypedStorage] = {}
+        self.storages: dict[str, torch.UntypedStorage | LazyTensor] = {}
         self.keys_by_storage: dict[int, str] = {}
         self._dtypes_by_address: dict[int, torch.dtype] = {}
 
     def persistent_id(self, obj: Any) -> tuple[str, Any, str, str, int] | None:
+        if isinstance(obj, _LazyStorage):
+            lazy = obj.tensor
+            key = self.keys_by_storage.setdefault(id(lazy), str(len(self.keys_by_storage)))
+            self.storages[key] = lazy
+            return ("storage", _storage_type(lazy.dtype), key, "cpu", lazy.numel)
         if isinstance(obj, torch.storage.TypedStorage):
             storage = obj._untyped_storage
             dtype = obj.dtype
@@ -81,7 +133,9 @@ class _StoragePickler(pickle.Pickler):
 
 def _tensor_owners(obj: Any, path: str, owners: dict[int, str]) -> None:
     """Map each storage (by identity) to the first checkpoint path that holds a tensor on it."""
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, LazyTensor):
+        owners.setdefault(id(obj), path)
+    elif isinstance(obj, torch.Tensor):
         if obj.layout == torch.strided and not obj.is_meta:
             owners.setdefault(obj.untyped_storage()._cdata, path)
     elif isinstance(obj, dict):
@@ -111,7 +165,25 @@ class ArchiveSummary:
     storages: int
 
 
-def write_torch_archive(sink: Writable, obj: Any, *, force_zip64: bool = False) -> ArchiveSummary:
+def _materialize_lazy(lazy: LazyTensor) -> torch.UntypedStorage:
+    tensor = lazy.load()
+    if tuple(tensor.shape) != tuple(lazy.shape) or tensor.dtype != lazy.dtype:
+        raise ValueError(
+            f"a lazy tensor promised {list(lazy.shape)} {lazy.dtype} but produced {list(tensor.shape)} {tensor.dtype}"
+        )
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor.untyped_storage()
+
+
+def write_torch_archive(
+    sink: Writable,
+    obj: Any,
+    *,
+    force_zip64: bool = False,
+    on_storage_written: Callable[[int], object] | None = None,
+) -> ArchiveSummary:
     """Write ``obj`` to ``sink`` as a ``torch.load``-able archive with an integrity manifest.
 
     Example:
@@ -128,8 +200,12 @@ def write_torch_archive(sink: Writable, obj: Any, *, force_zip64: bool = False) 
     writer.add(f"{ARCHIVE_PREFIX}/data.pkl", buffer.getbuffer())
     writer.add(f"{ARCHIVE_PREFIX}/byteorder", sys.byteorder.encode())
     for key, storage in pickler.storages.items():
+        if isinstance(storage, LazyTensor):
+            storage = _materialize_lazy(storage)
         view, _keepalive = _cpu_bytes(storage)
         writer.add(f"{ARCHIVE_PREFIX}/data/{key}", view)
+        if on_storage_written is not None:
+            on_storage_written(view.nbytes)
         del view, _keepalive
     writer.add(f"{ARCHIVE_PREFIX}/version", b"3\n")
     writer.add(f"{ARCHIVE_PREFIX}/.data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())

@@ -8,31 +8,42 @@ restores its objects in place. Sharded strategies override :meth:`save_checkpoin
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.io import open_checkpoint, save_file
 from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.restore import (
+    RestorePlan,
     load_module_state,
     load_optimizer_state,
     prepare_module_state,
-    restore,
+    prepare_restore,
     validate_optimizer_state,
 )
-from fabric_ckpt.state import FilterFn, IgnoreKeys, apply_ignore_keys, materialize, to_checkpoint
+from fabric_ckpt.state import (
+    FilterFn,
+    IgnoreKeys,
+    apply_ignore_keys,
+    find_owner_module,
+    is_fqn_keyed,
+    materialize,
+    optimizer_state_to_index,
+    to_checkpoint,
+)
 from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
 
-__all__ = ["CheckpointHook", "LoadOptions", "SaveOptions", "Strategy"]
+__all__ = ["DEFAULT_LOAD_OPTIONS", "DEFAULT_SAVE_OPTIONS", "CheckpointHook", "LoadOptions", "SaveOptions", "Strategy"]
 
 CheckpointHook = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,10 @@ class LoadOptions:
     ignore_keys: IgnoreKeys = None
     load_weights_only: bool = False
     on_load: CheckpointHook | None = None
+
+
+DEFAULT_SAVE_OPTIONS = SaveOptions()
+DEFAULT_LOAD_OPTIONS = LoadOptions()
 
 
 class Strategy(ABC):
@@ -85,6 +100,10 @@ class Strategy(ABC):
         return 1
 
     @property
+    def num_nodes(self) -> int:
+        return 1
+
+    @property
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
 
@@ -113,7 +132,17 @@ class Strategy(ABC):
         """Skip gradient synchronisation inside the block (a no-op without one)."""
         yield
 
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: Sequence[Optimizer]
+    ) -> tuple[nn.Module, list[Optimizer]]:
+        """Set up a module together with its optimizers (sharding strategies re-point optimizers at new parameters)."""
+        return self.setup_module(module), [self.setup_optimizer(optimizer) for optimizer in optimizers]
+
     # ------------------------------------------------------------------ collectives
+    def agree(self, fn: Callable[[], T], description: str) -> T:
+        """Run ``fn`` on every rank; if it raises on any rank, raise on every rank. In one process: just ``fn()``."""
+        return fn()
+
     def barrier(self, name: str | None = None) -> None:
         """Wait for every process (a no-op in one process)."""
 
@@ -140,40 +169,59 @@ class Strategy(ABC):
     def load_optimizer_state_dict(self, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
         load_optimizer_state(optimizer, state_dict)
 
-    def save_checkpoint(self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = SaveOptions()) -> None:
-        """Write ``state`` (already unwrapped) as one file from global rank 0."""
+    def save_checkpoint(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
+    ) -> None:
+        """Every rank builds its checkpoint dict (errors anywhere stop the save everywhere); global rank 0 writes it."""
+        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
+        self.agree(lambda: save_file(path, checkpoint) if self.is_global_zero else None, f"Saving '{path}'")
+
+    def _build_checkpoint(self, state: Mapping[str, Any], options: SaveOptions) -> dict[str, Any]:
         checkpoint = to_checkpoint(
             state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
         )
         if options.on_save is not None:
             options.on_save(checkpoint)
-        if self.is_global_zero:
-            save_file(path, checkpoint)
-        self.barrier("save_checkpoint")
+        return checkpoint
 
     def load_checkpoint(
-        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = LoadOptions()
+        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = DEFAULT_LOAD_OPTIONS
     ) -> dict[str, Any]:
-        """Restore ``state`` (already unwrapped) in place from ``path``; return the remainder."""
-        with open_checkpoint(path, weights_only=options.weights_only, verify=options.verify) as checkpoint:
-            if not isinstance(checkpoint, dict):
-                if state:
-                    raise CheckpointError(
-                        f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; "
-                        "load it with fabric.load_raw() or fabric.load(path) without a state"
-                    )
-                return materialize(checkpoint)
-            return self._restore(checkpoint, state, options)
+        """Every rank reads ``path`` (memory-mapped) and validates; only if all succeed does any rank restore."""
+        with ExitStack() as stack:
 
-    def _restore(
-        self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions
-    ) -> dict[str, Any]:
+            def prepare() -> _Plan:
+                opened = open_checkpoint(path, weights_only=options.weights_only, verify=options.verify)
+                checkpoint = stack.enter_context(opened)
+                if not isinstance(checkpoint, dict):
+                    if state:
+                        raise CheckpointError(
+                            f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+                            "load it with fabric.load_raw() or fabric.load(path) without a state"
+                        )
+                    return _Returning(checkpoint)
+                return self._prepare_restore(checkpoint, state, options)
+
+            plan = self.agree(prepare, f"Loading '{path}'")
+            return self._apply(plan, f"Loading '{path}'")
+
+    def _apply(self, plan: _Plan, description: str) -> dict[str, Any]:
+        """Apply a plan phase by phase, every rank agreeing after each (loaders may be collective)."""
+        if not isinstance(plan, RestorePlan):
+            return self.agree(plan.apply, description)
+        self.agree(plan.apply_stateful, description)
+        self.agree(plan.apply_modules, description)
+        self.agree(plan.apply_optimizers, description)
+        return self.agree(plan.finish, description)
+
+    def _prepare_restore(self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions) -> _Plan:
         if options.on_load is not None:
             options.on_load(checkpoint)
         apply_ignore_keys(checkpoint, options.ignore_keys)
         if not state:
-            return materialize(checkpoint)
-        return restore(
+            return _Returning(checkpoint)
+        _index_optimizer_entries(checkpoint, state)
+        return prepare_restore(
             state,
             checkpoint,
             strict=options.strict,
@@ -193,20 +241,52 @@ class Strategy(ABC):
     ) -> None:
         """Load a plain state-dict file (anyone's ``torch.save(x.state_dict())``) into a module or optimizer."""
         label = f"State dict file '{path}'"
-        with open_checkpoint(path, weights_only=weights_only, verify=verify) as state_dict:
-            if isinstance(obj, nn.Module):
-                module = unwrap_module(obj)
-                _reject_full_checkpoint(state_dict, label)
-                prepared = prepare_module_state(module, state_dict, strict=strict, label=label)
-                self.load_module_state_dict(module, prepared, strict)
-            elif isinstance(obj, Optimizer):
-                optimizer = unwrap_optimizer(obj)
-                validate_optimizer_state(optimizer, state_dict, label=label)
-                self.load_optimizer_state_dict(optimizer, state_dict)
-            else:
+        with ExitStack() as stack:
+
+            def prepare() -> Callable[[], None]:
+                state_dict = stack.enter_context(open_checkpoint(path, weights_only=weights_only, verify=verify))
+                if isinstance(obj, nn.Module):
+                    module = unwrap_module(obj)
+                    _reject_full_checkpoint(state_dict, label)
+                    prepared = prepare_module_state(module, state_dict, strict=strict, label=label)
+                    return lambda: self.load_module_state_dict(module, prepared, strict)
+                if isinstance(obj, Optimizer):
+                    optimizer = unwrap_optimizer(obj)
+                    validate_optimizer_state(optimizer, state_dict, label=label)
+                    return lambda: self.load_optimizer_state_dict(optimizer, state_dict)
                 raise TypeError(
                     f"load_raw loads into a torch.nn.Module or a torch.optim.Optimizer, got {type(obj).__name__}"
                 )
+
+            apply = self.agree(prepare, f"Loading '{path}'")
+            self.agree(apply, f"Loading '{path}'")
+
+
+def _index_optimizer_entries(checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None:
+    """Optimizer entries of a consolidated sharded checkpoint name parameters by FQN; torch's loader wants indices."""
+    for key, obj in state.items():
+        if isinstance(obj, Optimizer) and is_fqn_keyed(checkpoint.get(key)):
+            module = find_owner_module(obj, state)
+            if module is None:
+                raise CheckpointMismatchError(
+                    f"Checkpoint entry '{key}' names parameters by FQN (a sharded checkpoint); put the module that "
+                    "owns the optimizer's parameters in the state too"
+                )
+            checkpoint[key] = optimizer_state_to_index(checkpoint[key], obj, module, label=f"Checkpoint entry '{key}'")
+
+
+class _Plan(Protocol):
+    def apply(self) -> Any: ...
+
+
+@dataclass
+class _Returning:
+    """A load that returns the checkpoint itself (no state to restore): a copy that owns its memory."""
+
+    checkpoint: Any
+
+    def apply(self) -> Any:
+        return materialize(self.checkpoint)
 
 
 def _reject_full_checkpoint(state_dict: Any, label: str) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from fabric_ckpt.launcher import detect_environment
 from fabric_ckpt.strategies.base import Strategy
 from fabric_ckpt.strategies.single import SingleDeviceStrategy
 
 __all__ = ["STRATEGY_NAMES", "resolve_accelerator", "resolve_devices", "select_strategy"]
 
-STRATEGY_NAMES = ("auto", "single")
+STRATEGY_NAMES = ("auto", "single", "ddp", "fsdp")
 _ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -76,10 +77,26 @@ def select_strategy(
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {list(STRATEGY_NAMES)} or pass a Strategy")
     kind = resolve_accelerator(accelerator)
     indices = resolve_devices(devices, kind)
-    if len(indices) * num_nodes != 1:
-        raise ValueError(
-            f"strategy={strategy!r} with devices={devices!r} and num_nodes={num_nodes} asks for "
-            f"{len(indices) * num_nodes} processes; the single-device strategy runs exactly one"
-        )
-    device = torch.device(kind, indices[0]) if kind == "cuda" else torch.device(kind)
-    return SingleDeviceStrategy(device=device)
+    processes = len(indices) * num_nodes
+    launched = detect_environment()
+    if name == "auto":
+        name = "ddp" if processes > 1 or (launched is not None and launched.world_size > 1) else "single"
+    if name == "single":
+        if processes != 1:
+            raise ValueError(
+                f"strategy={strategy!r} with devices={devices!r} and num_nodes={num_nodes} asks for "
+                f"{processes} processes; the single-device strategy runs exactly one"
+            )
+        device = torch.device(kind, indices[0]) if kind == "cuda" else torch.device(kind)
+        return SingleDeviceStrategy(device=device)
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"strategy={strategy!r} runs on 'cpu' or 'cuda', not {kind!r}")
+    # Under torchrun the launcher decides how many processes there are.
+    num_processes = None if launched is not None and devices in (1, "auto") else len(indices)
+    if name == "ddp":
+        from fabric_ckpt.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
+    from fabric_ckpt.strategies.fsdp import FSDPStrategy
+
+    return FSDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)

@@ -1,0 +1,589 @@
+"""Sharded checkpoints: a folder written by ``torch.distributed.checkpoint`` (DCP), committed atomically and verified.
+
+Layout of ``<path>/``:
+
+- ``__<rank>_<n>.distcp``: each rank's shard files, written in parallel by DCP;
+- ``.metadata``: DCP's index of every chunk (global shapes, offsets, which file holds what);
+- ``fabric_ckpt.json``: our manifest, written last: format, world size, and for every file its size and CRC-32 and
+  the CRC-32 of every chunk it holds, so a damaged byte is named by its entry.
+
+A save fills a hidden sibling folder; rank 0 writes the manifest and then moves the folder under its final name (on
+local disks atomically, swapping with an existing checkpoint via ``renameat2(RENAME_EXCHANGE)``), so a checkpoint
+visible under its name is always complete. Reading never unpickles untrusted code: ``.metadata`` goes through an
+allowlisting unpickler and non-tensor entries through ``torch.load(weights_only=True)`` unless the caller opts out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import io
+import itertools
+import json
+import mmap
+import os
+import pickle
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+from fabric_ckpt._version import __version__
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.io.atomic import TEMP_MARKER, fsync_folder
+from fabric_ckpt.io.checksum import crc32
+from fabric_ckpt.io.paths import Location
+from fabric_ckpt.io.torch_format import LazyTensor
+
+__all__ = [
+    "MANIFEST_NAME",
+    "METADATA_NAME",
+    "SafeLoadPlanner",
+    "ShardedFolder",
+    "commit_folder",
+    "file_checksums",
+    "is_sharded",
+    "load_full",
+    "reader_for",
+    "temporary_folder",
+    "unflatten",
+    "writer_for",
+]
+
+MANIFEST_NAME = "fabric_ckpt.json"
+METADATA_NAME = ".metadata"
+FORMAT_VERSION = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+_SAFE_GLOBALS: dict[str, set[str]] = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
+    "copyreg": {"_reconstructor"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` while refusing every global that is not a metadata type."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _SAFE_GLOBALS.get(module, ()) or (
+            module == "torch"
+            and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the metadata refers to {module}.{name}, which is not a checkpoint metadata type")
+
+
+def read_metadata_safely(stream: BinaryIO, display: str) -> Metadata:
+    """Unpickle a DCP ``.metadata`` file without running code from it."""
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"Sharded checkpoint '{display}': {err}") from None
+    except Exception as err:  # truncated or garbage bytes raise a zoo of types from pickle
+        raise CheckpointError(f"Sharded checkpoint '{display}': the metadata file is damaged ({err})") from err
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"Sharded checkpoint '{display}': '.metadata' does not hold DCP metadata")
+    return metadata
+
+
+class _SafeMetadataMixin:
+    path: Any
+    fs: Any
+    load_id: str
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self.fs.concat_path(self.path, METADATA_NAME)
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = read_metadata_safely(stream, str(self.path))
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+class _SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
+    pass
+
+
+class _SafeFsspecReader(_SafeMetadataMixin, FsspecReader):
+    pass
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled with ``weights_only`` (safe by default)."""
+
+    def __init__(self, *, weights_only: bool = True, display: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._weights_only = weights_only
+        self._display = display
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=self._weights_only)
+        except pickle.UnpicklingError as err:
+            detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"Sharded checkpoint '{self._display}': entry '{fqn}' holds objects that only arbitrary unpickling "
+                f"can rebuild ({detail}). If you trust this checkpoint, pass weights_only=False."
+            ) from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            # The planner's own ``state_dict`` is a copy here; the caller's dict is the original.
+            self.original_state_dict[fqn] = obj
+
+
+def reader_for(location: Location) -> FileSystemReader:
+    """A DCP storage reader for the folder, with the safe metadata reader."""
+    return _SafeFileSystemReader(location.path) if location.is_local else _SafeFsspecReader(location.original)
+
+
+def writer_for(location: Location, *, thread_count: int = 1) -> FileSystemWriter:
+    """A DCP storage writer into ``location`` (a temporary folder), fsyncing every file."""
+    if location.is_local:
+        return FileSystemWriter(location.path, sync_files=True, thread_count=thread_count, overwrite=True)
+    return FsspecWriter(location.original, sync_files=True, thread_count=thread_count, overwrite=True)
+
+
+def is_sharded(location: Location) -> bool:
+    """Whether ``location`` is a folder holding a sharded checkpoint (ours, or a bare DCP folder)."""
+    return location.isdir() and (_exists(location, MANIFEST_NAME) or _exists(location, METADATA_NAME))
+
+
+def _child(location: Location, name: str) -> str:
+    return os.path.join(location.path, name) if location.is_local else f"{location.path.rstrip('/')}/{name}"
+
+
+def _exists(location: Location, name: str) -> bool:
+    path = _child(location, name)
+    return os.path.exists(path) if location.is_local else bool(location.fs.exists(path))
+
+
+def _sibling_location(location: Location, name: str) -> Location:
+    sibling = location.sibling(name)
+    if location.is_local:
+        return Location(sibling, sibling)
+    return Location(location.fs.unstrip_protocol(sibling), sibling, location.fs)
+
+
+def sibling_named(location: Location, name: str) -> Location:
+    """The location of ``name`` beside ``location`` (e.g. a temporary folder chosen on another rank)."""
+    return _sibling_location(location, name)
+
+
+def temporary_folder(location: Location) -> Location:
+    """A fresh hidden sibling folder for a save in progress (chosen by one rank, created by it)."""
+    temporary = _sibling_location(location, f".{location.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    if temporary.is_local:
+        os.makedirs(temporary.path)
+    else:
+        temporary.fs.makedirs(temporary.path, exist_ok=True)
+    return temporary
+
+
+def remove(location: Location) -> None:
+    """Remove a file or folder, ignoring one that is already gone."""
+    if location.is_local:
+        if os.path.isdir(location.path) and not os.path.islink(location.path):
+            shutil.rmtree(location.path, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                os.unlink(location.path)
+    else:
+        with suppress(FileNotFoundError):
+            location.fs.rm(location.path, recursive=True)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of a sharded checkpoint: its size, CRC-32, and each chunk's ``(fqn, offset, length, crc32)``."""
+
+    name: str
+    size: int
+    crc32: int
+    items: tuple[tuple[str, int, int, int], ...] = ()
+
+
+def file_checksums(folder: Location, names: list[str], metadata: Metadata | None) -> list[FileRecord]:
+    """Size and CRC-32 of each named file in ``folder``, and of every DCP chunk inside it."""
+    items_by_file: dict[str, list[tuple[str, int, int]]] = {}
+    if metadata is not None:
+        for index, info in metadata.storage_data.items():
+            items_by_file.setdefault(info.relative_path, []).append((index.fqn, info.offset, info.length))
+    records = []
+    for name in names:
+        with _open_bytes(folder, name) as data:
+            view = memoryview(data)
+            items = tuple(
+                (fqn, offset, length, crc32(view[offset : offset + length]))
+                for fqn, offset, length in sorted(items_by_file.get(name, []), key=lambda item: item[1])
+            )
+            records.append(FileRecord(name, view.nbytes, crc32(view), items))
+            view.release()
+    return records
+
+
+@contextmanager
+def _open_bytes(folder: Location, name: str) -> Iterator[Any]:
+    """The bytes of a file: memory-mapped when local, read whole when remote."""
+    path = _child(folder, name)
+    if not folder.is_local:
+        yield folder.fs.cat_file(path)
+        return
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
+
+
+def own_files(folder: Location, rank: int) -> list[str]:
+    """The files of ``folder`` that DCP wrote for ``rank``."""
+    prefix = f"__{rank}_"
+    names = (
+        os.listdir(folder.path)
+        if folder.is_local
+        else [p.rsplit("/", 1)[-1] for p in folder.fs.ls(folder.path, detail=False)]
+    )
+    return sorted(name for name in names if name.startswith(prefix) and name.endswith(".distcp"))
+
+
+def read_metadata(folder: Location) -> Metadata:
+    with _open_stream(folder, METADATA_NAME) as stream:
+        return read_metadata_safely(stream, folder.original)
+
+
+@contextmanager
+def _open_stream(folder: Location, name: str) -> Iterator[BinaryIO]:
+    path = _child(folder, name)
+    if folder.is_local:
+        with open(path, "rb") as f:
+            yield f
+    else:
+        with folder.fs.open(path, "rb") as f:
+            yield f
+
+
+def write_manifest(folder: Location, records: list[FileRecord], world_size: int) -> None:
+    """Write the manifest (sizes and checksums of every file), the commit record of a sharded checkpoint."""
+    body = {
+        "format": "fabric_ckpt",
+        "layout": "sharded",
+        "version": FORMAT_VERSION,
+        "writer": f"fabric_ckpt {__version__}",
+        "torch": torch.__version__,
+        "world_size": world_size,
+        "checksum": "crc32",
+        "files": {r.name: {"size": r.size, "crc32": r.crc32, "items": [list(i) for i in r.items]} for r in records},
+    }
+    encoded = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    payload = json.dumps({"manifest": body, "crc32": crc32(encoded.encode())}, separators=(",", ":")).encode()
+    path = _child(folder, MANIFEST_NAME)
+    if folder.is_local:
+        with open(path, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_folder(folder.path)
+    else:
+        folder.fs.pipe_file(path, payload)
+
+
+def read_manifest(folder: Location) -> dict[str, Any] | None:
+    """The manifest's body, ``None`` for a bare DCP folder; raises if it is damaged."""
+    if not _exists(folder, MANIFEST_NAME):
+        return None
+    with _open_stream(folder, MANIFEST_NAME) as stream:
+        raw = stream.read()
+    try:
+        wrapper = json.loads(raw)
+        body = wrapper["manifest"]
+        intact = crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()) == wrapper["crc32"]
+    except (ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        raise CheckpointCorruptedError(f"Sharded checkpoint '{folder.original}' is corrupted: its manifest is damaged")
+    return body
+
+
+def check_files(folder: Location, manifest: dict[str, Any], names: list[str], *, checksums: bool) -> None:
+    """Check the named files against the manifest (sizes always, CRC-32s when ``checksums``); raise on the first."""
+    files = manifest.get("files", {})
+    for name in names:
+        expected = files[name]
+        path = _child(folder, name)
+        try:
+            size = os.path.getsize(path) if folder.is_local else int(folder.fs.size(path))
+        except (FileNotFoundError, OSError):
+            raise CheckpointCorruptedError(
+                f"Sharded checkpoint '{folder.original}' is corrupted: file '{name}' is missing"
+            ) from None
+        if size != expected["size"]:
+            raise CheckpointCorruptedError(
+                f"Sharded checkpoint '{folder.original}' is corrupted: file '{name}' has {size} bytes, "
+                f"the manifest says {expected['size']}"
+            )
+        if checksums:
+            _check_crcs(folder, name, expected)
+
+
+def _check_crcs(folder: Location, name: str, expected: dict[str, Any]) -> None:
+    with _open_bytes(folder, name) as data:
+        view = memoryview(data)
+        problem = None
+        for fqn, offset, length, item_crc in expected.get("items", []):
+            if crc32(view[offset : offset + length]) != item_crc:
+                problem = f"file '{name}' (entry '{fqn}') fails its CRC-32 check"
+                break
+        if problem is None and crc32(view) != expected["crc32"]:
+            problem = f"file '{name}' fails its CRC-32 check"
+        view.release()
+    if problem:
+        raise CheckpointCorruptedError(f"Sharded checkpoint '{folder.original}' is corrupted: {problem}")
+
+
+def manifest_files(manifest: dict[str, Any]) -> list[str]:
+    return sorted(manifest.get("files", {}))
+
+
+def commit_folder(temporary: Location, final: Location) -> None:
+    """Move a complete temporary folder under its final name; an existing checkpoint there is replaced."""
+    if final.is_local:
+        _commit_local(temporary.path, final.path)
+        return
+    fs = final.fs
+    if fs.exists(final.path):
+        retired = _sibling_location(final, f".{final.name}{TEMP_MARKER}old-{uuid.uuid4().hex[:12]}")
+        fs.mv(final.path, retired.path, recursive=True)
+        fs.mv(temporary.path, final.path, recursive=True)
+        remove(retired)
+    else:
+        fs.mv(temporary.path, final.path, recursive=True)
+
+
+def _commit_local(temporary: str, final: str) -> None:
+    parent = os.path.dirname(final)
+    if os.path.lexists(final) and _exchange(temporary, final):
+        remove(Location(temporary, temporary))  # now holds the previous checkpoint
+    elif os.path.lexists(final):
+        retired = os.path.join(parent, f".{os.path.basename(final)}{TEMP_MARKER}old-{uuid.uuid4().hex[:12]}")
+        os.rename(final, retired)
+        os.rename(temporary, final)
+        remove(Location(retired, retired))
+    else:
+        os.rename(temporary, final)
+    fsync_folder(parent)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2``); ``False`` where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)
+
+
+@dataclass
+class ShardedFolder:
+    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata."""
+
+    location: Location
+    manifest: dict[str, Any] | None
+    metadata: Metadata
+
+    @functools.cached_property
+    def chunks(self) -> dict[str, list[tuple[Any, Any]]]:
+        """Each tensor's chunks: ``fqn -> [(MetadataIndex, storage info), ...]``."""
+        by_fqn: dict[str, list[tuple[Any, Any]]] = {}
+        for index, info in self.metadata.storage_data.items():
+            by_fqn.setdefault(index.fqn, []).append((index, info))
+        return by_fqn
+
+    @functools.cached_property
+    def top_level_keys(self) -> list[str]:
+        """The checkpoint's entries (the first component of every flattened key), in order."""
+        keys: dict[str, None] = {}
+        for fqn in self.metadata.state_dict_metadata:
+            keys.setdefault(str(self._path_of(fqn)[0]), None)
+        return list(keys)
+
+    def _path_of(self, fqn: str) -> tuple[Any, ...]:
+        planner_data = self.metadata.planner_data or {}
+        return tuple(planner_data.get(fqn, (fqn,)))
+
+    def entries(self, keys: set[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        """Flattened key -> path, for the entries under the given top-level keys (all when ``None``)."""
+        return {
+            fqn: self._path_of(fqn)
+            for fqn in self.metadata.state_dict_metadata
+            if keys is None or str(self._path_of(fqn)[0]) in keys
+        }
+
+    def tensor_shape(self, path: tuple[Any, ...]) -> torch.Size | None:
+        """The global shape of the tensor stored at ``path``, ``None`` if no tensor is there."""
+        for fqn, entry_path in self.entries({str(path[0])}).items():
+            if entry_path == path:
+                md = self.metadata.state_dict_metadata[fqn]
+                return md.size if isinstance(md, TensorStorageMetadata) else None
+        return None
+
+
+def open_folder(location: Location) -> ShardedFolder:
+    """Read the manifest and metadata of a sharded checkpoint folder (sizes are checked by :func:`check_files`)."""
+    manifest = read_manifest(location)
+    if manifest is None and not _exists(location, METADATA_NAME):
+        raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint (no {MANIFEST_NAME} or .metadata)")
+    if manifest is not None and METADATA_NAME in manifest.get("files", {}):
+        check_files(location, manifest, [METADATA_NAME], checksums=True)
+    return ShardedFolder(location, manifest, read_metadata(location))
+
+
+def load_full(
+    folder: ShardedFolder,
+    keys: set[str] | None = None,
+    *,
+    weights_only: bool = True,
+    tensors: str = "read",
+) -> dict[str, Any]:
+    """Read the entries under ``keys`` (all when ``None``) as full tensors and plain values, in this process alone.
+
+    This is the consolidation of a sharded checkpoint: each tensor is assembled from every rank's chunks.
+    ``tensors="meta"`` does not read tensors: they come back as meta tensors of their global shape and dtype (a view
+    for validating before loading in place); ``tensors="lazy"`` returns :class:`LazyTensor` placeholders that read
+    one tensor when asked (for streaming consolidation). Plain values are always read.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    entries = folder.entries(keys)
+    values: dict[str, Any] = {}
+    to_read: dict[str, Any] = {}
+    for fqn in entries:
+        md = folder.metadata.state_dict_metadata[fqn]
+        if isinstance(md, TensorStorageMetadata):
+            if tensors == "lazy":
+                values[fqn] = LazyTensor(
+                    tuple(md.size), md.properties.dtype, functools.partial(read_tensor, folder, fqn)
+                )
+            else:
+                device = "meta" if tensors == "meta" else "cpu"
+                values[fqn] = torch.empty(md.size, dtype=md.properties.dtype, device=device)
+                if tensors == "read":
+                    to_read[fqn] = values[fqn]
+        elif isinstance(md, BytesStorageMetadata):
+            values[fqn] = to_read[fqn] = None
+    if to_read:
+        planner = SafeLoadPlanner(weights_only=weights_only, display=folder.location.original, flatten_state_dict=False)
+        with warnings.catch_warnings():  # reading in one process is the point here, not an accident
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(to_read, storage_reader=reader_for(folder.location), planner=planner, no_dist=True)
+        values.update(to_read)
+    return unflatten(values, entries)
+
+
+def unflatten(flat: dict[str, Any], paths: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """Rebuild nested dicts and lists from DCP's flattened keys and their paths."""
+    root: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = paths.get(fqn, (fqn,))
+        node: Any = root
+        for step, following in itertools.pairwise(path):
+            container: Any = [] if isinstance(following, int) else {}
+            if isinstance(node, list):
+                while len(node) <= step:
+                    node.append(None)
+                if node[step] is None:
+                    node[step] = container
+                node = node[step]
+            else:
+                node = node.setdefault(step, container)
+        last = path[-1]
+        if isinstance(node, list):
+            while len(node) <= last:
+                node.append(None)
+        node[last] = value
+    return root
+
+
+def verify_folder(folder: ShardedFolder, *, checksums: bool, share: tuple[int, int] = (0, 1)) -> None:
+    """Check every file's size, and the CRC-32s of this process's share ``(rank, world_size)`` of the files."""
+    if folder.manifest is None:
+        return
+    names = manifest_files(folder.manifest)
+    check_files(folder.location, folder.manifest, names, checksums=False)
+    if checksums:
+        rank, world_size = share
+        check_files(folder.location, folder.manifest, names[rank::world_size], checksums=True)
+
+
+def read_consolidated(location: Location, *, weights_only: bool = True, verify: bool = True) -> dict[str, Any]:
+    """The whole sharded checkpoint in this process: verified, then every tensor assembled from its chunks."""
+    folder = open_folder(location)
+    verify_folder(folder, checksums=verify)
+    return load_full(folder, weights_only=weights_only)
+
+
+def read_tensor(folder: ShardedFolder, fqn: str) -> torch.Tensor:
+    """Assemble one full tensor from its chunks (for streaming consolidation: one tensor in memory at a time)."""
+    md = folder.metadata.state_dict_metadata[fqn]
+    if not isinstance(md, TensorStorageMetadata):
+        raise CheckpointError(f"Sharded checkpoint '{folder.location.original}': '{fqn}' is not a tensor")
+    full = torch.empty(md.size, dtype=md.properties.dtype)
+    for index, info in _chunks_of(folder, fqn):
+        if info.transform_descriptors:
+            raise CheckpointError(
+                f"Sharded checkpoint '{folder.location.original}': '{fqn}' uses storage transforms "
+                f"{list(info.transform_descriptors)}, which consolidation does not support"
+            )
+        with _open_stream(folder.location, info.relative_path) as stream:
+            stream.seek(info.offset)
+            raw = stream.read(info.length)
+        chunk = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        target = full
+        for dim, (start, length) in enumerate(zip(index.offset, chunk.shape, strict=True)):
+            target = target.narrow(dim, start, length)
+        target.copy_(chunk)
+    return full
+
+
+def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:
+    return folder.chunks.get(fqn, [])

@@ -1,0 +1,391 @@
+"""Fully sharded data parallel (FSDP2 ``fully_shard``): each rank holds a shard of every parameter and its state.
+
+Checkpoints are sharded folders written by ``torch.distributed.checkpoint`` (DCP), every rank writing its own shard
+files in parallel, no rank ever holding the full model (``state_dict_type="sharded"``, the default); or, with
+``state_dict_type="full"``, the single-device file gathered on rank 0. Either layout loads at any world size: DCP
+reshards folders, and a full file is cut into each rank's shards.
+
+Optimizer state is saved by parameter name (DCP's convention), built from ``optimizer.state_dict()`` directly:
+DCP's ``get_optimizer_state_dict`` would take a zero-lr step on an optimizer without state, a side effect of saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, cast
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim import Optimizer
+
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.io import sharded
+from fabric_ckpt.io.paths import Location, PathLike, resolve
+from fabric_ckpt.restore import prepare_restore
+from fabric_ckpt.state import (
+    apply_ignore_keys,
+    find_owner_module,
+    is_fqn_keyed,
+    optimizer_state_to_fqn,
+    optimizer_state_to_index,
+)
+from fabric_ckpt.strategies.base import DEFAULT_LOAD_OPTIONS, DEFAULT_SAVE_OPTIONS, LoadOptions, SaveOptions
+from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
+from fabric_ckpt.wrappers import is_compiled
+
+__all__ = ["FSDPStrategy"]
+
+WrapPolicy = set[type[nn.Module]] | tuple[type[nn.Module], ...] | Callable[[nn.Module], bool] | None
+
+
+class FSDPStrategy(ParallelStrategy):
+    """FSDP2 across processes, with sharded (default) or full checkpoints.
+
+    Args:
+        state_dict_type: ``"sharded"`` (a folder, every rank writes its shard) or ``"full"`` (one file from rank 0).
+        auto_wrap_policy: which submodules become their own FSDP unit: a set of module classes or a predicate; the
+            root is always sharded.
+        writer_threads: DCP writer threads per rank.
+        **fully_shard_kwargs: passed to ``fully_shard`` (``reshard_after_forward``, ``mp_policy``, ...).
+
+    Example:
+        >>> fabric = Fabric(strategy=FSDPStrategy(num_processes=2, auto_wrap_policy={Block}))
+    """
+
+    def __init__(
+        self,
+        accelerator: str = "cpu",
+        num_processes: int | None = None,
+        num_nodes: int = 1,
+        state_dict_type: str = "sharded",
+        auto_wrap_policy: WrapPolicy = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+        writer_threads: int = 1,
+        **fully_shard_kwargs: Any,
+    ) -> None:
+        super().__init__(accelerator, num_processes, num_nodes, process_group_backend, timeout)
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type={state_dict_type!r}; choose 'sharded' or 'full'")
+        self.state_dict_type = state_dict_type
+        self._wrap_policy = auto_wrap_policy
+        self._writer_threads = writer_threads
+        self._fully_shard_kwargs = fully_shard_kwargs
+        self._modules: list[nn.Module] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
+        if not isinstance(target, FSDPModule):
+            mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+            for sub in reversed(list(target.modules())):  # innermost units first, the root last
+                if sub is not target and self._wraps(sub):
+                    fully_shard(sub, mesh=mesh, **self._fully_shard_kwargs)
+            fully_shard(target, mesh=mesh, **self._fully_shard_kwargs)
+        self._modules.append(target)
+        return module
+
+    def _wraps(self, module: nn.Module) -> bool:
+        policy = self._wrap_policy
+        if policy is None:
+            return False
+        if isinstance(policy, (set, tuple, frozenset)):
+            return isinstance(module, tuple(policy))
+        return bool(policy(module))
+
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: Sequence[Optimizer]
+    ) -> tuple[nn.Module, list[Optimizer]]:
+        """Shard ``module`` and re-point optimizers created before sharding at the sharded parameters."""
+        names = {id(p): name for name, p in module.named_parameters()}
+        for optimizer in optimizers:
+            if optimizer.state:
+                raise ValueError("Set up optimizers with FSDP before they take a step: their state cannot be resharded")
+        sharded_module = self.setup_module(module)
+        current = dict(sharded_module.named_parameters())
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                try:
+                    group["params"] = [current[names[id(p)]] for p in group["params"]]
+                except KeyError:
+                    raise ValueError(
+                        "The optimizer holds parameters that are not in the module set up with it"
+                    ) from None
+        return sharded_module, [self.setup_optimizer(optimizer) for optimizer in optimizers]
+
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
+        from torch.distributed.fsdp import FSDPModule
+
+        target = getattr(module, "_forward_module", module)
+        if not enabled or not isinstance(target, FSDPModule):
+            yield
+            return
+        target.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            target.set_requires_gradient_sync(True)
+
+    # ------------------------------------------------------------------ state dicts
+    def _owner(self, optimizer: Optimizer, objects: Mapping[str, Any] | None = None) -> nn.Module:
+        owner = find_owner_module(optimizer, objects or {}) or find_owner_module(
+            optimizer, {str(i): m for i, m in enumerate(self._modules)}
+        )
+        if owner is None:
+            raise CheckpointError(
+                "FSDP saves optimizer state by parameter name: set up the optimizer's module with fabric.setup() "
+                "(or put it in the same state dict)"
+            )
+        return owner
+
+    def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        _reshard(module)
+        state_dict = module.state_dict()
+        return self._gather_full(state_dict) if self.state_dict_type == "full" else state_dict
+
+    def optimizer_state_dict(self, optimizer: Optimizer) -> dict[str, Any]:
+        state_dict = optimizer.state_dict()
+        if self.state_dict_type == "full":
+            return self._gather_full(state_dict)
+        return optimizer_state_to_fqn(state_dict, optimizer, self._owner(optimizer))
+
+    def _gather_full(self, obj: Any) -> Any:
+        """Every DTensor gathered to a full CPU tensor on rank 0 (other ranks keep a meta placeholder)."""
+        if isinstance(obj, DTensor):
+            full = obj.full_tensor()
+            return full.cpu() if self.is_global_zero else torch.empty_like(full, device="meta")
+        if isinstance(obj, dict):
+            gathered = type(obj)() if type(obj) is not dict else {}
+            for key, value in obj.items():
+                gathered[key] = self._gather_full(value)
+            if hasattr(obj, "_metadata"):
+                gathered._metadata = obj._metadata  # type: ignore[attr-defined]
+            return gathered
+        if isinstance(obj, list):
+            return [self._gather_full(value) for value in obj]
+        return obj
+
+    def load_module_state_dict(self, module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+        """Load full tensors (a single-file checkpoint) into the module: each rank keeps only its shard."""
+        _reshard(module)
+        targets = module.state_dict()
+        sharded_state = {
+            key: _shard_like(value, targets[key]) if isinstance(targets.get(key), DTensor) else value
+            for key, value in state_dict.items()
+        }
+        module.load_state_dict(sharded_state, strict=strict)
+
+    def load_optimizer_state_dict(self, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+        """Load a full (index-keyed) optimizer state: tensors shaped like their parameter are cut into shards."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        param_of = dict(zip(saved, params, strict=True))
+        state = {}
+        for index, param_state in state_dict["state"].items():
+            param = param_of.get(index)
+            state[index] = {
+                key: _shard_like(value, param)
+                if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in param_state.items()
+            }
+        from fabric_ckpt.restore import load_optimizer_state
+
+        load_optimizer_state(optimizer, {"state": state, "param_groups": state_dict["param_groups"]})
+
+    # ------------------------------------------------------------------ sharded save
+    def save_checkpoint(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
+    ) -> None:
+        if self.state_dict_type == "full":
+            super().save_checkpoint(path, state, options)
+            return
+        location = resolve(path)
+        description = f"Saving '{location.original}'"
+        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        name = self.agree(lambda: sharded.temporary_folder(location).name if self.is_global_zero else None, description)
+        temporary = sharded.sibling_named(location, self.broadcast(name))
+        try:
+            try:
+                dcp.save(checkpoint, storage_writer=sharded.writer_for(temporary, thread_count=self._writer_threads))
+            except CheckpointException as err:
+                raise CheckpointError(f"{description} failed while writing the shards {_describe(err)}") from err
+            records = self.agree(lambda: self._checksum_own_files(temporary), description)
+            every_record = [record for per_rank in self.gather_objects(records) for record in per_rank]
+            self.agree(
+                lambda: self._commit(temporary, location, every_record) if self.is_global_zero else None, description
+            )
+        except BaseException:
+            if self.is_global_zero:
+                sharded.remove(temporary)
+            raise
+
+    def _checksum_own_files(self, temporary: Location) -> list[sharded.FileRecord]:
+        names = sharded.own_files(temporary, self.global_rank)
+        if self.is_global_zero:
+            names.append(sharded.METADATA_NAME)
+        return sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
+
+    def _commit(self, temporary: Location, location: Location, records: list[sharded.FileRecord]) -> None:
+        sharded.write_manifest(temporary, records, self.world_size)
+        sharded.commit_folder(temporary, location)
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint(
+        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = DEFAULT_LOAD_OPTIONS
+    ) -> dict[str, Any]:
+        location = resolve(path)
+        if location.isdir() and sharded.is_sharded(location):
+            return self._load_sharded(location, state, options)
+        return super().load_checkpoint(path, state, options)
+
+    def _load_sharded(self, location: Location, state: dict[str, Any] | None, options: LoadOptions) -> dict[str, Any]:
+        description = f"Loading '{location.original}'"
+        folder = self.agree(lambda: sharded.open_folder(location), description)
+        share = (self.global_rank, self.world_size)
+        self.agree(lambda: sharded.verify_folder(folder, checksums=options.verify, share=share), description)
+        if not state:
+            checkpoint = self.agree(lambda: sharded.load_full(folder, weights_only=options.weights_only), description)
+            if options.on_load is not None:
+                options.on_load(checkpoint)
+            apply_ignore_keys(checkpoint, options.ignore_keys)
+            return checkpoint
+        heavy = {
+            key
+            for key, obj in state.items()
+            if key in folder.top_level_keys
+            and (isinstance(obj, nn.Module) or (isinstance(obj, Optimizer) and not options.load_weights_only))
+        }
+        light = set(folder.top_level_keys) - heavy
+
+        def read_view() -> dict[str, Any]:
+            view = sharded.load_full(folder, light, weights_only=options.weights_only)
+            view.update(sharded.load_full(folder, heavy, weights_only=options.weights_only, tensors="meta"))
+            return {key: view[key] for key in folder.top_level_keys if key in view}
+
+        view = self.agree(read_view, description)
+        if options.on_load is not None:
+            options.on_load(view)
+        apply_ignore_keys(view, options.ignore_keys)
+
+        def prepare() -> Any:
+            for key, obj in state.items():
+                if isinstance(obj, Optimizer) and key in view and is_fqn_keyed(view[key]):
+                    view[key] = optimizer_state_to_index(
+                        view[key], obj, self._owner(obj, state), label=f"Checkpoint entry '{key}'"
+                    )
+            return prepare_restore(
+                state,
+                view,
+                strict=options.strict,
+                load_weights_only=options.load_weights_only,
+                load_module=self._sharded_module_loader(folder, state, options),
+                load_optimizer=self._sharded_optimizer_loader(folder, state, options),
+            )
+
+        plan = self.agree(prepare, description)
+        self.agree(plan.apply_stateful, description)
+        self.agree(plan.apply_modules, description)
+        self.agree(plan.apply_optimizers, description)
+        return self.agree(plan.finish, description)
+
+    def _sharded_module_loader(
+        self, folder: sharded.ShardedFolder, state: dict[str, Any], options: LoadOptions
+    ) -> Callable[[nn.Module, Mapping[str, Any], bool], None]:
+        def load(module: nn.Module, view: Mapping[str, Any], strict: bool) -> None:
+            key = _key_of(module, state)
+            _reshard(module)
+            live = module.state_dict()
+            targets = {name: live[name] for name in view if name in live and isinstance(live[name], torch.Tensor)}
+            self._dcp_load(folder, {key: targets}, options)
+
+        return load
+
+    def _sharded_optimizer_loader(
+        self, folder: sharded.ShardedFolder, state: dict[str, Any], options: LoadOptions
+    ) -> Callable[[Optimizer, Mapping[str, Any]], None]:
+        def load(optimizer: Optimizer, view: Mapping[str, Any]) -> None:
+            key = _key_of(optimizer, state)
+            owner = self._owner(optimizer, state)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            names = {id(p): name for name, p in owner.named_parameters(remove_duplicate=False)}
+            targets: dict[int, dict[str, Any]] = {}
+            for index, param_state in view["state"].items():
+                param = params[index]
+                existing = optimizer.state.get(param, {})
+                targets[index] = {
+                    name: _target_for(value, existing.get(name), param) if isinstance(value, torch.Tensor) else value
+                    for name, value in param_state.items()
+                }
+            by_name = {
+                names[id(params[index])]: {n: t for n, t in s.items() if isinstance(t, torch.Tensor)}
+                for index, s in targets.items()
+            }
+            self._dcp_load(folder, {key: {"state": by_name}}, options)
+            optimizer.load_state_dict({"state": targets, "param_groups": view["param_groups"]})
+
+        return load
+
+    def _dcp_load(self, folder: sharded.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
+        planner = sharded.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
+        try:
+            dcp.load(targets, storage_reader=sharded.reader_for(folder.location), planner=planner)
+        except CheckpointException as err:
+            raise CheckpointError(
+                f"Loading '{folder.location.original}' failed while reading the shards {_describe(err)}"
+            ) from err
+
+    def __repr__(self) -> str:
+        return f"FSDPStrategy(state_dict_type={self.state_dict_type!r}, world_size={self.world_size})"
+
+
+def _describe(error: CheckpointException) -> str:
+    """``on rank 1: AttributeError: ...`` for each failed rank of a DCP error (its text is a traceback dump)."""
+    parts = []
+    for rank, (exception, _trace) in sorted(error.failures.items()):
+        parts.append(f"on rank {rank}: {type(exception).__name__}: {exception}")
+    return "; ".join(parts) or str(error)
+
+
+def _key_of(obj: Any, state: Mapping[str, Any]) -> str:
+    from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
+
+    for key, value in state.items():
+        candidate = unwrap_module(value) if isinstance(value, nn.Module) else value
+        candidate = unwrap_optimizer(candidate) if isinstance(candidate, Optimizer) else candidate
+        if candidate is obj:
+            return key
+    raise CheckpointMismatchError("internal error: the object being restored is not in the state")
+
+
+def _reshard(module: nn.Module) -> None:
+    """Put every FSDP unit back in its sharded form, so state dicts hold the sharded parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def _shard_like(full: torch.Tensor, target: DTensor) -> DTensor:
+    """This rank's shard of ``full``, placed like ``target``, cut locally (every rank holds ``full``)."""
+    full = full.to(device=target.device, dtype=target.dtype)
+    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+
+
+def _target_for(view: torch.Tensor, existing: Any, param: torch.Tensor) -> torch.Tensor:
+    """Where DCP loads an optimizer state tensor: the optimizer's own tensor if it fits, else a fresh one."""
+    if isinstance(existing, torch.Tensor) and existing.shape == view.shape and existing.dtype == view.dtype:
+        return existing
+    if isinstance(param, DTensor) and view.shape == param.shape:
+        return torch.empty_like(param, dtype=view.dtype)
+    return torch.empty(view.shape, dtype=view.dtype, device=param.device if view.dim() else "cpu")

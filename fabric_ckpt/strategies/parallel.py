@@ -1,0 +1,223 @@
+"""What every multi-process strategy shares: the process group, collectives, and errors that reach every rank."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.launcher import ClusterEnvironment, detect_environment, launch_local_processes
+from fabric_ckpt.strategies.base import Strategy
+
+__all__ = ["DEFAULT_TIMEOUT", "ParallelStrategy"]
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
+
+
+class ParallelStrategy(Strategy):
+    """One process per device, joined in a ``torch.distributed`` process group (gloo on CPU, NCCL on CUDA).
+
+    Args:
+        accelerator: ``"cpu"`` or ``"cuda"``.
+        num_processes: processes per node (``devices``); ``None`` takes what the launcher (e.g. torchrun) set.
+        num_nodes: machines.
+        process_group_backend: ``"gloo"``/``"nccl"``; by default gloo on CPU and NCCL on CUDA.
+        timeout: how long any collective may wait before it fails instead of hanging (e.g. when a rank died).
+    """
+
+    def __init__(
+        self,
+        accelerator: str = "cpu",
+        num_processes: int | None = None,
+        num_nodes: int = 1,
+        process_group_backend: str | None = None,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        if accelerator not in ("cpu", "cuda"):
+            raise ValueError(f"{type(self).__name__} runs on 'cpu' or 'cuda', not {accelerator!r}")
+        self._accelerator = accelerator
+        self._num_processes = num_processes
+        self._num_nodes = num_nodes
+        self._backend = process_group_backend or ("nccl" if accelerator == "cuda" else "gloo")
+        self._timeout = timeout
+        self._environment: ClusterEnvironment | None = None
+        self._owns_process_group = False
+
+    # ------------------------------------------------------------------ topology
+    @property
+    def _env(self) -> ClusterEnvironment | None:
+        return self._environment or detect_environment()
+
+    @property
+    def global_rank(self) -> int:
+        env = self._env
+        return env.global_rank if env else 0
+
+    @property
+    def local_rank(self) -> int:
+        env = self._env
+        return env.local_rank if env else 0
+
+    @property
+    def node_rank(self) -> int:
+        env = self._env
+        return env.node_rank if env else 0
+
+    @property
+    def world_size(self) -> int:
+        env = self._env
+        if env:
+            return env.world_size
+        return (self._num_processes or 1) * self._num_nodes
+
+    @property
+    def num_nodes(self) -> int:
+        env = self._env
+        if env and env.local_world_size:
+            return max(1, env.world_size // env.local_world_size)
+        return self._num_nodes
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._accelerator == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @property
+    def process_group_backend(self) -> str:
+        return self._backend
+
+    def setup_environment(self) -> None:
+        """Join the process group: an existing one, the one torchrun describes, or start the local processes."""
+        if dist.is_available() and dist.is_initialized():
+            self._environment = self._environment_of_existing_group()
+        else:
+            environment = detect_environment()
+            if environment is None:
+                environment = launch_local_processes(self._num_processes or 1, self._num_nodes)
+            self._environment = environment
+            dist.init_process_group(
+                self._backend,
+                init_method=f"tcp://{environment.master_addr}:{environment.master_port}",
+                rank=environment.global_rank,
+                world_size=environment.world_size,
+                timeout=self._timeout,
+            )
+            self._owns_process_group = True
+            # Destroy the group before the interpreter exits: its threads outliving Python abort the process.
+            atexit.register(self.teardown)
+        self._check_world_size()
+        if self._accelerator == "cuda":
+            torch.cuda.set_device(self.root_device)
+
+    def _environment_of_existing_group(self) -> ClusterEnvironment:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        detected = detect_environment()
+        local_rank = detected.local_rank if detected else int(os.environ.get("LOCAL_RANK", rank))
+        local_world_size = detected.local_world_size if detected else world_size
+        return ClusterEnvironment(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            rank // max(local_world_size, 1),
+            os.environ.get("MASTER_ADDR", ""),
+            int(os.environ.get("MASTER_PORT", 0)),
+        )
+
+    def _check_world_size(self) -> None:
+        if self._num_processes is None:
+            return
+        expected = self._num_processes * self._num_nodes
+        if self.world_size != expected:
+            raise RuntimeError(
+                f"Fabric was configured for devices={self._num_processes} x num_nodes={self._num_nodes} = {expected} "
+                f"processes, but the launcher started {self.world_size}"
+            )
+
+    def teardown(self) -> None:
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_process_group = False
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self, name: str | None = None) -> None:
+        if not dist.is_initialized():
+            return
+        if self._backend == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        if not dist.is_initialized():
+            return tensor.unsqueeze(0)
+        if sync_grads:
+            import torch.distributed.nn.functional as dist_fn
+
+            return torch.stack(dist_fn.all_gather(tensor))
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.stack(gathered)
+
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        if reduce_op not in _REDUCE_OPS:
+            raise ValueError(f"reduce_op={reduce_op!r}; choose one of {sorted(_REDUCE_OPS)}")
+        if not dist.is_initialized():
+            return tensor
+        result = tensor.clone()
+        dist.all_reduce(result, op=_REDUCE_OPS[reduce_op])
+        if reduce_op == "mean":
+            result = result / self.world_size
+        return result
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank, in rank order, on every rank."""
+        if not dist.is_initialized():
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def agree(self, fn: Callable[[], T], description: str) -> T:
+        """Run ``fn`` on every rank; an exception on any rank is raised on every rank.
+
+        When every rank failed the same way (the usual case: one file, one model), each raises its original
+        exception. Otherwise every rank raises :class:`CheckpointError` naming the rank and the error, chained to the
+        original on the rank where it happened.
+        """
+        if not dist.is_initialized() or self.world_size == 1:
+            return fn()
+        error: Exception | None = None
+        result: T | None = None
+        try:
+            result = fn()
+        except Exception as exc:  # every rank must reach the exchange below, whatever went wrong
+            error = exc
+        summaries = self.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        failures = [(rank, summary) for rank, summary in enumerate(summaries) if summary is not None]
+        if not failures:
+            return result  # type: ignore[return-value]
+        if error is not None and len(failures) == self.world_size and len({s for _, s in failures}) == 1:
+            raise error
+        rank, summary = failures[0]
+        others = f" (and on rank(s) {[r for r, _ in failures[1:]]})" if len(failures) > 1 else ""
+        message = f"{description} failed on rank {rank}{others}: {summary}"
+        if error is not None:
+            raise CheckpointError(message) from error
+        raise CheckpointError(message)

@@ -1,0 +1,313 @@
+"""Functions that run on every rank of a :class:`tests.distributed.WorkerGroup` (importable, hence module level).
+
+They return plain data (full CPU tensors, flags, messages) that the test in the main process compares.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from fabric_ckpt import CheckpointError, DDPStrategy, Fabric, FSDPStrategy
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.norm(self.linear(x)))
+
+
+class Model(nn.Module):
+    """Odd sizes on purpose: 3 and 7 rows do not split evenly across 2, 3 or 4 ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 14)
+        self.blocks = nn.Sequential(Block(14), Block(14))
+        self.head = nn.Linear(14, 3)
+        self.extra = nn.Parameter(torch.randn(7, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x))) + self.extra.sum()
+
+
+def make_fabric(kind: str, **kwargs: Any) -> Fabric:
+    if kind == "ddp":
+        strategy: Any = DDPStrategy(accelerator="cpu", **kwargs)
+    elif kind == "fsdp":
+        strategy = FSDPStrategy(accelerator="cpu", auto_wrap_policy={Block}, **kwargs)
+    elif kind == "fsdp-full":
+        strategy = FSDPStrategy(accelerator="cpu", auto_wrap_policy={Block}, state_dict_type="full", **kwargs)
+    else:
+        raise ValueError(kind)
+    fabric = Fabric(strategy=strategy)
+    fabric.launch()
+    return fabric
+
+
+def build(fabric: Fabric, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    return fabric.setup(model, optimizer)
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    return torch.randn(5, 4, generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def train(fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, start: int, stop: int) -> list[float]:
+    losses = []
+    for step in range(start, stop):
+        loss = model(batch(step, fabric.global_rank)).pow(2).mean()
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+        losses.append(fabric.all_reduce(loss.detach()).item())
+    return losses
+
+
+def full(value: Any) -> Any:
+    """Full CPU copies of (possibly sharded) tensors, recursively."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu().clone()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: full(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(full(v) for v in value)
+    return value
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "model": full(model.state_dict()),
+        "optimizer": full(optimizer.state_dict()["state"]),
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+def save_trained(kind: str, path: str, steps: int = 3, seed: int = 0) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, seed)
+    train(fabric, model, optimizer, 0, steps)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": steps, "meta": {"name": "run"}})
+    exists_right_after = os.path.exists(path)
+    return {**full_state(model, optimizer), "exists_right_after": exists_right_after, "rank": fabric.global_rank}
+
+
+def load_fresh(kind: str, path: str, strict: bool = True, seed: int = 123) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, seed)
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    remainder = fabric.load(path, state, strict=strict)
+    return {**full_state(model, optimizer), "step": state["step"], "remainder": full(remainder)}
+
+
+def load_everything(kind: str, path: str) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    return full(fabric.load(path))
+
+
+def resume_matches_uninterrupted(kind: str, folder: str, total: int = 6, save_at: int = 3) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 0)
+    reference = train(fabric, model, optimizer, 0, total)
+    first, first_optimizer = build(fabric, 0)
+    before = train(fabric, first, first_optimizer, 0, save_at)
+    path = os.path.join(folder, "resume.ckpt")
+    fabric.save(path, {"model": first, "optimizer": first_optimizer, "step": save_at})
+    resumed, resumed_optimizer = build(fabric, 77)
+    state = {"model": resumed, "optimizer": resumed_optimizer, "step": 0}
+    fabric.load(path, state)
+    after = train(fabric, resumed, resumed_optimizer, state["step"], total)
+    return {
+        "reference": reference,
+        "resumed": before + after,
+        "params": full(model.state_dict()),
+        "resumed_params": full(resumed.state_dict()),
+    }
+
+
+class FailsOnRank:
+    """A stateful object whose ``state_dict()`` raises on one rank only."""
+
+    def __init__(self, rank: int, failing_rank: int) -> None:
+        self.rank, self.failing_rank = rank, failing_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.rank == self.failing_rank:
+            raise RuntimeError(f"snapshot failed on rank {self.rank}")
+        return {"ok": True}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def save_failing(kind: str, path: str, failing_rank: int, phase: str) -> dict[str, Any]:
+    """Save with a failure on one rank while building the state (``phase="state"``) or while writing it."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 5)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 99}
+    if phase == "state":
+        state["picky"] = FailsOnRank(fabric.global_rank, failing_rank)
+    elif fabric.global_rank == failing_rank:
+        state["unpicklable"] = lambda: None  # only this rank has it, so only this rank writes it
+    started = time.monotonic()
+    try:
+        fabric.save(path, state)
+    except Exception as err:
+        chain = []
+        cause: BaseException | None = err
+        while cause is not None:
+            chain.append(type(cause).__name__)
+            cause = cause.__cause__
+        return {
+            "error": type(err).__name__,
+            "message": str(err),
+            "chain": chain,
+            "is_checkpoint_error": isinstance(err, CheckpointError),
+            "seconds": time.monotonic() - started,
+        }
+    return {"error": None}
+
+
+def list_files_and_chunks(path: str) -> dict[str, Any]:
+    """What each file of a sharded checkpoint holds (read on one rank; the answer is the same everywhere)."""
+    from fabric_ckpt.io.paths import resolve
+    from fabric_ckpt.io.sharded import read_metadata
+
+    metadata = read_metadata(resolve(path))
+    chunks: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        for chunk in getattr(md, "chunks", []):
+            info = metadata.storage_data[_storage_index(metadata, fqn, chunk.offsets)]
+            chunks.setdefault(info.relative_path, []).append((fqn, tuple(chunk.offsets), tuple(chunk.sizes)))
+    return {"files": sorted(os.listdir(path)), "chunks": chunks}
+
+
+def _storage_index(metadata: Any, fqn: str, offsets: Any) -> Any:
+    for index in metadata.storage_data:
+        if index.fqn == fqn and tuple(index.offset) == tuple(offsets):
+            return index
+    raise KeyError(fqn)
+
+
+def local_shapes(kind: str, seed: int = 0) -> dict[str, Any]:
+    """The shape of this rank's shard of every parameter."""
+    fabric = make_fabric(kind)
+    model, _ = build(fabric, seed)
+    return {
+        name: tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
+        for name, p in model.named_parameters()
+    }
+
+
+def load_missing_key(kind: str, path: str) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 8)
+    try:
+        fabric.load(path, {"model": model, "optimizer": optimizer, "epoch": 0})
+    except Exception as err:
+        return {"error": type(err).__name__, "message": str(err)}
+    return {"error": None}
+
+
+def load_with_options(kind: str, path: str, **options: Any) -> dict[str, Any]:
+    """Load into a fresh model/optimizer with fabric.load options; return the states or the error."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 8)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0}
+    try:
+        remainder = fabric.load(path, state, **options)
+    except Exception as err:
+        return {"error": type(err).__name__, "message": str(err), **full_state(model, optimizer)}
+    return {"error": None, **full_state(model, optimizer), "step": state["step"], "remainder": full(remainder)}
+
+
+def save_to(kind: str, path: str, seed: int) -> dict[str, Any]:
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, seed)
+    train(fabric, model, optimizer, 0, 2)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "seed": seed, "step": 2})
+    return full_state(model, optimizer)
+
+
+def memory_url_round_trip(kind: str) -> dict[str, Any]:
+    """Sharded save and load through fsspec (``memory://`` is per process, so run this on one rank)."""
+    import fsspec
+
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 3)
+    train(fabric, model, optimizer, 0, 2)
+    fabric.save("memory://runs/sharded.ckpt", {"model": model, "optimizer": optimizer, "step": 2})
+    fabric.save("memory://runs/sharded.ckpt", {"model": model, "optimizer": optimizer, "step": 2})  # overwrite
+    files = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/runs/sharded.ckpt", detail=False))
+    fresh, fresh_optimizer = build(fabric, 4)
+    state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
+    fabric.load("memory://runs/sharded.ckpt", state)
+    leftovers = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/runs", detail=False))
+    return {
+        "saved": full_state(model, optimizer),
+        "loaded": full_state(fresh, fresh_optimizer),
+        "step": state["step"],
+        "files": files,
+        "folder": leftovers,
+    }
+
+
+def manager_resume(kind: str, folder: str, stop_after: int | None) -> dict[str, Any]:
+    """Train 6 batches with a manager saving every 2 (keeping 2), with dropout-like noise from every RNG.
+
+    With ``stop_after`` the run stops there ("crash"); called again with ``None`` it resumes from ``latest``.
+    """
+    import random
+
+    from fabric_ckpt import CheckpointManager
+
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 0)
+    manager = CheckpointManager(
+        fabric,
+        folder,
+        filename="ba{batch}",
+        latest_filename="latest",
+        save_interval="2ba",
+        num_checkpoints_to_keep=2,
+        run_name="test",
+    )
+    state = {"model": model, "optimizer": optimizer}
+    random.seed(100 + fabric.global_rank)  # each rank its own stream; a resume must restore it, not reseed
+    torch.manual_seed(100 + fabric.global_rank)
+    resumed = manager.load_latest(state)
+    losses, draws = [], []
+    for step in range(manager.timestamp.batch, 6):
+        noise = torch.rand(1).item() + random.random()  # differs per rank and per step unless RNG is restored
+        draws.append(noise)
+        loss = (model(batch(step, fabric.global_rank)) * noise).pow(2).mean()
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+        losses.append(fabric.all_reduce(loss.detach()).item())
+        manager.on_batch_end(state, samples=5)
+        if stop_after is not None and step + 1 == stop_after:
+            break
+    return {
+        "resumed": resumed is not None,
+        "losses": losses,
+        "draws": draws,
+        "params": full(model.state_dict()),
+        "files": sorted(os.listdir(folder)),
+        "latest": os.readlink(os.path.join(folder, "latest")),
+    }
