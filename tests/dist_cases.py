@@ -311,3 +311,36 @@ def manager_resume(kind: str, folder: str, stop_after: int | None) -> dict[str, 
         "files": sorted(os.listdir(folder)),
         "latest": os.readlink(os.path.join(folder, "latest")),
     }
+
+
+class HookedModel(Model):
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["from_hook"] = "saved"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["step"] = checkpoint["step"] + 100
+
+
+def filter_hooks_and_load_raw(kind: str, folder: str, raw_file: str) -> dict[str, Any]:
+    """``filter``, the module hooks and ``load_raw`` under a parallel strategy, as on one device."""
+    fabric = make_fabric(kind)
+    torch.manual_seed(0)
+    module = HookedModel()
+    model, _optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    path = os.path.join(folder, f"filtered-{kind}.ckpt")
+    fabric.save(path, {"model": model, "step": 1}, filter={"model": lambda key, value: key.startswith("head.")})
+    everything = full(fabric.load(path))
+    torch.manual_seed(1)
+    target = fabric.setup(HookedModel())
+    state = {"model": target, "step": 0}
+    fabric.load(path, state, strict=False)
+    raw_target = fabric.setup(Model())
+    fabric.load_raw(raw_file, raw_target)
+    return {
+        "saved_keys": sorted(everything["model"]),
+        "from_hook": everything.get("from_hook"),
+        "step_after_hook": state["step"],
+        "head": full(target.state_dict())["head.weight"],
+        "original_head": full(model.state_dict())["head.weight"],
+        "raw": full(raw_target.state_dict()),
+    }

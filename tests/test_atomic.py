@@ -131,3 +131,36 @@ def test_concurrent_savers_never_share_a_temporary_file(tmp_path):
     loaded = fabric.load(tmp_path / "c.ckpt")
     assert torch.equal(loaded["w"], torch.full((50_000,), loaded["i"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path, fabric):
+    """A save killed mid-write (SIGKILL, no cleanup ran) leaves a temporary; the next save removes it."""
+    import signal
+
+    path = tmp_path / "c.ckpt"
+    fabric.save(path, {"step": 1})
+    # The child kills itself right after the first tensor record is written: a crash at a known point.
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        import fabric_ckpt.io.torch_format as fmt
+        from fabric_ckpt import Fabric
+
+        write_record = fmt.ZipWriter.add
+
+        def write_then_die(self, name, data, **kwargs):
+            entry = write_record(self, name, data, **kwargs)
+            if name.endswith("data/0"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return entry
+
+        fmt.ZipWriter.add = write_then_die
+        Fabric(accelerator="cpu").save({str(path)!r}, {{"big": torch.ones(5_000_000), "step": 2}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "c.ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".c.ckpt.fabric-tmp-")
+    assert fabric.load(path) == {"step": 1}
+    fabric.save(path, {"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
+    assert fabric.load(path) == {"step": 3}

@@ -192,3 +192,17 @@ def test_consolidate_writes_a_single_device_file(saved, tmp_path):
     for index, param_state in states[0]["optimizer"].items():
         for name, value in param_state.items():
             assert torch.equal(optimizer.state_dict()["state"][index][name], value)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_filter_hooks_and_load_raw_behave_as_on_one_device(group, tmp_path, kind):
+    source = cases.Model()
+    raw_file = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), raw_file)
+    results = group.run(cases.filter_hooks_and_load_raw, kind, str(tmp_path), str(raw_file))
+    for result in results:
+        assert result["saved_keys"] == ["head.bias", "head.weight"]
+        assert result["from_hook"] == "saved"
+        assert result["step_after_hook"] == 101  # what on_load_checkpoint changed is what was restored
+        assert torch.equal(result["head"], result["original_head"])
+        assert all(torch.equal(result["raw"][k], v) for k, v in source.state_dict().items())

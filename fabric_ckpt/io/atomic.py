@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -17,7 +18,7 @@ from typing import Any
 
 from fabric_ckpt.io.paths import Location
 
-__all__ = ["TEMP_MARKER", "atomic_write", "is_temporary_name", "temporary_name"]
+__all__ = ["TEMP_MARKER", "atomic_write", "is_temporary_name", "remove_stale_temporaries", "temporary_name"]
 
 TEMP_MARKER = ".fabric-tmp-"
 
@@ -29,6 +30,52 @@ def temporary_name(final_name: str) -> str:
 
 def is_temporary_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARKER in name
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the process that created this temporary name is gone (names carry the writer's PID)."""
+    tail = name.split(TEMP_MARKER, 1)[1]
+    if tail.startswith("old-"):
+        return True  # a retired previous checkpoint whose removal was interrupted
+    try:
+        pid = int(tail.split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(location: Location) -> list[str]:
+    """Remove the temporaries a crashed save left beside ``location`` (local disks; the writer's PID is dead).
+
+    Temporaries of live writers (another process saving right now) are left alone. Returns the removed paths.
+    """
+    if not location.is_local:
+        return []
+    folder = location.parent or "."
+    prefix = f".{location.name}{TEMP_MARKER}"
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith(prefix) and _writer_is_dead(name):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -46,6 +93,7 @@ def atomic_write(location: Location) -> Iterator[Any]:
             location.original,
         )
     location.makedirs_parent()
+    remove_stale_temporaries(location)
     writer = _local_atomic_write if location.is_local else _fsspec_atomic_write
     with writer(location) as sink:
         yield sink

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.io.atomic import TEMP_MARKER, fsync_folder
+from fabric_ckpt.io.atomic import TEMP_MARKER, fsync_folder, remove_stale_temporaries
 from fabric_ckpt.io.checksum import crc32
 from fabric_ckpt.io.paths import Location
 from fabric_ckpt.io.torch_format import LazyTensor
@@ -202,7 +202,13 @@ def sibling_named(location: Location, name: str) -> Location:
 
 
 def temporary_folder(location: Location) -> Location:
-    """A fresh hidden sibling folder for a save in progress (chosen by one rank, created by it)."""
+    """A fresh hidden sibling folder for a save in progress (chosen by one rank, created by it).
+
+    Temporaries left by a crashed earlier save are removed first.
+    """
+    remove_stale_temporaries(location)
+    if location.is_local:
+        os.makedirs(location.parent, exist_ok=True)
     temporary = _sibling_location(location, f".{location.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     if temporary.is_local:
         os.makedirs(temporary.path)
@@ -563,26 +569,66 @@ def read_consolidated(location: Location, *, weights_only: bool = True, verify: 
 
 
 def read_tensor(folder: ShardedFolder, fqn: str) -> torch.Tensor:
-    """Assemble one full tensor from its chunks (for streaming consolidation: one tensor in memory at a time)."""
+    """Assemble one full tensor from its chunks (for streaming consolidation: one tensor in memory at a time).
+
+    A tensor stored as one chunk is returned as loaded; otherwise chunks are read one by one into the full tensor.
+    """
     md = folder.metadata.state_dict_metadata[fqn]
     if not isinstance(md, TensorStorageMetadata):
         raise CheckpointError(f"Sharded checkpoint '{folder.location.original}': '{fqn}' is not a tensor")
-    full = torch.empty(md.size, dtype=md.properties.dtype)
-    for index, info in _chunks_of(folder, fqn):
+    chunks = _chunks_of(folder, fqn)
+    full: torch.Tensor | None = None
+    for index, info in chunks:
         if info.transform_descriptors:
             raise CheckpointError(
                 f"Sharded checkpoint '{folder.location.original}': '{fqn}' uses storage transforms "
                 f"{list(info.transform_descriptors)}, which consolidation does not support"
             )
         with _open_stream(folder.location, info.relative_path) as stream:
-            stream.seek(info.offset)
-            raw = stream.read(info.length)
-        chunk = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            view = cast(BinaryIO, _FileView(stream, info.offset, info.length))
+            chunk = torch.load(view, map_location="cpu", weights_only=True)
+        if len(chunks) == 1 and tuple(chunk.shape) == tuple(md.size):
+            return chunk
+        if full is None:
+            full = torch.empty(md.size, dtype=md.properties.dtype)
         target = full
         for dim, (start, length) in enumerate(zip(index.offset, chunk.shape, strict=True)):
             target = target.narrow(dim, start, length)
         target.copy_(chunk)
-    return full
+        del chunk
+    return full if full is not None else torch.empty(md.size, dtype=md.properties.dtype)
+
+
+class _FileView(io.RawIOBase):
+    """The bytes ``[offset, offset + length)`` of a file, as a seekable file of their own (no copy)."""
+
+    def __init__(self, stream: BinaryIO, offset: int, length: int) -> None:
+        super().__init__()
+        self._stream, self._offset, self._length, self._position = stream, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = min(max(base + position, 0), self._length)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = min(view.nbytes, self._length - self._position)
+        if count <= 0:
+            return 0
+        self._stream.seek(self._offset + self._position)
+        read = self._stream.readinto(view[:count])  # type: ignore[attr-defined]
+        self._position += read or 0
+        return read or 0
 
 
 def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:

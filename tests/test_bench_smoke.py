@@ -1,0 +1,110 @@
+"""The benchmark suite, run end to end at a tiny size (a few MB, one run, warm cache only) so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.report import markdown, sweep
+from benchmarks.workloads import GPT, GPTWorkload, config_for_size
+
+TINY = {"layers": 2, "vocab": 1024, "block": 64}
+SIZE_GIB = 0.004
+SMALL_COUNT, SMALL_NUMEL = 200, 256
+HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("bench")
+    output = folder / "bench-results.json"
+    code = main(
+        [
+            f"--size-gib={SIZE_GIB}",
+            *(f"--{name}={value}" for name, value in TINY.items()),
+            "--reps=1",
+            "--no-cold",
+            f"--small-count={SMALL_COUNT}",
+            f"--small-numel={SMALL_NUMEL}",
+            "--sweep-gib=0.002,0.004",
+            f"--workdir={folder}",
+            f"--output={output}",
+        ]
+    )
+    assert code == 0
+    return json.loads(output.read_text())
+
+
+def _payload() -> int:
+    """The checkpoint's tensor bytes, counted on a real model: weights, Adam's two moments, one `step` each."""
+    model = GPT(config_for_size(SIZE_GIB, **TINY))
+    params = list(model.parameters())
+    return sum(3 * p.numel() * p.element_size() for p in params) + 4 * len(params)
+
+
+def _headline(results: dict) -> dict[tuple[str, str], dict]:
+    return {(row["library"], row["op"]): row for row in results["rows"] if row["group"] == "headline"}
+
+
+def test_every_library_saves_and_loads_the_whole_checkpoint(results: dict) -> None:
+    rows = _headline(results)
+    payload = _payload()
+    assert GPTWorkload(config_for_size(SIZE_GIB, **TINY)).payload_bytes() == payload
+    assert set(rows) == {(library, op) for library in HEADLINE_LIBRARIES for op in ("save", "load")}
+    for (library, op), row in rows.items():
+        assert row["error"] is None, row["error"]
+        assert row["bytes"] == payload, (library, op)
+        assert row["verified"] is True, (library, op)
+        assert len(row["runs"]) == 1
+        seconds = row["seconds"]
+        assert 0 < seconds["min"] <= seconds["median"] <= seconds["max"]
+        assert row["mb_per_s"]["median"] == pytest.approx(payload / 1e6 / seconds["median"])
+        assert row["extra_anon_bytes"]["median"] >= 0
+        if library == "disk":
+            assert row["file_bytes"] == payload
+        else:
+            assert payload <= row["file_bytes"] < payload + (1 << 20), (library, op)
+        if op == "load":
+            assert row["cache"] == "warm"
+    assert rows[("dcp", "save")]["ranks"] == 2
+
+
+def test_memory_sampling_sees_copies_but_not_memory_maps(results: dict) -> None:
+    rows = _headline(results)
+    payload = _payload()
+    # torch.load materialises the whole checkpoint in anonymous memory and the result is held while sampling.
+    assert rows[("torch", "load")]["extra_anon_bytes"]["median"] >= 0.5 * payload
+    # fabric_ckpt maps the file and copies into the live tensors.
+    assert rows[("fabric_ckpt", "load")]["extra_anon_bytes"]["median"] < 0.5 * payload
+    intervals = [run["sample_interval_ms"] for row in results["rows"] for run in row["runs"]]
+    assert 0 < max(intervals) < 5
+
+
+def test_small_tensors_and_sweep_rows(results: dict) -> None:
+    small = [row for row in results["rows"] if row["group"] == "small tensors"]
+    assert {(row["library"], row["op"]) for row in small} == {
+        (library, op) for library in ("fabric_ckpt", "torch") for op in ("save", "load")
+    }
+    assert all(row["bytes"] == SMALL_COUNT * SMALL_NUMEL * 4 and row["verified"] for row in small)
+    points = sweep(results["rows"])
+    assert len(points) == 2
+    assert all(p["save_s_per_gib"] > 0 and p["load_s_per_gib"] > 0 for p in points)
+
+
+def test_ratios_machine_and_report(results: dict) -> None:
+    ratios = {ratio["name"]: ratio for ratio in results["ratios"]}
+    assert ratios["fabric_ckpt save speed-up vs torch.save"]["value"] > 0
+    assert ratios["fabric_ckpt warm load bandwidth"]["value"] > 0
+    # No cold rows were measured, so the cold ratios cannot be computed.
+    assert ratios["fabric_ckpt cold load vs disk cold read bandwidth"]["value"] is None
+    assert all(r["meets"] is None or isinstance(r["meets"], bool) for r in ratios.values())
+    machine = results["machine"]
+    assert machine["cpu"]["cores"] >= 1 and machine["memory_gib"] > 0 and machine["kernel"]
+    assert results["run"]["cold_cache"] is False
+    report = markdown(results)
+    for row in results["rows"]:
+        assert f"| {row['label']} | " in report
+    for name in ratios:
+        assert f"| {name} | " in report

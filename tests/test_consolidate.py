@@ -1,0 +1,62 @@
+"""consolidate() streams: peak memory stays near the largest tensor, not the size of the checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from fabric_ckpt import Fabric, consolidate
+
+TENSOR_MB = 32
+TENSORS = 8
+
+
+def make_bare_dcp_folder(path) -> dict[str, torch.Tensor]:
+    """A DCP checkpoint written by DCP itself in one process (a "bare" folder, without our manifest)."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {f"w{i}": torch.full((TENSOR_MB << 18,), float(i)) for i in range(TENSORS)}
+    dcp.save({"model": tensors, "step": 7}, checkpoint_id=str(path), no_dist=True)
+    return tensors
+
+
+def test_bare_dcp_folder_consolidates_and_loads(tmp_path):
+    tensors = make_bare_dcp_folder(tmp_path / "bare")
+    consolidate(tmp_path / "bare", tmp_path / "single.ckpt", progress=False)
+    loaded = Fabric(accelerator="cpu").load(tmp_path / "single.ckpt")
+    assert loaded["step"] == 7
+    assert all(torch.equal(loaded["model"][k], v) for k, v in tensors.items())
+
+
+def test_peak_memory_stays_near_the_largest_tensor(tmp_path):
+    make_bare_dcp_folder(tmp_path / "bare")
+    script = textwrap.dedent(f"""
+        import threading, time
+        from fabric_ckpt import consolidate
+
+        def rss_anon():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
+
+        peak, done = [0], threading.Event()
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_anon())
+                time.sleep(0.001)
+
+        baseline = rss_anon()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        consolidate({str(tmp_path / "bare")!r}, {str(tmp_path / "out.ckpt")!r}, progress=False)
+        done.set()
+        sampler.join()
+        print(peak[0] - baseline)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    extra = int(result.stdout.split()[-1])
+    checkpoint_bytes = TENSORS * TENSOR_MB << 20
+    assert extra < 3 * (TENSOR_MB << 20), f"{extra >> 20} MiB extra for a {checkpoint_bytes >> 20} MiB checkpoint"
