@@ -23,13 +23,24 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check fabric_ckpt tests examples
-	$(BIN)/ruff format --check fabric_ckpt tests examples
+	$(BIN)/ruff check fabric_ckpt tests examples benchmarks
+	$(BIN)/ruff format --check fabric_ckpt tests examples benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix fabric_ckpt tests examples
 	$(BIN)/ruff format fabric_ckpt tests examples
+
+# Checkpoint speed and memory side by side with the disk, torch, Lightning Fabric and DCP (docs/performance.md).
+# `make bench SIZE=3` (or BENCH_GIB=3) measures the 3 GiB headline checkpoint; the default is ~1 GiB.
+BENCH_GIB ?= 1
+SIZE ?= $(BENCH_GIB)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench: $(STAMP)
+	test $(BENCH_STAMP) -nt pyproject.toml || { \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]" && touch $(BENCH_STAMP); }
+	$(BIN)/python -m benchmarks --size-gib $(SIZE) --output bench-results.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -33,6 +33,9 @@ def main() -> int:
             (root / strategy).mkdir()
             results[f"2-process {strategy.upper()}"] = distributed(strategy, root / strategy)
             print()
+        object_store = subprocess.run([sys.executable, str(HERE / "resume_object_store.py")])
+        results["object store, killed and resumed from latest"] = object_store.returncode == 0
+        print()
     for name, ok in results.items():
         print(f"{'PASS' if ok else 'FAIL'}: {name}")
     return 0 if all(results.values()) else 1

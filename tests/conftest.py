@@ -103,3 +103,24 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     flat = torch.empty(tensor.numel(), dtype=tensor.dtype)
     flat.copy_(tensor.detach().reshape(-1))
     return flat.view(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API server on 127.0.0.1 for the whole session; the environment points botocore at it."""
+    from tests.s3 import s3_environment, s3_server
+
+    with s3_server() as endpoint, s3_environment(endpoint):
+        yield endpoint
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    """A fresh bucket on the local S3 server; its ``s3://`` URL."""
+    import fsspec
+
+    from tests.s3 import new_bucket
+
+    name = new_bucket()
+    yield f"s3://{name}"
+    fsspec.filesystem("s3").invalidate_cache()

@@ -253,7 +253,12 @@ def memory_url_round_trip(kind: str) -> dict[str, Any]:
     train(fabric, model, optimizer, 0, 2)
     fabric.save("memory://runs/sharded.ckpt", {"model": model, "optimizer": optimizer, "step": 2})
     fabric.save("memory://runs/sharded.ckpt", {"model": model, "optimizer": optimizer, "step": 2})  # overwrite
-    files = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/runs/sharded.ckpt", detail=False))
+    memory = fsspec.filesystem("memory")
+    files = sorted(p.rsplit("/", 1)[-1] for p in memory.ls("/runs/sharded.ckpt", detail=False))
+    generations = [name for name in files if name.startswith(".gen-")]
+    shards = sorted(
+        p.rsplit("/", 1)[-1] for g in generations for p in memory.ls(f"/runs/sharded.ckpt/{g}", detail=False)
+    )
     fresh, fresh_optimizer = build(fabric, 4)
     state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
     fabric.load("memory://runs/sharded.ckpt", state)
@@ -263,6 +268,7 @@ def memory_url_round_trip(kind: str) -> dict[str, Any]:
         "loaded": full_state(fresh, fresh_optimizer),
         "step": state["step"],
         "files": files,
+        "shards": shards,
         "folder": leftovers,
     }
 
@@ -344,3 +350,17 @@ def filter_hooks_and_load_raw(kind: str, folder: str, raw_file: str) -> dict[str
         "original_head": full(model.state_dict())["head.weight"],
         "raw": full(raw_target.state_dict()),
     }
+
+
+def s3_sharded_round_trip(kind: str, url: str) -> dict[str, Any]:
+    """Sharded save to an object store (twice: an overwrite), then load into fresh objects."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 6)
+    train(fabric, model, optimizer, 0, 2)
+    fabric.save(url, {"model": model, "optimizer": optimizer, "step": 1})
+    train(fabric, model, optimizer, 2, 3)
+    fabric.save(url, {"model": model, "optimizer": optimizer, "step": 2})
+    fresh, fresh_optimizer = build(fabric, 7)
+    state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
+    fabric.load(url, state)
+    return {"saved": full_state(model, optimizer), "loaded": full_state(fresh, fresh_optimizer), "step": state["step"]}

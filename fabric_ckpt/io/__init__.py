@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric_ckpt.io.atomic import atomic_write
+from fabric_ckpt.io.compression import compression_for, write_compressed
 from fabric_ckpt.io.paths import PathLike, resolve
 from fabric_ckpt.io.reading import open_checkpoint
 from fabric_ckpt.io.torch_format import ArchiveSummary, write_torch_archive
@@ -25,8 +26,20 @@ def save_file(
 ) -> ArchiveSummary:
     """Write ``obj`` atomically to ``path`` as a ``torch.load``-able single-file checkpoint.
 
+    A compressed name (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.lzma``, ``.zst``) compresses it.
+
     Example:
         >>> save_file("memory://ckpt/model.pt", {"model": model.state_dict()})
     """
-    with atomic_write(resolve(path)) as sink:
-        return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
+    location = resolve(path)
+    compression = compression_for(location.name)
+    with atomic_write(location) as sink:
+        if compression is None:
+            return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
+        summaries: list[ArchiveSummary] = []
+        write_compressed(
+            sink,
+            compression,
+            lambda out: summaries.append(write_torch_archive(out, obj, on_storage_written=on_storage_written)),
+        )
+        return summaries[0]

@@ -21,6 +21,8 @@ from fabric_ckpt.io.paths import Location
 __all__ = ["TEMP_MARKER", "atomic_write", "is_temporary_name", "remove_stale_temporaries", "temporary_name"]
 
 TEMP_MARKER = ".fabric-tmp-"
+# Parts of a multipart upload: large enough for throughput, small enough to bound memory (a part is buffered).
+_UPLOAD_PART_BYTES = 64 << 20
 
 
 def temporary_name(final_name: str) -> str:
@@ -94,7 +96,12 @@ def atomic_write(location: Location) -> Iterator[Any]:
         )
     location.makedirs_parent()
     remove_stale_temporaries(location)
-    writer = _local_atomic_write if location.is_local else _fsspec_atomic_write
+    if location.is_local:
+        writer = _local_atomic_write
+    elif location.is_object_store:
+        writer = _object_store_atomic_write
+    else:
+        writer = _fsspec_atomic_write
     with writer(location) as sink:
         yield sink
 
@@ -147,3 +154,53 @@ def _fsspec_atomic_write(location: Location) -> Iterator[Any]:
         with suppress(Exception):
             fs.rm(temporary)
         raise
+
+
+class _CountingSink:
+    """Counts the bytes written through it, to confirm the stored object's size afterwards."""
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        count = memoryview(data).nbytes
+        self._sink.write(data)
+        self.written += count
+        return count
+
+
+@contextmanager
+def _object_store_atomic_write(location: Location) -> Iterator[Any]:
+    """Stream a multipart upload to the final key; only ``commit`` makes it visible, ``discard`` aborts it.
+
+    An object store shows an object only once its upload completes, so writing under the final name is atomic
+    and needs no rename (which object stores do not have). The stored size is confirmed after the commit.
+    """
+    fs = location.fs
+    sink = fs.open(location.path, "wb", autocommit=False, block_size=_UPLOAD_PART_BYTES)
+    counting = _CountingSink(sink)
+    try:
+        yield counting
+        sink.close()
+        sink.commit()
+    except BaseException:
+        with suppress(Exception):
+            sink.close()
+        with suppress(Exception):
+            sink.discard()
+        raise
+    _confirm_size(location, counting.written)
+
+
+def _confirm_size(location: Location, expected: int) -> None:
+    location.fs.invalidate_cache(location.path)
+    stored = int(location.fs.info(location.path).get("size", -1))
+    if stored != expected:
+        with suppress(Exception):
+            location.fs.rm(location.path)
+        raise OSError(
+            errno.EIO,
+            f"the object store holds {stored} bytes after the upload, {expected} were written; the object was removed",
+            location.original,
+        )

@@ -6,11 +6,12 @@ fsspec. ``file://`` URLs are local paths.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -19,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from fabric_ckpt.io.progress import progress_bar
 
-__all__ = ["PathLike", "Location", "local_copy", "resolve"]
+__all__ = ["OBJECT_STORE_PROTOCOLS", "Location", "PathLike", "local_copy", "resolve", "storage_options"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _DOWNLOAD_CHUNK = 16 << 20
@@ -36,6 +37,26 @@ class Location:
     @property
     def is_local(self) -> bool:
         return self.fs is None
+
+    @property
+    def is_object_store(self) -> bool:
+        """Whether this is an object store, where a write becomes visible only when the upload completes."""
+        if self.fs is None:
+            return False
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return any(protocol in OBJECT_STORE_PROTOCOLS for protocol in protocols)
+
+    def url_of(self, fs_path: str) -> str:
+        """The URL for a path on this location's filesystem (a plain path when local)."""
+        return fs_path if self.fs is None else str(self.fs.unstrip_protocol(fs_path))
+
+    def child(self, name: str) -> Location:
+        """The location of ``name`` inside this folder."""
+        if self.fs is None:
+            joined = os.path.join(self.path, name)
+            return Location(joined, joined)
+        joined = f"{self.path.rstrip('/')}/{name}"
+        return Location(self.url_of(joined), joined, self.fs)
 
     @property
     def parent(self) -> str:
@@ -74,6 +95,21 @@ class Location:
             self.fs.makedirs(parent, exist_ok=True)
 
 
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "oci"})
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """Filesystem options from the environment: ``S3_ENDPOINT_URL`` (Composer's name) for S3-compatible stores.
+
+    ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` are read by botocore itself.
+    """
+    protocol = url.split("://", 1)[0].lower()
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    if protocol in ("s3", "s3a") and endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
 def resolve(path: PathLike) -> Location:
     """Turn a user path (``str``/``PathLike``, local or URL) into a :class:`Location`.
 
@@ -88,7 +124,7 @@ def resolve(path: PathLike) -> Location:
         raise ValueError("the checkpoint path is empty")
     if "://" not in text:
         return Location(text, os.path.abspath(os.path.expanduser(text)))
-    fs, fs_path = fsspec.core.url_to_fs(text)
+    fs, fs_path = fsspec.core.url_to_fs(text, **storage_options(text))
     if isinstance(fs, LocalFileSystem):
         return Location(text, os.path.abspath(fs_path))
     return Location(text, fs_path, fs)
@@ -96,20 +132,35 @@ def resolve(path: PathLike) -> Location:
 
 @contextmanager
 def local_copy(location: Location, *, progress: bool | None = None) -> Iterator[str]:
-    """Yield a local path holding the file's bytes: the file itself when local, else a temporary download.
+    """Yield a local path holding the file's bytes: the file itself when local, else a download.
 
-    The download streams in chunks (memory stays bounded) and is removed on exit.
+    Downloads stream in chunks (memory stays bounded) with a progress bar for large files. With
+    ``FABRIC_CKPT_CACHE_DIR`` set, downloads are kept there and reused while the remote object is unchanged (same
+    size and ETag or modification time); otherwise they are removed on exit.
     """
     if location.is_local:
         yield location.path
         return
+    info = location.fs.info(location.path)
+    cache_dir = os.environ.get("FABRIC_CKPT_CACHE_DIR")
+    if cache_dir:
+        yield _cached_download(location, info, cache_dir, progress)
+        return
     folder = tempfile.mkdtemp(prefix="fabric_ckpt-download-")
-    target = os.path.join(folder, location.name or "checkpoint")
     try:
-        total = location.size()
+        target = os.path.join(folder, location.name or "checkpoint")
+        _download(location, int(info.get("size") or 0), target, progress)
+        yield target
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _download(location: Location, total: int, target: str, progress: bool | None) -> None:
+    partial = f"{target}.partial-{os.getpid()}"
+    try:
         with (
-            location.fs.open(location.path, "rb") as src,
-            open(target, "wb") as dst,
+            location.fs.open(location.path, "rb", block_size=_DOWNLOAD_CHUNK) as src,
+            open(partial, "wb") as dst,
             progress_bar(total, f"download {location.name}", enabled=progress) as bar,
         ):
             while True:
@@ -118,6 +169,18 @@ def local_copy(location: Location, *, progress: bool | None = None) -> Iterator[
                     break
                 dst.write(chunk)
                 bar.update(len(chunk))
-        yield target
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, target)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+
+
+def _cached_download(location: Location, info: dict[str, Any], cache_dir: str, progress: bool | None) -> str:
+    version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+    key = hashlib.sha256(f"{location.url_of(location.path)}|{info.get('size')}|{version}".encode()).hexdigest()
+    target = os.path.join(os.path.expanduser(cache_dir), key[:2], f"{key[2:18]}-{location.name or 'checkpoint'}")
+    if not os.path.exists(target) or os.path.getsize(target) != int(info.get("size") or 0):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _download(location, int(info.get("size") or 0), target, progress)
+    return target

@@ -16,12 +16,13 @@ import pickle
 import struct
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.io.compression import decompressed, sniff_compression
 from fabric_ckpt.io.paths import Location, PathLike, local_copy, resolve
 from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
 from fabric_ckpt.io.zip_archive import ZipFormatError
@@ -91,8 +92,18 @@ def open_checkpoint(
             raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
         yield sharded.read_consolidated(location, weights_only=weights_only, verify=verify)
         return
-    with local_copy(location, progress=progress) as local:
+    with local_copy(location, progress=progress) as local, ExitStack() as stack:
+        for _ in range(2):  # e.g. a zstd stream, or a gzip of a tarball of the checkpoint
+            kind = _compression_of(local)
+            if kind is None:
+                break
+            local = stack.enter_context(decompressed(local, kind, location.original))
         yield load_local_file(local, location.original, weights_only=weights_only, verify=verify)
+
+
+def _compression_of(local: str) -> str | None:
+    with open(local, "rb") as f:
+        return sniff_compression(f.read(300))
 
 
 def load_local_file(local: str, display: str, *, weights_only: bool, verify: bool) -> Any:

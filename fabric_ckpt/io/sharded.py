@@ -51,7 +51,8 @@ __all__ = [
     "METADATA_NAME",
     "SafeLoadPlanner",
     "ShardedFolder",
-    "commit_folder",
+    "commit",
+    "staging",
     "file_checksums",
     "is_sharded",
     "load_full",
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "fabric_ckpt.json"
+GENERATION_PREFIX = ".gen-"
 METADATA_NAME = ".metadata"
 FORMAT_VERSION = 1
 _RENAME_EXCHANGE = 2
@@ -196,25 +198,30 @@ def _sibling_location(location: Location, name: str) -> Location:
     return Location(location.fs.unstrip_protocol(sibling), sibling, location.fs)
 
 
-def sibling_named(location: Location, name: str) -> Location:
-    """The location of ``name`` beside ``location`` (e.g. a temporary folder chosen on another rank)."""
-    return _sibling_location(location, name)
-
-
 def temporary_folder(location: Location) -> Location:
-    """A fresh hidden sibling folder for a save in progress (chosen by one rank, created by it).
+    """A fresh folder for a save in progress (chosen and created by one rank; others use :func:`staging`).
 
-    Temporaries left by a crashed earlier save are removed first.
+    Local disks: a hidden sibling folder, renamed into place at commit (temporaries of crashed saves are removed
+    first). Other filesystems have no rename: a new generation folder inside the checkpoint folder, which the
+    manifest starts pointing at on commit.
     """
-    remove_stale_temporaries(location)
     if location.is_local:
+        remove_stale_temporaries(location)
         os.makedirs(location.parent, exist_ok=True)
-    temporary = _sibling_location(location, f".{location.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        name = f".{location.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    else:
+        name = f"{GENERATION_PREFIX}{uuid.uuid4().hex[:16]}"
+    temporary = staging(location, name)
     if temporary.is_local:
         os.makedirs(temporary.path)
     else:
         temporary.fs.makedirs(temporary.path, exist_ok=True)
     return temporary
+
+
+def staging(location: Location, name: str) -> Location:
+    """The location of the save-in-progress folder ``name`` (from :func:`temporary_folder`) for ``location``."""
+    return _sibling_location(location, name) if location.is_local else location.child(name)
 
 
 def remove(location: Location) -> None:
@@ -285,9 +292,9 @@ def own_files(folder: Location, rank: int) -> list[str]:
     return sorted(name for name in names if name.startswith(prefix) and name.endswith(".distcp"))
 
 
-def read_metadata(folder: Location) -> Metadata:
+def read_metadata(folder: Location, display: str | None = None) -> Metadata:
     with _open_stream(folder, METADATA_NAME) as stream:
-        return read_metadata_safely(stream, folder.original)
+        return read_metadata_safely(stream, display or folder.original)
 
 
 @contextmanager
@@ -301,9 +308,9 @@ def _open_stream(folder: Location, name: str) -> Iterator[BinaryIO]:
             yield f
 
 
-def write_manifest(folder: Location, records: list[FileRecord], world_size: int) -> None:
-    """Write the manifest (sizes and checksums of every file), the commit record of a sharded checkpoint."""
-    body = {
+def manifest_bytes(records: list[FileRecord], world_size: int, generation: str | None = None) -> bytes:
+    """The manifest (sizes and checksums of every file, and the live generation on object stores)."""
+    body: dict[str, Any] = {
         "format": "fabric_ckpt",
         "layout": "sharded",
         "version": FORMAT_VERSION,
@@ -313,17 +320,36 @@ def write_manifest(folder: Location, records: list[FileRecord], world_size: int)
         "checksum": "crc32",
         "files": {r.name: {"size": r.size, "crc32": r.crc32, "items": [list(i) for i in r.items]} for r in records},
     }
+    if generation is not None:
+        body["generation"] = generation
     encoded = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    payload = json.dumps({"manifest": body, "crc32": crc32(encoded.encode())}, separators=(",", ":")).encode()
-    path = _child(folder, MANIFEST_NAME)
-    if folder.is_local:
+    return json.dumps({"manifest": body, "crc32": crc32(encoded.encode())}, separators=(",", ":")).encode()
+
+
+def commit(temporary: Location, final: Location, records: list[FileRecord], world_size: int) -> None:
+    """Make a complete save visible under ``final``: the manifest is written last and is the commit record.
+
+    Local disks: the manifest goes into the temporary folder, which then replaces ``final`` atomically. Other
+    filesystems: the manifest is written (one atomic object write) into ``final``, naming the new generation;
+    older generations are removed afterwards, so the previous checkpoint stays loadable until the switch.
+    """
+    if temporary.is_local:
+        path = os.path.join(temporary.path, MANIFEST_NAME)
         with open(path, "wb") as f:
-            f.write(payload)
+            f.write(manifest_bytes(records, world_size))
             f.flush()
             os.fsync(f.fileno())
-        fsync_folder(folder.path)
-    else:
-        folder.fs.pipe_file(path, payload)
+        fsync_folder(temporary.path)
+        _commit_local(temporary.path, final.path)
+        return
+    from fabric_ckpt.io.atomic import atomic_write
+
+    with atomic_write(final.child(MANIFEST_NAME)) as sink:
+        sink.write(manifest_bytes(records, world_size, generation=temporary.name))
+    for path in final.fs.ls(final.path, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(GENERATION_PREFIX) and name != temporary.name:
+            remove(final.child(name))
 
 
 def read_manifest(folder: Location) -> dict[str, Any] | None:
@@ -343,8 +369,11 @@ def read_manifest(folder: Location) -> dict[str, Any] | None:
     return body
 
 
-def check_files(folder: Location, manifest: dict[str, Any], names: list[str], *, checksums: bool) -> None:
+def check_files(
+    folder: Location, manifest: dict[str, Any], names: list[str], *, checksums: bool, display: str | None = None
+) -> None:
     """Check the named files against the manifest (sizes always, CRC-32s when ``checksums``); raise on the first."""
+    display = display or folder.original
     files = manifest.get("files", {})
     for name in names:
         expected = files[name]
@@ -353,18 +382,18 @@ def check_files(folder: Location, manifest: dict[str, Any], names: list[str], *,
             size = os.path.getsize(path) if folder.is_local else int(folder.fs.size(path))
         except (FileNotFoundError, OSError):
             raise CheckpointCorruptedError(
-                f"Sharded checkpoint '{folder.original}' is corrupted: file '{name}' is missing"
+                f"Sharded checkpoint '{display}' is corrupted: file '{name}' is missing"
             ) from None
         if size != expected["size"]:
             raise CheckpointCorruptedError(
-                f"Sharded checkpoint '{folder.original}' is corrupted: file '{name}' has {size} bytes, "
+                f"Sharded checkpoint '{display}' is corrupted: file '{name}' has {size} bytes, "
                 f"the manifest says {expected['size']}"
             )
         if checksums:
-            _check_crcs(folder, name, expected)
+            _check_crcs(folder, name, expected, display)
 
 
-def _check_crcs(folder: Location, name: str, expected: dict[str, Any]) -> None:
+def _check_crcs(folder: Location, name: str, expected: dict[str, Any], display: str) -> None:
     with _open_bytes(folder, name) as data:
         view = memoryview(data)
         problem = None
@@ -376,26 +405,11 @@ def _check_crcs(folder: Location, name: str, expected: dict[str, Any]) -> None:
             problem = f"file '{name}' fails its CRC-32 check"
         view.release()
     if problem:
-        raise CheckpointCorruptedError(f"Sharded checkpoint '{folder.original}' is corrupted: {problem}")
+        raise CheckpointCorruptedError(f"Sharded checkpoint '{display}' is corrupted: {problem}")
 
 
 def manifest_files(manifest: dict[str, Any]) -> list[str]:
     return sorted(manifest.get("files", {}))
-
-
-def commit_folder(temporary: Location, final: Location) -> None:
-    """Move a complete temporary folder under its final name; an existing checkpoint there is replaced."""
-    if final.is_local:
-        _commit_local(temporary.path, final.path)
-        return
-    fs = final.fs
-    if fs.exists(final.path):
-        retired = _sibling_location(final, f".{final.name}{TEMP_MARKER}old-{uuid.uuid4().hex[:12]}")
-        fs.mv(final.path, retired.path, recursive=True)
-        fs.mv(temporary.path, final.path, recursive=True)
-        remove(retired)
-    else:
-        fs.mv(temporary.path, final.path, recursive=True)
 
 
 def _commit_local(temporary: str, final: str) -> None:
@@ -436,6 +450,7 @@ class ShardedFolder:
     location: Location
     manifest: dict[str, Any] | None
     metadata: Metadata
+    data: Location  # where the shard files and .metadata are: the folder itself, or its live generation
 
     @functools.cached_property
     def chunks(self) -> dict[str, list[tuple[Any, Any]]]:
@@ -479,9 +494,18 @@ def open_folder(location: Location) -> ShardedFolder:
     manifest = read_manifest(location)
     if manifest is None and not _exists(location, METADATA_NAME):
         raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint (no {MANIFEST_NAME} or .metadata)")
+    data = location
+    if manifest is not None and manifest.get("generation"):
+        generation = str(manifest["generation"])
+        if "/" in generation or not generation.startswith(GENERATION_PREFIX):
+            raise CheckpointCorruptedError(
+                f"Sharded checkpoint '{location.original}' is corrupted: its manifest names the generation "
+                f"{generation!r}"
+            )
+        data = location.child(generation)
     if manifest is not None and METADATA_NAME in manifest.get("files", {}):
-        check_files(location, manifest, [METADATA_NAME], checksums=True)
-    return ShardedFolder(location, manifest, read_metadata(location))
+        check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
+    return ShardedFolder(location, manifest, read_metadata(data, display=location.original), data)
 
 
 def load_full(
@@ -521,7 +545,7 @@ def load_full(
         planner = SafeLoadPlanner(weights_only=weights_only, display=folder.location.original, flatten_state_dict=False)
         with warnings.catch_warnings():  # reading in one process is the point here, not an accident
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(to_read, storage_reader=reader_for(folder.location), planner=planner, no_dist=True)
+            dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
         values.update(to_read)
     return unflatten(values, entries)
 
@@ -555,10 +579,11 @@ def verify_folder(folder: ShardedFolder, *, checksums: bool, share: tuple[int, i
     if folder.manifest is None:
         return
     names = manifest_files(folder.manifest)
-    check_files(folder.location, folder.manifest, names, checksums=False)
+    display = folder.location.original
+    check_files(folder.data, folder.manifest, names, checksums=False, display=display)
     if checksums:
         rank, world_size = share
-        check_files(folder.location, folder.manifest, names[rank::world_size], checksums=True)
+        check_files(folder.data, folder.manifest, names[rank::world_size], checksums=True, display=display)
 
 
 def read_consolidated(location: Location, *, weights_only: bool = True, verify: bool = True) -> dict[str, Any]:
@@ -584,7 +609,7 @@ def read_tensor(folder: ShardedFolder, fqn: str) -> torch.Tensor:
                 f"Sharded checkpoint '{folder.location.original}': '{fqn}' uses storage transforms "
                 f"{list(info.transform_descriptors)}, which consolidation does not support"
             )
-        with _open_stream(folder.location, info.relative_path) as stream:
+        with _open_stream(folder.data, info.relative_path) as stream:
             view = cast(BinaryIO, _FileView(stream, info.offset, info.length))
             chunk = torch.load(view, map_location="cpu", weights_only=True)
         if len(chunks) == 1 and tuple(chunk.shape) == tuple(md.size):

@@ -213,7 +213,7 @@ class FSDPStrategy(ParallelStrategy):
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
         name = self.agree(lambda: sharded.temporary_folder(location).name if self.is_global_zero else None, description)
-        temporary = sharded.sibling_named(location, self.broadcast(name))
+        temporary = sharded.staging(location, self.broadcast(name))
         try:
             try:
                 dcp.save(checkpoint, storage_writer=sharded.writer_for(temporary, thread_count=self._writer_threads))
@@ -236,8 +236,7 @@ class FSDPStrategy(ParallelStrategy):
         return sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
 
     def _commit(self, temporary: Location, location: Location, records: list[sharded.FileRecord]) -> None:
-        sharded.write_manifest(temporary, records, self.world_size)
-        sharded.commit_folder(temporary, location)
+        sharded.commit(temporary, location, records, self.world_size)
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(
@@ -338,7 +337,7 @@ class FSDPStrategy(ParallelStrategy):
     def _dcp_load(self, folder: sharded.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
         planner = sharded.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
         try:
-            dcp.load(targets, storage_reader=sharded.reader_for(folder.location), planner=planner)
+            dcp.load(targets, storage_reader=sharded.reader_for(folder.data), planner=planner)
         except CheckpointException as err:
             raise CheckpointError(
                 f"Loading '{folder.location.original}' failed while reading the shards {_describe(err)}"

@@ -1,0 +1,265 @@
+"""Turning measured rows (their JSON form) into ratios and a Markdown report.
+
+Everything here reads the JSON written by a run, so a report can be re-rendered from a file:
+``python -m benchmarks.report bench-results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["markdown", "ratios", "sweep"]
+
+MIB = 1 << 20
+GIB = 1 << 30
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    unit: str
+    goal: str
+    meets: Callable[[float], bool]
+
+
+def _find(rows: list[Row], group: str, library: str, op: str, cache: str = "") -> Row | None:
+    for row in rows:
+        if (row["group"], row["library"], row["op"], row["requested_cache"]) == (group, library, op, cache):
+            return row if row["seconds"] and not row["error"] else None
+    return None
+
+
+def _median(row: Row | None, metric: str = "seconds") -> float | None:
+    return None if row is None or row[metric] is None else float(row[metric]["median"])
+
+
+def _speedup(peer: Row | None, ours: Row | None) -> float | None:
+    """How many times faster ours is: the peer's time over ours (same bytes, so also the bandwidth ratio)."""
+    theirs, mine = _median(peer), _median(ours)
+    return None if theirs is None or mine is None else theirs / mine
+
+
+def sweep(rows: list[Row], library: str = "fabric_ckpt") -> list[dict[str, Any]]:
+    """Seconds per GiB of ``library``'s save and load at every size measured (sweep rows plus the headline)."""
+    points: dict[int, dict[str, Any]] = {}
+    # The sweep's loads are cold when the run measured cold loads at all (as the plan does), else warm.
+    cold = any(r["library"] == library and r["op"] == "load" and r["requested_cache"] == "cold" for r in rows)
+    load_cache = "cold" if cold else "warm"
+    for row in rows:
+        if row["library"] != library or row["group"] not in ("sweep", "headline") or row["error"]:
+            continue
+        if row["op"] == "load" and row["requested_cache"] != load_cache:
+            continue
+        point = points.setdefault(row["bytes"], {"gib": row["bytes"] / GIB, "cache": row["cache"]})
+        if row["op"] == "load":
+            point["cache"] = row["cache"]
+        point[f"{row['op']}_s_per_gib"] = row["seconds"]["median"] / (row["bytes"] / GIB)
+    return [points[size] for size in sorted(points)]
+
+
+def _flatness(points: list[dict[str, Any]], op: str) -> float | None:
+    values = [p[f"{op}_s_per_gib"] for p in points if f"{op}_s_per_gib" in p]
+    return max(values) / min(values) - 1 if len(values) >= 2 else None
+
+
+def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """The figures fabric_ckpt is optimised towards, each with its target and whether this run meets it."""
+
+    def headline(library: str, op: str, cache: str = "") -> Row | None:
+        return _find(rows, "headline", library, op, cache)
+
+    def small(library: str, op: str) -> Row | None:
+        return _find(rows, "small tensors", library, op, "warm" if op == "load" else "")
+
+    ours_save = headline("fabric_ckpt", "save")
+    ours_cold = headline("fabric_ckpt", "load", "cold")
+    ours_warm = headline("fabric_ckpt", "load", "warm")
+    warm_seconds = _median(ours_warm)
+    warm_gbps = None if ours_warm is None or warm_seconds is None else ours_warm["bytes"] / 1e9 / warm_seconds
+    save_extra = _median(ours_save, "extra_anon_bytes")
+    load_extra = [
+        100 * extra / row["bytes"]
+        for row in (ours_cold, ours_warm)
+        if row is not None and (extra := _median(row, "extra_anon_bytes")) is not None
+    ]
+    points = sweep(rows)
+    values: list[tuple[_Target, float | None, Row | None]] = [
+        (
+            _at_least("fabric_ckpt save vs disk write bandwidth", 0.9),
+            _speedup(headline("disk", "save"), ours_save),
+            None,
+        ),
+        (
+            _at_least("fabric_ckpt save speed-up vs torch.save", 1.5),
+            _speedup(headline("torch", "save"), ours_save),
+            None,
+        ),
+        (
+            _at_least("fabric_ckpt save speed-up vs Lightning Fabric.save", 3),
+            _speedup(headline("lightning", "save"), ours_save),
+            None,
+        ),
+        (
+            _at_least("fabric_ckpt cold load vs disk cold read bandwidth", 0.85),
+            _speedup(headline("disk", "load", "cold"), ours_cold),
+            ours_cold,
+        ),
+        (
+            _at_least("fabric_ckpt cold load speed-up vs Lightning Fabric.load (cold)", 5),
+            _speedup(headline("lightning", "load", "cold"), ours_cold),
+            ours_cold,
+        ),
+        (_at_least("fabric_ckpt warm load bandwidth", 6, "GB/s"), warm_gbps, None),
+        (
+            _at_most("fabric_ckpt extra RssAnon during save", 64, "MiB"),
+            None if save_extra is None else save_extra / MIB,
+            None,
+        ),
+        (_at_most("fabric_ckpt extra RssAnon during load", 5, "% of checkpoint"), max(load_extra, default=None), None),
+        (
+            _at_least("20k small tensors: save speed-up vs torch.save", 1),
+            _speedup(small("torch", "save"), small("fabric_ckpt", "save")),
+            None,
+        ),
+        (
+            _at_least("20k small tensors: load speed-up vs torch.load", 1),
+            _speedup(small("torch", "load"), small("fabric_ckpt", "load")),
+            None,
+        ),
+        (
+            _at_most("scale sweep flatness, save (max/min s per GiB - 1)", 15, "%"),
+            _percent(_flatness(points, "save")),
+            None,
+        ),
+        (
+            _at_most("scale sweep flatness, load (max/min s per GiB - 1)", 15, "%"),
+            _percent(_flatness(points, "load")),
+            None,
+        ),
+    ]
+    return [_ratio(target, value, cold_row) for target, value, cold_row in values]
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _at_least(name: str, goal: float, unit: str = "x") -> _Target:
+    return _Target(name, unit, f">= {goal:g} {unit}", lambda v: v >= goal)
+
+
+def _at_most(name: str, goal: float, unit: str) -> _Target:
+    return _Target(name, unit, f"<= {goal:g} {unit}", lambda v: v <= goal)
+
+
+def _ratio(target: _Target, value: float | None, cold_row: Row | None) -> dict[str, Any]:
+    name = target.name
+    if cold_row is not None and cold_row["cache"] != "cold":
+        name += " (warm only: the page cache could not be dropped)"
+    return {
+        "name": name,
+        "value": value,
+        "unit": target.unit,
+        "target": target.goal,
+        "meets": None if value is None else target.meets(value),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- Markdown
+
+
+def _fmt_spread(spread: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if spread is None:
+        return "-"
+    median, low, high = (spread[k] / scale for k in ("median", "min", "max"))
+    return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def _row_line(row: Row) -> str:
+    if row["error"]:
+        return f"| {row['label']} | {row['cache'] or '-'} | FAILED: {row['error'].splitlines()[0][:100]} | | | |"
+    verified = {True: "yes", False: "NO", None: "-"}[row["verified"]]
+    return (
+        f"| {row['label']} | {row['cache'] or '-'} | {_fmt_spread(row['seconds'])} | "
+        f"{row['mb_per_s']['median']:.0f} | {_fmt_spread(row['extra_anon_bytes'], MIB, 1)} | {verified} |"
+    )
+
+
+def _rows_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| operation | page cache | seconds: median [min-max] | MB/s | extra RssAnon MiB [min-max] | verified |",
+        "|---|---|---|---|---|---|",
+    ]
+    return lines + [_row_line(row) for row in rows]
+
+
+def _sweep_table(points: list[dict[str, Any]]) -> list[str]:
+    lines = ["| checkpoint GiB | save s/GiB | load s/GiB | load page cache |", "|---|---|---|---|"]
+    for p in points:
+        save, load = p.get("save_s_per_gib"), p.get("load_s_per_gib")
+        lines.append(
+            f"| {p['gib']:.3f} | {'-' if save is None else f'{save:.3f}'} | "
+            f"{'-' if load is None else f'{load:.3f}'} | {p['cache']} |"
+        )
+    return lines
+
+
+def _ratio_table(items: list[dict[str, Any]]) -> list[str]:
+    lines = ["| figure | value | target | meets target |", "|---|---|---|---|"]
+    for item in items:
+        value = "n/a" if item["value"] is None else f"{item['value']:.2f} {item['unit']}"
+        meets = {True: "yes", False: "no", None: "-"}[item["meets"]]
+        lines.append(f"| {item['name']} | {value} | {item['target']} | {meets} |")
+    return lines
+
+
+def _cold_note(run: dict[str, Any]) -> str:
+    if run["cold_cache"]:
+        return "yes (sync; echo 3 > /proc/sys/vm/drop_caches before each cold run)"
+    if run["plan"]["cold"]:
+        return "not permitted here, so rows marked 'warm only' ran with a warm cache"
+    return "not measured (--no-cold)"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole report: machine, method summary, one table per group, the sweep and the ratios."""
+    rows: list[Row] = results["rows"]
+    machine = results["machine"]
+    run = results["run"]
+    intervals = [r["sample_interval_ms"] for row in rows for r in row["runs"]]
+    out = [
+        f"## Checkpoint benchmark: {run['size_gib']:g} GiB checkpoint, {results['created']}, code {run.get('code')}",
+        "",
+        f"Machine: {machine['cpu']['model']} ({machine['cpu']['cores']} cores), "
+        f"{machine['memory_gib']:.0f} GiB RAM, kernel {machine['kernel']}, disk {machine['disk']['summary']}.",
+        f"Each figure: median [min-max] of {run['reps']} run(s), each in fresh processes. MB/s = 10^6 bytes of "
+        f"tensor payload per second. Extra RssAnon = peak minus baseline, sampled every "
+        f"{statistics.median(intervals) if intervals else float('nan'):.2f} ms (median). "
+        f"Cold page cache: {_cold_note(run)}.",
+    ]
+    groups = list(dict.fromkeys(row["group"] for row in rows if row["group"] != "sweep"))
+    for group in groups:
+        members = [row for row in rows if row["group"] == group]
+        out += ["", f"### {group}: {members[0]['workload']}", "", *_rows_table(members)]
+    points = sweep(rows)
+    if points:
+        out += ["", "### scale sweep: fabric_ckpt, seconds per GiB (lower is better)", "", *_sweep_table(points)]
+    out += ["", "### ratios (targets are goals, not assertions)", "", *_ratio_table(results["ratios"])]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the Markdown report of a results file."""
+    args = sys.argv[1:] if argv is None else argv
+    with open(args[0] if args else "bench-results.json") as f:
+        print(markdown(json.load(f)), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The rows of the benchmark: which library does which operation on which workload, in what cache state.
+
+:func:`plan` is the registry of rows. Extension points:
+
+- a new library or mode (fabric_ckpt async save, ``Fabric(strategy="fsdp", devices=2)``): register a
+  :class:`~benchmarks.checkpointers.Checkpointer` and add its key to :data:`HEADLINE_LIBRARIES` (or its own group);
+- a new storage (S3 through a local moto server): register a :class:`~benchmarks.storage.Storage` and plan rows with
+  ``storage=<its key>``;
+- a new ratio: add it to :func:`benchmarks.report.ratios`.
+
+Rows of one checkpoint are planned save first, then cold loads, then warm loads: the loads read what the save wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmarks.checkpointers import CHECKPOINTERS, Checkpointer
+from benchmarks.workloads import GIB, GPTWorkload, SmallTensorsWorkload, Workload, config_for_size
+
+__all__ = [
+    "HEADLINE_LIBRARIES",
+    "SMALL_TENSOR_LIBRARIES",
+    "SWEEP_LIBRARIES",
+    "describe",
+    "PlanOptions",
+    "Scenario",
+    "plan",
+    "sweep_sizes",
+]
+
+HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp")
+SMALL_TENSOR_LIBRARIES = ("fabric_ckpt", "torch")
+SWEEP_LIBRARIES = ("fabric_ckpt",)
+
+SAVE, LOAD = "save", "load"
+COLD, WARM = "cold", "warm"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row: ``checkpointer`` does ``op`` on ``workload`` (loads with a ``cold`` or ``warm`` page cache)."""
+
+    group: str
+    checkpointer: str
+    op: str
+    workload: Workload
+    cache: str = ""
+    storage: str = "local"
+
+    @property
+    def key(self) -> str:
+        return "/".join(p for p in (self.group, self.workload.name, self.checkpointer, self.op, self.cache) if p)
+
+    @property
+    def adapter(self) -> type[Checkpointer]:
+        return CHECKPOINTERS[self.checkpointer]
+
+    @property
+    def label(self) -> str:
+        adapter = self.adapter
+        return adapter.save_label if self.op == SAVE else adapter.load_label
+
+    @property
+    def checkpoint_name(self) -> str:
+        """The file (or folder) shared by this workload's save and loads for this library."""
+        return f"{self.workload.name}-{self.checkpointer}.ckpt"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to measure. Defaults are ``make bench``'s."""
+
+    size_gib: float = 1.0
+    layers: int = 12
+    vocab: int = 50304
+    block: int = 1024
+    cold: bool = True
+    libraries: tuple[str, ...] = HEADLINE_LIBRARIES
+    small_count: int = 20_000
+    small_numel: int = 256
+    sweep_gib: tuple[float, ...] | None = None
+
+    def gpt(self, size_gib: float) -> GPTWorkload:
+        return GPTWorkload(config_for_size(size_gib, layers=self.layers, vocab=self.vocab, block=self.block))
+
+
+def sweep_sizes(size_gib: float) -> tuple[float, ...]:
+    """0.25, 0.5, 1, 2, ... GiB below ``size_gib``, then ``size_gib`` itself."""
+    sizes: list[float] = []
+    size = 0.25
+    while size < size_gib * 0.999:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, size_gib)
+
+
+def _rows(group: str, library: str, workload: Workload, caches: tuple[str, ...]) -> list[Scenario]:
+    return [Scenario(group, library, SAVE, workload)] + [
+        Scenario(group, library, LOAD, workload, cache) for cache in caches
+    ]
+
+
+def plan(options: PlanOptions) -> list[Scenario]:
+    """Every row to measure, in the order to measure it."""
+    headline = options.gpt(options.size_gib)
+    caches = (COLD, WARM) if options.cold else (WARM,)
+    rows: list[Scenario] = []
+    for library in options.libraries:
+        rows += _rows("headline", library, headline, caches)
+    small = SmallTensorsWorkload(options.small_count, options.small_numel)
+    for library in SMALL_TENSOR_LIBRARIES:
+        rows += _rows("small tensors", library, small, (WARM,))
+    sweep_cache = COLD if options.cold else WARM
+    for size in options.sweep_gib or sweep_sizes(options.size_gib):
+        workload = options.gpt(size)
+        if workload == headline:
+            continue  # the headline rows already measure this point
+        for library in SWEEP_LIBRARIES:
+            rows += _rows("sweep", library, workload, (sweep_cache,))
+    return rows
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 4 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def describe(workload: Workload) -> str:
+    """A human description for the report."""
+    if isinstance(workload, GPTWorkload):
+        c = workload.config
+        return (
+            f"GPT (width {c.width}, {c.layers} layers, vocab {c.vocab}; {c.num_tensors} tensors, "
+            f"{_size(4 * c.num_weights)} float32) + Adam state = {_size(workload.payload_bytes())}"
+        )
+    return f"{workload.count} tensors of {workload.numel} float32 = {_size(workload.payload_bytes())}"

@@ -1,0 +1,154 @@
+"""Compressed checkpoints, as Composer writes them: chosen by the file name, recognised by content.
+
+``.tar.gz``/``.tgz``, ``.tar.bz2``/``.tar.bzip``, ``.tar.xz``/``.tar.lzma`` (and plain ``.tar``) hold one member,
+``checkpoint.pt``, a normal checkpoint file; ``.zst`` is the checkpoint file compressed with Zstandard (needs the
+``zstd`` extra). Compression costs time on every save, so uncompressed files stay the default and the fast path.
+Everything streams through bounded buffers; a tar member is copied into a file of our own, never extracted by its
+name, and members with absolute or ``..`` paths are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fabric_ckpt.errors import CheckpointError
+
+__all__ = ["MEMBER_NAME", "compression_for", "decompressed", "sniff_compression", "write_compressed"]
+
+MEMBER_NAME = "checkpoint.pt"
+_CHUNK = 16 << 20
+_BY_SUFFIX = (
+    (".tar.gz", "gz"),
+    (".tgz", "gz"),
+    (".tar.bz2", "bz2"),
+    (".tar.bzip", "bz2"),
+    (".tar.xz", "xz"),
+    (".tar.lzma", "xz"),
+    (".tar", "tar"),
+    (".zst", "zst"),
+)
+
+
+def compression_for(name: str) -> str | None:
+    """The compression a file name asks for (``"gz"``, ``"bz2"``, ``"xz"``, ``"tar"``, ``"zst"``), or ``None``.
+
+    Example:
+        >>> compression_for("ep3.tar.gz")
+        'gz'
+    """
+    lowered = name.lower()
+    return next((kind for suffix, kind in _BY_SUFFIX if lowered.endswith(suffix)), None)
+
+
+def sniff_compression(head: bytes) -> str | None:
+    """The compression a file's first bytes show: ``"gz"``, ``"bz2"``, ``"xz"``, ``"zst"``, ``"tar"`` or ``None``."""
+    if head.startswith(b"\x1f\x8b"):
+        return "gz"
+    if head.startswith(b"BZh"):
+        return "bz2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zst"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def _zstandard() -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raise CheckpointError(
+            "Zstandard (.zst) checkpoints need the zstandard package: pip install 'fabric-ckpt[zstd]'"
+        ) from None
+    return zstandard
+
+
+def write_compressed(sink: Any, kind: str, write_archive: Callable[[Any], object]) -> None:
+    """Write a checkpoint, produced by ``write_archive(file)``, to ``sink`` compressed as ``kind``."""
+    if kind == "zst":
+        compressor = _zstandard().ZstdCompressor(level=3)
+        with compressor.stream_writer(sink, closefd=False) as compressed:
+            write_archive(compressed)
+        return
+    # A tar header carries the member's size, so the archive is written to a local file first, then streamed in.
+    with tempfile.TemporaryFile() as staging:
+        write_archive(staging)
+        size = staging.tell()
+        staging.seek(0)
+        info = tarfile.TarInfo(MEMBER_NAME)
+        info.size, info.mode = size, 0o644
+        mode = "w|" if kind == "tar" else f"w|{kind}"
+        # The name only fills the gzip header's "original name"; the sink's own is a temporary file's.
+        with tarfile.open(name="checkpoint.tar", fileobj=sink, mode=mode) as archive:  # type: ignore[call-overload]
+            archive.addfile(info, staging)
+
+
+@contextmanager
+def decompressed(local: str, kind: str, display: str) -> Iterator[str]:
+    """Yield a local file holding the decompressed content of ``local`` (a tarball's single checkpoint member)."""
+    folder = tempfile.mkdtemp(prefix="fabric_ckpt-decompress-")
+    target = os.path.join(folder, MEMBER_NAME)
+    try:
+        if kind == "zst":
+            with open(local, "rb") as source, open(target, "wb") as out:
+                _zstandard().ZstdDecompressor().copy_stream(source, out, read_size=_CHUNK, write_size=_CHUNK)
+        else:
+            _copy_member(local, target, display)
+        yield target
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_member(local: str, target: str, display: str) -> None:
+    if not _is_tarball(local):
+        _copy_stream(local, target, display)  # a single file compressed without tar (e.g. `gzip model.pt`)
+        return
+    try:
+        with tarfile.open(local, mode="r:*") as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            for member in archive.getmembers():
+                if os.path.isabs(member.name) or ".." in member.name.replace("\\", "/").split("/"):
+                    raise CheckpointError(f"Checkpoint '{display}': tar member {member.name!r} has an unsafe path")
+            if len(members) != 1:
+                names = [m.name for m in members]
+                raise CheckpointError(f"Checkpoint '{display}' is a tarball of {len(members)} files {names}, not one")
+            source = archive.extractfile(members[0])
+            assert source is not None
+            with source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, _CHUNK)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
+
+
+def _is_tarball(local: str) -> bool:
+    try:
+        with tarfile.open(local, mode="r:*") as archive:
+            archive.next()
+        return True
+    except (tarfile.TarError, EOFError, OSError):
+        return False
+
+
+def _copy_stream(local: str, target: str, display: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    with open(local, "rb") as head_file:
+        kind = sniff_compression(head_file.read(300))
+    openers: dict[str | None, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+    if kind not in openers:
+        raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive")
+    try:
+        with openers[kind](local, "rb") as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err

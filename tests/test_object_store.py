@@ -1,0 +1,133 @@
+"""Object stores through a real S3 API server on 127.0.0.1 (moto's) and s3fs, as users run them."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pytest
+import torch
+
+from fabric_ckpt import CheckpointCorruptedError, CheckpointManager, Fabric
+from fabric_ckpt.io import save_file
+from fabric_ckpt.io.torch_format import LazyTensor
+from tests import dist_cases as cases
+from tests.conftest import assert_same_state, make_net, snapshot, trained
+from tests.distributed import WorkerGroup
+
+
+def s3():
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    return fs
+
+
+def test_single_file_round_trip(bucket, fabric):
+    model, optimizer = trained(seed=1)
+    url = f"{bucket}/runs/exp/c.ckpt"
+    fabric.save(url, {"model": model, "optimizer": optimizer, "step": 5})
+    assert s3().ls(f"{bucket}/runs/exp", detail=False) == [f"{bucket[5:]}/runs/exp/c.ckpt"]
+    with fsspec.open(url, "rb") as f:  # a plain torch file on the store
+        assert torch.load(f, weights_only=True)["step"] == 5
+    target, target_optimizer = trained(seed=2)
+    assert fabric.load(url, {"model": target, "optimizer": target_optimizer}) == {"step": 5}
+    assert_same_state(snapshot(target), snapshot(model))
+    assert_same_state(snapshot(target_optimizer), snapshot(optimizer))
+
+
+def test_large_checkpoint_is_a_streamed_multipart_upload(bucket, fabric):
+    big = torch.randn(20_000_000)  # 80 MB: more than one 64 MiB part
+    url = f"{bucket}/big.ckpt"
+    fabric.save(url, {"big": big})
+    assert s3().info(url)["size"] > 80_000_000
+    assert torch.equal(fabric.load(url)["big"], big)
+
+
+def test_failed_upload_leaves_the_previous_object_and_no_pending_upload(bucket, fabric):
+    url = f"{bucket}/c.ckpt"
+    fabric.save(url, {"step": 1})
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("the producer failed mid-upload")
+
+    state = {"big": torch.randn(20_000_000), "late": LazyTensor((3,), torch.float32, broken)}
+    with pytest.raises(RuntimeError, match="mid-upload"):
+        save_file(url, state)
+    assert fabric.load(url) == {"step": 1}
+    fs = s3()
+    assert fs.ls(bucket, detail=False) == [f"{bucket[5:]}/c.ckpt"]
+    assert fs.list_multipart_uploads(bucket[5:]) == []  # the aborted upload holds no parts
+
+
+def test_s3_endpoint_url_variable_is_honoured(bucket, fabric, monkeypatch):
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)  # Composer's name for S3-compatible stores
+    fsspec.filesystem("s3").clear_instance_cache()
+    try:
+        fabric.save(f"{bucket}/via-s3-endpoint.ckpt", {"step": 3})
+        assert fabric.load(f"{bucket}/via-s3-endpoint.ckpt") == {"step": 3}
+    finally:
+        fsspec.filesystem("s3").clear_instance_cache()
+
+
+def test_downloads_are_cached_when_asked(bucket, fabric, tmp_path, monkeypatch):
+    url = f"{bucket}/cached.ckpt"
+    fabric.save(url, {"w": torch.arange(5.0)})
+    monkeypatch.setenv("FABRIC_CKPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert torch.equal(fabric.load(url)["w"], torch.arange(5.0))
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(cached) == 1
+    first_inode = cached[0].stat().st_ino
+    assert torch.equal(fabric.load(url)["w"], torch.arange(5.0))
+    assert [p.stat().st_ino for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [first_inode]
+    fabric.save(url, {"w": torch.arange(6.0)})  # a new version is downloaded again
+    assert torch.equal(fabric.load(url)["w"], torch.arange(6.0))
+
+
+def test_corrupted_object_is_detected(bucket, fabric):
+    url = f"{bucket}/c.ckpt"
+    fabric.save(url, {"w": torch.arange(1000.0)})
+    fs = s3()
+    data = bytearray(fs.cat_file(url))
+    data[len(data) // 3] ^= 0xFF
+    fs.pipe_file(url, bytes(data))
+    with pytest.raises(CheckpointCorruptedError, match=r"c\.ckpt"):
+        fabric.load(url)
+
+
+def test_manager_on_s3_keeps_latest_and_retention(bucket, fabric):
+    folder = f"{bucket}/managed"
+    model = make_net(1)
+    manager = CheckpointManager(
+        fabric, folder, filename="ep{epoch}.ckpt", latest_filename="latest", num_checkpoints_to_keep=2, run_name="r"
+    )
+    for _ in range(3):
+        manager.on_epoch_end({"model": model})
+    fs = s3()
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    assert names == ["ep2.ckpt", "ep3.ckpt", "latest"]
+    resumed = make_net(9)
+    again = CheckpointManager(fabric, folder, filename="ep{epoch}.ckpt", latest_filename="latest", run_name="r")
+    assert again.load_latest({"model": resumed}) is not None
+    assert again.timestamp.epoch == 3 and again.resumed_from.endswith("/ep3.ckpt")
+    assert_same_state(snapshot(resumed), snapshot(model))
+
+
+def test_sharded_fsdp_on_two_ranks(bucket):
+    group = WorkerGroup(2)  # started after the S3 environment is set, so the workers reach the server too
+    try:
+        results = group.run(cases.s3_sharded_round_trip, "fsdp", f"{bucket}/sharded.ckpt")
+    finally:
+        group.close()
+    from tests.test_ddp import assert_states_equal
+
+    for result in results:
+        assert_states_equal(result["loaded"], result["saved"])
+        assert result["step"] == 2
+    fs = s3()
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/sharded.ckpt", detail=False))
+    assert len(names) == 2 and names[0].startswith(".gen-") and names[1] == "fabric_ckpt.json"
+    consolidated = Fabric(accelerator="cpu").load(f"{bucket}/sharded.ckpt")
+    assert all(torch.equal(consolidated["model"][k], v) for k, v in results[0]["saved"]["model"].items())
