@@ -133,6 +133,31 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             None,
         ),
         (
+            _at_most("async save: caller blocked, % of the synchronous save", 10, "%"),
+            _percent(_fraction(_find(rows, "async", "fabric_ckpt_async", "save", ""), ours_save)),
+            None,
+        ),
+        (
+            _at_most("async save: until complete vs the synchronous save", 1.2, "x"),
+            _fraction(_find(rows, "async", "fabric_ckpt_async_total", "save", ""), ours_save),
+            None,
+        ),
+        (
+            _at_most("sharded save (FSDP2, 2 ranks) time vs DCP's defaults", 0.6, "x"),
+            _fraction(headline("fabric_ckpt_fsdp", "save"), headline("dcp", "save")),
+            None,
+        ),
+        (
+            _at_most("sharded cold load (FSDP2, 2 ranks) time vs DCP's defaults", 0.8, "x"),
+            _fraction(headline("fabric_ckpt_fsdp", "load", "cold"), headline("dcp", "load", "cold")),
+            headline("fabric_ckpt_fsdp", "load", "cold"),
+        ),
+        (
+            _at_most("sharded warm load (FSDP2, 2 ranks) time vs DCP's defaults", 0.8, "x"),
+            _fraction(headline("fabric_ckpt_fsdp", "load", "warm"), headline("dcp", "load", "warm")),
+            None,
+        ),
+        (
             _at_most("scale sweep flatness, save (max/min s per GiB - 1)", 15, "%"),
             _percent(_flatness(points, "save")),
             None,
@@ -144,6 +169,12 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         ),
     ]
     return [_ratio(target, value, cold_row) for target, value, cold_row in values]
+
+
+def _fraction(part: Row | None, whole: Row | None) -> float | None:
+    """Median seconds of ``part`` over median seconds of ``whole``."""
+    part_s, whole_s = _median(part), _median(whole)
+    return None if part_s is None or not whole_s else part_s / whole_s
 
 
 def _percent(value: float | None) -> float | None:

@@ -19,6 +19,7 @@ from benchmarks.checkpointers import CHECKPOINTERS, Checkpointer
 from benchmarks.workloads import GIB, GPTWorkload, SmallTensorsWorkload, Workload, config_for_size
 
 __all__ = [
+    "ASYNC_LIBRARIES",
     "HEADLINE_LIBRARIES",
     "SMALL_TENSOR_LIBRARIES",
     "SWEEP_LIBRARIES",
@@ -29,7 +30,9 @@ __all__ = [
     "sweep_sizes",
 ]
 
-HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp")
+HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp", "fabric_ckpt_fsdp")
+# Save-only rows: the caller-blocked and until-complete times of an asynchronous save.
+ASYNC_LIBRARIES = ("fabric_ckpt_async", "fabric_ckpt_async_total")
 SMALL_TENSOR_LIBRARIES = ("fabric_ckpt", "torch")
 SWEEP_LIBRARIES = ("fabric_ckpt",)
 
@@ -108,6 +111,8 @@ def plan(options: PlanOptions) -> list[Scenario]:
     rows: list[Scenario] = []
     for library in options.libraries:
         rows += _rows("headline", library, headline, caches)
+    if "fabric_ckpt" in options.libraries:
+        rows += [Scenario("async", library, SAVE, headline) for library in ASYNC_LIBRARIES]
     small = SmallTensorsWorkload(options.small_count, options.small_numel)
     for library in SMALL_TENSOR_LIBRARIES:
         rows += _rows("small tensors", library, small, (WARM,))

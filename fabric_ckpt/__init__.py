@@ -9,6 +9,9 @@ Example:
 """
 
 from fabric_ckpt._version import __version__
+from fabric_ckpt.async_save import SaveHandle
+from fabric_ckpt.compare import diff
+from fabric_ckpt.convert import convert
 from fabric_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -16,12 +19,14 @@ from fabric_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
+from fabric_ckpt.inspection import describe
 from fabric_ckpt.io.consolidate import consolidate
 from fabric_ckpt.manager import CheckpointManager
 from fabric_ckpt.rng import RNGState
 from fabric_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from fabric_ckpt.timestamp import Time, Timestamp, TimeUnit, parse_time
 from fabric_ckpt.types import AttributeDict, Stateful
+from fabric_ckpt.verify import VerifyReport, verify
 
 __all__ = [
     "AttributeDict",
@@ -33,6 +38,7 @@ __all__ = [
     "FSDPStrategy",
     "Fabric",
     "RNGState",
+    "SaveHandle",
     "SingleDeviceStrategy",
     "Stateful",
     "Strategy",
@@ -40,7 +46,12 @@ __all__ = [
     "TimeUnit",
     "Timestamp",
     "UnsafeCheckpointError",
+    "VerifyReport",
     "__version__",
     "consolidate",
+    "convert",
+    "describe",
+    "diff",
     "parse_time",
+    "verify",
 ]

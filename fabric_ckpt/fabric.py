@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
 from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.strategies import Strategy, select_strategy
@@ -60,6 +61,7 @@ class Fabric:
         else:
             self._callbacks = [callbacks]
         self._launched = False
+        self._background = BackgroundSaver()
 
     # ------------------------------------------------------------------ topology
     @property
@@ -281,7 +283,39 @@ class Fabric:
         self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
         self._strategy.save_checkpoint(path, objects, SaveOptions(filter=filter, on_save=self._save_hooks(objects)))
+
+    def save_async(
+        self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None
+    ) -> SaveHandle:
+        """Like :meth:`save`, but return once ``state`` is copied; the checkpoint is written in the background.
+
+        The copy goes into staging memory reused by the next asynchronous save (pinned memory for GPU tensors), so
+        repeated saves hold one copy at most. A new save (or :meth:`load`) first waits for the one in flight, and
+        raises its error if it failed; ``handle.wait()`` does the same. The checkpoint appears under ``path`` only
+        when complete, exactly as with :meth:`save`; a pending save is finished at interpreter exit.
+
+        Example:
+            >>> handle = fabric.save_async("ckpt/step-100.ckpt", {"model": model, "optimizer": optimizer})
+            >>> loss = train_step()  # runs while the checkpoint is written
+            >>> handle.wait()
+        """
+        self._ensure_launched()
+        objects = unwrap_objects(state)
+        validate_filter(filter, objects)
+        options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
+        return self._strategy.save_checkpoint_async(path, objects, options, self._background)
+
+    def wait_for_saves(self) -> None:
+        """Block until the asynchronous save in flight (if any) is complete; raise if it failed, on every rank.
+
+        Example:
+            >>> fabric.save_async("ckpt/last.ckpt", state)
+            >>> fabric.wait_for_saves()  # e.g. before the job ends
+        """
+        self._ensure_launched()
+        self._strategy.agree(self._background.finish_previous, "Waiting for the asynchronous save")
 
     def load(
         self,
@@ -316,6 +350,7 @@ class Fabric:
         if state is not None and not isinstance(state, MutableMapping):
             raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
         objects = unwrap_objects(state) if state else None
+        self._strategy.agree(self._background.finish_previous, f"Loading '{path}'")
         options = LoadOptions(
             strict=strict,
             weights_only=weights_only,

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from fabric_ckpt.async_save import SaveHandle
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
 from fabric_ckpt.io.atomic import atomic_write, fsync_folder, is_temporary_name, temporary_name
@@ -54,6 +55,8 @@ class CheckpointManager:
         timestamp: a :class:`Timestamp` to share with other managers. A manager advances only the Timestamp it
             created itself; a shared one is advanced by its owner (see :meth:`on_batch_end`).
         run_name: ``{run_name}``; defaults to ``$RUN_NAME``, else a time-based name agreed by all ranks.
+        async_save: write checkpoints in the background (``fabric.save_async``); ``latest`` and pruning follow each
+            checkpoint once it is complete, and the next save (or ``load_latest``) waits for the previous one.
 
     The format variables are :data:`FORMAT_VARIABLES`: the topology and the Timestamp's fields (``*_wct`` in whole
     seconds).
@@ -81,6 +84,7 @@ class CheckpointManager:
         save_weights_only: bool = False,
         timestamp: Timestamp | None = None,
         run_name: str | None = None,
+        async_save: bool = False,
     ) -> None:
         if timestamp is not None and not isinstance(timestamp, Timestamp):
             raise TypeError(f"timestamp must be a Timestamp or None, got {type(timestamp).__name__}")
@@ -90,6 +94,8 @@ class CheckpointManager:
         self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep)
         self.overwrite = overwrite
         self.save_weights_only = save_weights_only
+        self.async_save = async_save
+        self.last_save: SaveHandle | None = None
         self._owns_timestamp = timestamp is None
         self.timestamp = Timestamp() if timestamp is None else timestamp
         self.run_name = _check_run_name(run_name if run_name is not None else self._default_run_name())
@@ -170,13 +176,24 @@ class CheckpointManager:
         path = self._url(name)
         payload = self._payload(state)
         self._check_overwrite(name, path)
+        manages = self.fabric.is_global_zero or self._per_rank
+        if self.async_save:
+            handle = self.fabric.save_async(path, payload)
+            if manages:  # moved on the background thread once the checkpoint is complete
+                handle.add_done_callback(lambda _: self._after_commit(name))
+            self.last_save = handle
+            return path
         self.fabric.save(path, payload)
-        # Only after the checkpoint is complete; per-rank names are managed by each rank that wrote its file.
-        if (self.fabric.is_global_zero or self._per_rank) and self._exists(name):
-            self._point_latest(name)
-            self._prune(name)
+        if manages:
+            self._after_commit(name)
         self.fabric.barrier("CheckpointManager.save")
         return path
+
+    def _after_commit(self, name: str) -> None:
+        # Only after the checkpoint is complete; per-rank names are managed by each rank that wrote its file.
+        if self._exists(name):
+            self._point_latest(name)
+            self._prune(name)
 
     def _payload(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if self.save_weights_only:
@@ -251,6 +268,7 @@ class CheckpointManager:
             >>> remainder = manager.load_latest({"model": model, "optimizer": optimizer})
             >>> fresh_start = remainder is None
         """
+        self.fabric.wait_for_saves()  # an asynchronous save in flight decides what `latest` is
         no_plan: tuple[list[str], str | None] = ([], None)
         candidates, latest_problem = self.fabric.broadcast(
             self._resume_plan() if self.fabric.is_global_zero else no_plan

@@ -364,3 +364,27 @@ def s3_sharded_round_trip(kind: str, url: str) -> dict[str, Any]:
     state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
     fabric.load(url, state)
     return {"saved": full_state(model, optimizer), "loaded": full_state(fresh, fresh_optimizer), "step": state["step"]}
+
+
+def async_save_while_training(kind: str, path: str) -> dict[str, Any]:
+    """save_async, then keep training (collectives on the default group) while the checkpoint is written."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 11)
+    train(fabric, model, optimizer, 0, 2)
+    expected = full_state(model, optimizer)
+    handle = fabric.save_async(path, {"model": model, "optimizer": optimizer, "step": 2})
+    train(fabric, model, optimizer, 2, 5)  # overlaps with the background write
+    handle.wait()
+    fabric.wait_for_saves()
+    fresh, fresh_optimizer = build(fabric, 12)
+    state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
+    fabric.load(path, state)
+    return {"expected": expected, "loaded": full_state(fresh, fresh_optimizer), "step": state["step"]}
+
+
+def load_bare_dcp_index_keyed(kind: str, path: str) -> dict[str, Any]:
+    """An FSDP run loading a bare DCP folder whose optimizer state was saved by index (without FSDP)."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 21)
+    fabric.load(path, {"model": model, "optimizer": optimizer})
+    return full_state(model, optimizer)

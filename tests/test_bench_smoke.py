@@ -13,7 +13,7 @@ from benchmarks.workloads import GPT, GPTWorkload, config_for_size
 TINY = {"layers": 2, "vocab": 1024, "block": 64}
 SIZE_GIB = 0.004
 SMALL_COUNT, SMALL_NUMEL = 200, 256
-HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp")
+HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp", "fabric_ckpt_fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,18 @@ def test_every_library_saves_and_loads_the_whole_checkpoint(results: dict) -> No
         if op == "load":
             assert row["cache"] == "warm"
     assert rows[("dcp", "save")]["ranks"] == 2
+    assert rows[("fabric_ckpt_fsdp", "save")]["ranks"] == 2
+
+
+def test_async_rows_time_the_blocked_call_and_the_whole_save(results: dict) -> None:
+    rows = {row["library"]: row for row in results["rows"] if row["group"] == "async"}
+    assert sorted(rows) == ["fabric_ckpt_async", "fabric_ckpt_async_total"]
+    for row in rows.values():
+        assert row["error"] is None and row["verified"] is True
+        assert row["file_bytes"] >= _payload()
+    ratios = {ratio["name"]: ratio for ratio in results["ratios"]}
+    assert ratios["async save: caller blocked, % of the synchronous save"]["value"] > 0
+    assert ratios["sharded save (FSDP2, 2 ranks) time vs DCP's defaults"]["value"] > 0
 
 
 def test_memory_sampling_sees_copies_but_not_memory_maps(results: dict) -> None:

@@ -102,3 +102,33 @@ def test_manager_filenames_choose_compression_too(tmp_path, fabric):
     manager2 = CheckpointManager(fabric, tmp_path, filename="ep{epoch}.tar.gz", latest_filename="latest", run_name="r")
     manager2.load_latest({"model": target})
     assert_same_state(snapshot(target), snapshot(model))
+
+
+@pytest.mark.parametrize("name", ["c.tar.gz", "c.tar.bz2", "c.tar.xz", "c.zst"])
+def test_any_damage_to_a_compressed_file_is_a_checkpoint_error(tmp_path, fabric, name):
+    fabric.save(tmp_path / name, {"w": torch.randn(100_000)})
+    data = bytearray((tmp_path / name).read_bytes())
+    for offset in (len(data) // 3, len(data) // 2, len(data) - 8):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x55
+        (tmp_path / "damaged").write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match="damaged"):
+            fabric.load(tmp_path / "damaged")
+
+
+def test_a_gzip_trailer_mismatch_is_caught_even_when_the_inner_file_has_no_crc(tmp_path, fabric):
+    """A tarball of a torch.save file without CRCs: only gzip's own check can notice the damage."""
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"w": torch.arange(1000.0)}, tmp_path / "inner.pt")
+    finally:
+        config.save.compute_crc32 = True
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "inner.pt", arcname="checkpoint.pt")
+    data = bytearray((tmp_path / "c.tar.gz").read_bytes())
+    data[-6] ^= 0xFF  # the stored CRC-32 of the uncompressed data, in the gzip trailer
+    (tmp_path / "c.tar.gz").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged compressed archive"):
+        fabric.load(tmp_path / "c.tar.gz")

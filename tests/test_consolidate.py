@@ -60,3 +60,26 @@ def test_peak_memory_stays_near_the_largest_tensor(tmp_path):
     extra = int(result.stdout.split()[-1])
     checkpoint_bytes = TENSORS * TENSOR_MB << 20
     assert extra < 3 * (TENSOR_MB << 20), f"{extra >> 20} MiB extra for a {checkpoint_bytes >> 20} MiB checkpoint"
+
+
+def test_missing_folder_is_file_not_found(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        consolidate(tmp_path / "nowhere", tmp_path / "out.ckpt")
+
+
+def test_bare_dcp_optimizer_saved_by_index_loads_on_one_device(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from tests.conftest import assert_same_state, snapshot, trained
+
+    model, optimizer = trained(seed=3)
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+        checkpoint_id=str(tmp_path / "bare"),
+        no_dist=True,
+    )
+    target, target_optimizer = trained(seed=4)
+    Fabric(accelerator="cpu").load(tmp_path / "bare", {"model": target, "optimizer": target_optimizer})
+    assert_same_state(snapshot(target_optimizer), snapshot(optimizer))

@@ -206,3 +206,31 @@ def test_filter_hooks_and_load_raw_behave_as_on_one_device(group, tmp_path, kind
         assert result["step_after_hook"] == 101  # what on_load_checkpoint changed is what was restored
         assert torch.equal(result["head"], result["original_head"])
         assert all(torch.equal(result["raw"][k], v) for k, v in source.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "fsdp-full", "ddp"])
+def test_async_save_while_training_writes_the_snapshot(group, tmp_path, kind):
+    results = group.run(cases.async_save_while_training, kind, str(tmp_path / f"async-{kind}.ckpt"))
+    for result in results:
+        assert_states_equal(result["loaded"], result["expected"])
+        assert result["step"] == 2
+
+
+def test_bare_dcp_folder_with_an_index_keyed_optimizer_loads_into_fsdp(group, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(30)
+    model = cases.Model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+        checkpoint_id=str(tmp_path / "bare"),
+        no_dist=True,
+    )
+    for loaded in group.run(cases.load_bare_dcp_index_keyed, "fsdp", str(tmp_path / "bare")):
+        assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
+        for index, param_state in optimizer.state_dict()["state"].items():
+            for name, value in param_state.items():
+                assert torch.equal(loaded["optimizer"][index][name], value), (index, name)

@@ -43,7 +43,9 @@ def test_launch_runs_any_callable_in_every_process(tmp_path):
         offset = 10
         fabric = Fabric(accelerator="cpu", strategy="ddp", devices=2)
         result = fabric.launch(lambda f, scale: (f.global_rank + offset) * scale, 2)  # a closure, never pickled
-        print(f"rank={fabric.global_rank} world={fabric.world_size} result={result}", flush=True)
+        # One write per line: both processes share this pipe, and a single small write is never interleaved.
+        sys.stdout.write(f"rank={fabric.global_rank} world={fabric.world_size} result={result}\\n")
+        sys.stdout.flush()
     """)
     )
     outcome = run([sys.executable, str(script)])

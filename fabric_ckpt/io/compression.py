@@ -9,10 +9,12 @@ name, and members with absolute or ``..`` paths are refused.
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +24,8 @@ from fabric_ckpt.errors import CheckpointError
 __all__ = ["MEMBER_NAME", "compression_for", "decompressed", "sniff_compression", "write_compressed"]
 
 MEMBER_NAME = "checkpoint.pt"
+# What the decompressors raise on damaged input (zlib raises its own error type, not an OSError).
+_DECOMPRESSION_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _CHUNK = 16 << 20
 _BY_SUFFIX = (
     (".tar.gz", "gz"),
@@ -98,8 +102,12 @@ def decompressed(local: str, kind: str, display: str) -> Iterator[str]:
     target = os.path.join(folder, MEMBER_NAME)
     try:
         if kind == "zst":
-            with open(local, "rb") as source, open(target, "wb") as out:
-                _zstandard().ZstdDecompressor().copy_stream(source, out, read_size=_CHUNK, write_size=_CHUNK)
+            zstandard = _zstandard()
+            try:
+                with open(local, "rb") as source, open(target, "wb") as out:
+                    zstandard.ZstdDecompressor().copy_stream(source, out, read_size=_CHUNK, write_size=_CHUNK)
+            except zstandard.ZstdError as err:
+                raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
         else:
             _copy_member(local, target, display)
         yield target
@@ -124,7 +132,10 @@ def _copy_member(local: str, target: str, display: str) -> None:
             assert source is not None
             with source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out, _CHUNK)
-    except (tarfile.TarError, EOFError, OSError) as err:
+            # Reading the compressed stream to its end makes gzip/bz2/xz check their own trailer (CRC, size).
+            while archive.fileobj is not None and archive.fileobj.read(_CHUNK):
+                pass
+    except _DECOMPRESSION_ERRORS as err:
         raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
 
 
@@ -140,7 +151,6 @@ def _is_tarball(local: str) -> bool:
 def _copy_stream(local: str, target: str, display: str) -> None:
     import bz2
     import gzip
-    import lzma
 
     with open(local, "rb") as head_file:
         kind = sniff_compression(head_file.read(300))
@@ -150,5 +160,5 @@ def _copy_stream(local: str, target: str, display: str) -> None:
     try:
         with openers[kind](local, "rb") as source, open(target, "wb") as out:
             shutil.copyfileobj(source, out, _CHUNK)
-    except (OSError, EOFError, lzma.LZMAError) as err:
+    except _DECOMPRESSION_ERRORS as err:
         raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.io import sharded
-from fabric_ckpt.io.paths import PathLike, resolve
+from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.io.progress import progress_bar
+from fabric_ckpt.io.reading import existing_location
 from fabric_ckpt.io.torch_format import LazyTensor
 
 __all__ = ["consolidate"]
@@ -30,7 +31,7 @@ def consolidate(
     """
     from fabric_ckpt.io import save_file
 
-    location = resolve(sharded_path)
+    location = existing_location(sharded_path)
     if not sharded.is_sharded(location):
         raise CheckpointError(f"'{location.original}' is not a sharded checkpoint folder")
     folder = sharded.open_folder(location)

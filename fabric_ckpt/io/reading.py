@@ -24,7 +24,7 @@ import torch
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.io.compression import decompressed, sniff_compression
 from fabric_ckpt.io.paths import Location, PathLike, local_copy, resolve
-from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
+from fabric_ckpt.io.torch_format import read_archive_info, verify_archive_parallel
 from fabric_ckpt.io.zip_archive import ZipFormatError
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "open_checkpoint", "sniff_format"]
@@ -33,6 +33,8 @@ FORMAT_ZIP = "zip"
 FORMAT_LEGACY = "legacy-pickle"
 FORMAT_SAFETENSORS = "safetensors"
 _MAX_SAFETENSORS_HEADER = 100 << 20
+# Harmless types that real checkpoints carry: Composer stores torch.__version__ (a str subclass).
+_SAFE_EXTRA_GLOBALS: list[Any] = [torch.torch_version.TorchVersion]
 _UNSAFE_HINTS = (
     "Unsupported global",
     "was not an allowed global",
@@ -85,6 +87,12 @@ def open_checkpoint(
         ...     model.load_state_dict(checkpoint["model"])
     """
     location = existing_location(path)
+    from fabric_ckpt.interop import find_hf_index, read_hf_sharded  # Hugging Face sharded safetensors
+
+    hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
+    if hf_index is not None:
+        yield read_hf_sharded(hf_index, verify=verify, progress=progress)
+        return
     if location.isdir():
         from fabric_ckpt.io import sharded
 
@@ -114,8 +122,7 @@ def load_local_file(local: str, display: str, *, weights_only: bool, verify: boo
         head = f.read(16)
     kind = sniff_format(head, size)
     if kind == FORMAT_ZIP:
-        _check_archive(local, display, verify=verify)
-        return _torch_load(local, display, weights_only=weights_only, mmap=True)
+        return _load_archive(local, display, weights_only=weights_only, verify=verify)
     if kind == FORMAT_LEGACY:
         return _torch_load(local, display, weights_only=weights_only, mmap=False)
     if kind == FORMAT_SAFETENSORS:
@@ -126,18 +133,34 @@ def load_local_file(local: str, display: str, *, weights_only: bool, verify: boo
     )
 
 
-def _check_archive(local: str, display: str, *, verify: bool) -> None:
-    # Errors are raised only after the mapping is closed: a traceback holding views of it would block the close.
+def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool) -> Any:
+    """Unpickle a zip checkpoint (memory-mapped) while its CRC-32s are checked on other threads.
+
+    The checks run in parallel with ``torch.load``'s unpickling, so verification costs little wall time; every
+    error is raised only after the mapping is closed (a traceback holding views of it would block the close).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     damage = None
-    problems = []
+    problems: list[Any] = []
+    loaded: Any = None
+    load_error: BaseException | None = None
     with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         try:
             info = read_archive_info(mapped)
         except ZipFormatError as err:
             damage = str(err)
         else:
-            if verify and info.is_torch_checkpoint:
-                problems = verify_archive(mapped, info, first_only=True)
+            if info.is_torch_checkpoint and verify:
+                if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+                    mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
+                with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
+                    checking = pool.submit(verify_archive_parallel, mapped, info)
+                    try:
+                        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True)
+                    except BaseException as err:  # reported after the checks: damage explains most failures
+                        load_error = err
+                    problems = checking.result()
     if damage is not None:
         raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {damage}")
     if not info.is_torch_checkpoint:
@@ -145,11 +168,16 @@ def _check_archive(local: str, display: str, *, verify: bool) -> None:
         raise CheckpointError(f"'{display}' is not a checkpoint: it is {what}")
     if problems:
         raise CheckpointCorruptedError(f"Checkpoint '{display}' is corrupted: {problems[0]}")
+    if load_error is not None:
+        raise load_error
+    if not verify:
+        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True)
+    return loaded
 
 
 def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool) -> Any:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             return torch.load(local, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:

@@ -36,12 +36,19 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.io.atomic import TEMP_MARKER, fsync_folder, remove_stale_temporaries
+from fabric_ckpt.io.atomic import (
+    TEMP_MARKER,
+    WritebackFile,
+    delete_in_background,
+    fsync_folder,
+    remove_stale_temporaries,
+)
 from fabric_ckpt.io.checksum import crc32
 from fabric_ckpt.io.paths import Location
 from fabric_ckpt.io.torch_format import LazyTensor
@@ -170,10 +177,26 @@ def reader_for(location: Location) -> FileSystemReader:
     return _SafeFileSystemReader(location.path) if location.is_local else _SafeFsspecReader(location.original)
 
 
+class _WritebackFileSystem(FileSystem):
+    """DCP's local filesystem, with shard files written through :class:`WritebackFile` (early writeback)."""
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        raw = open(path, mode, buffering=0)  # noqa: SIM115 - closed through the buffered writer below
+        with io.BufferedWriter(WritebackFile(raw), buffer_size=1 << 20) as stream:
+            yield stream
+
+
 def writer_for(location: Location, *, thread_count: int = 1) -> FileSystemWriter:
     """A DCP storage writer into ``location`` (a temporary folder), fsyncing every file."""
     if location.is_local:
-        return FileSystemWriter(location.path, sync_files=True, thread_count=thread_count, overwrite=True)
+        writer = FileSystemWriter(location.path, sync_files=True, thread_count=thread_count, overwrite=True)
+        writer.fs = _WritebackFileSystem()
+        return writer
     return FsspecWriter(location.original, sync_files=True, thread_count=thread_count, overwrite=True)
 
 
@@ -415,12 +438,12 @@ def manifest_files(manifest: dict[str, Any]) -> list[str]:
 def _commit_local(temporary: str, final: str) -> None:
     parent = os.path.dirname(final)
     if os.path.lexists(final) and _exchange(temporary, final):
-        remove(Location(temporary, temporary))  # now holds the previous checkpoint
+        delete_in_background(temporary)  # now holds the previous checkpoint
     elif os.path.lexists(final):
         retired = os.path.join(parent, f".{os.path.basename(final)}{TEMP_MARKER}old-{uuid.uuid4().hex[:12]}")
         os.rename(final, retired)
         os.rename(temporary, final)
-        remove(Location(retired, retired))
+        delete_in_background(retired)
     else:
         os.rename(temporary, final)
     fsync_folder(parent)

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.interop import adapt, adapt_raw
 from fabric_ckpt.io import open_checkpoint, save_file
 from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.restore import (
@@ -139,8 +141,11 @@ class Strategy(ABC):
         return self.setup_module(module), [self.setup_optimizer(optimizer) for optimizer in optimizers]
 
     # ------------------------------------------------------------------ collectives
-    def agree(self, fn: Callable[[], T], description: str) -> T:
-        """Run ``fn`` on every rank; if it raises on any rank, raise on every rank. In one process: just ``fn()``."""
+    def agree(self, fn: Callable[[], T], description: str, group: Any = None) -> T:
+        """Run ``fn`` on every rank (of ``group``); if it raises on any rank, raise on every rank.
+
+        In one process: just ``fn()``.
+        """
         return fn()
 
     def barrier(self, name: str | None = None) -> None:
@@ -175,6 +180,19 @@ class Strategy(ABC):
         """Every rank builds its checkpoint dict (errors anywhere stop the save everywhere); global rank 0 writes it."""
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         self.agree(lambda: save_file(path, checkpoint) if self.is_global_zero else None, f"Saving '{path}'")
+
+    def save_checkpoint_async(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
+    ) -> SaveHandle:
+        """Snapshot ``state`` into reused staging memory and write it in the background (global rank 0)."""
+        description = f"Saving '{path}'"
+        self.agree(saver.finish_previous, description)
+        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        if not self.is_global_zero:
+            return SaveHandle(str(path))
+        staged = saver.stager.stage(checkpoint)
+        del checkpoint
+        return saver.submit(str(path), lambda: save_file(path, staged))
 
     def _build_checkpoint(self, state: Mapping[str, Any], options: SaveOptions) -> dict[str, Any]:
         checkpoint = to_checkpoint(
@@ -220,6 +238,8 @@ class Strategy(ABC):
         apply_ignore_keys(checkpoint, options.ignore_keys)
         if not state:
             return _Returning(checkpoint)
+        # Other tools' layouts (Lightning Trainer, Composer, a bare state dict) mapped onto the requested keys.
+        checkpoint = adapt(checkpoint, state)
         _index_optimizer_entries(checkpoint, state)
         return prepare_restore(
             state,
@@ -245,6 +265,7 @@ class Strategy(ABC):
 
             def prepare() -> Callable[[], None]:
                 state_dict = stack.enter_context(open_checkpoint(path, weights_only=weights_only, verify=verify))
+                state_dict = adapt_raw(state_dict, obj)  # from a Lightning Trainer or Composer checkpoint
                 if isinstance(obj, nn.Module):
                     module = unwrap_module(obj)
                     _reject_full_checkpoint(state_dict, label)

@@ -23,7 +23,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
+from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.interop import adapt
 from fabric_ckpt.io import sharded
 from fabric_ckpt.io.paths import Location, PathLike, resolve
 from fabric_ckpt.restore import prepare_restore
@@ -212,17 +214,51 @@ class FSDPStrategy(ParallelStrategy):
         location = resolve(path)
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        temporary = self._staging_folder(location, description)
+        self._write_sharded(checkpoint, temporary, location, description, group=None)
+
+    def save_checkpoint_async(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
+    ) -> SaveHandle:
+        """Snapshot every rank's shards, then write them in the background over a process group of their own."""
+        if self.state_dict_type == "full":
+            return super().save_checkpoint_async(path, state, options, saver)
+        location = resolve(path)
+        description = f"Saving '{location.original}'"
+        self.agree(saver.finish_previous, description)
+        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        staged = saver.stager.stage(checkpoint)
+        del checkpoint
+        temporary = self._staging_folder(location, description)
+        group = self.background_group()
+        return saver.submit(
+            location.original, lambda: self._write_sharded(staged, temporary, location, description, group=group)
+        )
+
+    def _staging_folder(self, location: Location, description: str) -> Location:
         name = self.agree(lambda: sharded.temporary_folder(location).name if self.is_global_zero else None, description)
-        temporary = sharded.staging(location, self.broadcast(name))
+        return sharded.staging(location, self.broadcast(name))
+
+    def _write_sharded(
+        self, checkpoint: dict[str, Any], temporary: Location, location: Location, description: str, group: Any
+    ) -> None:
+        """DCP writes every rank's shards into ``temporary``; rank 0 adds the manifest and commits."""
         try:
             try:
-                dcp.save(checkpoint, storage_writer=sharded.writer_for(temporary, thread_count=self._writer_threads))
+                writer = sharded.writer_for(temporary, thread_count=self._writer_threads)
+                # Our manifest checksums every item; torch's own per-item CRC (which it never checks) is extra
+                # work. The switch is process-wide, so it is flipped only while the caller waits (not in the
+                # background, where user code keeps running).
+                with _torch_item_crc(enabled=group is not None):
+                    dcp.save(checkpoint, storage_writer=writer, process_group=group)
             except CheckpointException as err:
                 raise CheckpointError(f"{description} failed while writing the shards {_describe(err)}") from err
-            records = self.agree(lambda: self._checksum_own_files(temporary), description)
-            every_record = [record for per_rank in self.gather_objects(records) for record in per_rank]
+            records = self.agree(lambda: self._checksum_own_files(temporary), description, group)
+            every_record = [record for per_rank in self.gather_objects(records, group) for record in per_rank]
             self.agree(
-                lambda: self._commit(temporary, location, every_record) if self.is_global_zero else None, description
+                lambda: self._commit(temporary, location, every_record) if self.is_global_zero else None,
+                description,
+                group,
             )
         except BaseException:
             if self.is_global_zero:
@@ -272,9 +308,24 @@ class FSDPStrategy(ParallelStrategy):
             return {key: view[key] for key in folder.top_level_keys if key in view}
 
         view = self.agree(read_view, description)
+        # An optimizer saved without FSDP (index-keyed, e.g. a bare DCP folder) cannot be loaded in place by name:
+        # it is read in full and cut into shards like a single-file checkpoint.
+        by_index = {key for key in heavy if isinstance(state[key], Optimizer) and not is_fqn_keyed(view.get(key))}
+        if by_index:
+            view.update(
+                self.agree(lambda: sharded.load_full(folder, by_index, weights_only=options.weights_only), description)
+            )
         if options.on_load is not None:
             options.on_load(view)
         apply_ignore_keys(view, options.ignore_keys)
+        view = adapt(view, state)
+        sharded_loader = self._sharded_optimizer_loader(folder, state, options)
+
+        def load_optimizer(optimizer: Optimizer, entry: Mapping[str, Any]) -> None:
+            if _key_of(optimizer, state) in by_index:
+                self.load_optimizer_state_dict(optimizer, entry)
+            else:
+                sharded_loader(optimizer, entry)
 
         def prepare() -> Any:
             for key, obj in state.items():
@@ -288,7 +339,7 @@ class FSDPStrategy(ParallelStrategy):
                 strict=options.strict,
                 load_weights_only=options.load_weights_only,
                 load_module=self._sharded_module_loader(folder, state, options),
-                load_optimizer=self._sharded_optimizer_loader(folder, state, options),
+                load_optimizer=load_optimizer,
             )
 
         plan = self.agree(prepare, description)
@@ -345,6 +396,18 @@ class FSDPStrategy(ParallelStrategy):
 
     def __repr__(self) -> str:
         return f"FSDPStrategy(state_dict_type={self.state_dict_type!r}, world_size={self.world_size})"
+
+
+@contextmanager
+def _torch_item_crc(*, enabled: bool) -> Iterator[None]:
+    from torch.utils.serialization import config
+
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = enabled and previous
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
 
 
 def _describe(error: CheckpointException) -> str:

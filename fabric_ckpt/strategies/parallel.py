@@ -186,15 +186,24 @@ class ParallelStrategy(Strategy):
             result = result / self.world_size
         return result
 
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """``obj`` from every rank, in rank order, on every rank."""
+    def gather_objects(self, obj: Any, group: Any = None) -> list[Any]:
+        """``obj`` from every rank (of ``group``), in rank order, on every rank."""
         if not dist.is_initialized():
             return [obj]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, obj, group=group)
         return gathered
 
-    def agree(self, fn: Callable[[], T], description: str) -> T:
+    def background_group(self) -> Any:
+        """A process group of all ranks for work on background threads, apart from training's collectives.
+
+        Created on first use; every rank must reach that first use at the same point (it is a collective).
+        """
+        if getattr(self, "_background_group", None) is None:
+            self._background_group = dist.new_group(backend="gloo", timeout=self._timeout)
+        return self._background_group
+
+    def agree(self, fn: Callable[[], T], description: str, group: Any = None) -> T:
         """Run ``fn`` on every rank; an exception on any rank is raised on every rank.
 
         When every rank failed the same way (the usual case: one file, one model), each raises its original
@@ -209,11 +218,11 @@ class ParallelStrategy(Strategy):
             result = fn()
         except Exception as exc:  # every rank must reach the exchange below, whatever went wrong
             error = exc
-        summaries = self.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        summaries = self.gather_objects(None if error is None else f"{type(error).__name__}: {error}", group)
         failures = [(rank, summary) for rank, summary in enumerate(summaries) if summary is not None]
         if not failures:
             return result  # type: ignore[return-value]
-        if error is not None and len(failures) == self.world_size and len({s for _, s in failures}) == 1:
+        if error is not None and len(failures) == len(summaries) and len({s for _, s in failures}) == 1:
             raise error
         rank, summary = failures[0]
         others = f" (and on rank(s) {[r for r, _ in failures[1:]]})" if len(failures) > 1 else ""

@@ -1,0 +1,136 @@
+"""Asynchronous saves: the caller waits only for the snapshot, a background thread writes it.
+
+One save is written at a time, on one thread started by the first asynchronous save (never at import). A new save
+first waits for the previous one; an error of the previous one is raised by :meth:`SaveHandle.wait` and by the next
+save. At interpreter exit a pending save is finished, so the last checkpoint is not lost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.staging import Stager
+
+__all__ = ["BackgroundSaver", "SaveHandle"]
+
+
+class SaveHandle:
+    """A save running in the background, returned by ``fabric.save_async``.
+
+    Example:
+        >>> handle = fabric.save_async("ckpt/step-100.ckpt", state)
+        >>> ...  # keep training
+        >>> handle.wait()  # raises if the save failed
+    """
+
+    def __init__(self, path: str, future: Future[Any] | None = None) -> None:
+        self.path = path
+        self._future = future
+        self._callbacks: list[Callable[[SaveHandle], None]] = []
+        self._written = future is None
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        """Whether the save finished (successfully or not)."""
+        return self._future is None or self._future.done()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the checkpoint is complete; raise the error the save ended with.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+        """
+        if self._future is not None:
+            self._future.result(timeout=timeout)
+
+    def exception(self) -> BaseException | None:
+        """The error the finished save ended with, or ``None``."""
+        if self._future is None or not self._future.done():
+            return None
+        return self._future.exception()
+
+    def add_done_callback(self, callback: Callable[[SaveHandle], None]) -> None:
+        """Call ``callback(handle)`` once the checkpoint is complete, before the save counts as done.
+
+        It runs on the background thread (or right away if the checkpoint is already complete); an error it raises
+        is the save's error. ``CheckpointManager`` moves ``latest`` this way, so no later save can overtake it.
+        """
+        with self._lock:
+            if not self._written:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def _finish(self) -> None:
+        """Run by the background job once the checkpoint is complete."""
+        while True:
+            with self._lock:
+                if not self._callbacks:
+                    self._written = True
+                    return
+                callback = self._callbacks.pop(0)
+            callback(self)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"SaveHandle(path={self.path!r}, {state})"
+
+
+class BackgroundSaver:
+    """Writes one staged checkpoint at a time on a background thread, reusing the staging memory."""
+
+    def __init__(self) -> None:
+        self.stager = Stager()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: SaveHandle | None = None
+        self._lock = threading.Lock()
+
+    def finish_previous(self) -> None:
+        """Wait for the save in flight; raise :class:`CheckpointError` if it failed (once, then forget it)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.wait()
+        except BaseException as err:
+            raise CheckpointError(f"The previous asynchronous save to '{pending.path}' failed: {err}") from err
+
+    def submit(self, path: str, write: Callable[[], Any]) -> SaveHandle:
+        """Run ``write()`` in the background (after :meth:`finish_previous`); return its handle."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-async-save")
+                atexit.register(self._finish_at_exit)
+            future: Future[Any] = Future()
+            handle = SaveHandle(path, future)
+
+            def job() -> None:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    write()
+                    handle._finish()
+                except BaseException as err:
+                    future.set_exception(err)
+                else:
+                    future.set_result(None)
+
+            self._executor.submit(job)
+            self._pending = handle
+        return handle
+
+    def _finish_at_exit(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.wait()
+            except BaseException as err:  # nobody is left to raise to
+                print(f"[fabric_ckpt] the asynchronous save to '{pending.path}' failed: {err}")
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,224 @@
+"""Comparing two checkpoints entry by entry, across layouts (a file against a sharded folder, local against remote).
+
+Entries are matched by their ``/``-joined path (``model/fc1.weight``, ``optimizer/state/0/exp_avg``), so a file and
+the sharded folder made from it compare equal even though DCP stores integer keys as strings. Tensors are compared
+bitwise, one at a time (sharded folders are read one tensor at a time, files are memory-mapped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fabric_ckpt.inspection import flatten
+from fabric_ckpt.io.paths import PathLike
+from fabric_ckpt.io.progress import progress_bar
+from fabric_ckpt.io.torch_format import LazyTensor
+
+__all__ = ["Change", "CheckpointDiff", "diff", "open_lazily"]
+
+_CHUNK_ELEMENTS = 1 << 24  # bounds the float64 scratch memory of a difference to 128 MiB
+
+
+@dataclass(frozen=True)
+class Change:
+    """An entry present in both checkpoints with different contents.
+
+    Example:
+        >>> Change("model/fc1.weight", "max abs diff 0.5", 0.5)
+    """
+
+    path: str
+    detail: str
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class CheckpointDiff:
+    """What :func:`diff` found: entries only in ``b`` (added), only in ``a`` (removed), and changed.
+
+    Example:
+        >>> result = diff("step-100.ckpt", "step-200.ckpt")
+        >>> [change.path for change in result.changed]
+        ['model/fc1.weight', 'step']
+    """
+
+    a: str
+    b: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[Change] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def equal(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "equal": self.equal,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": [
+                {"path": c.path, "detail": c.detail, "max_abs_diff": _finite_or_text(c.max_abs_diff)}
+                for c in self.changed
+            ],
+            "unchanged": self.unchanged,
+        }
+
+    def render(self) -> str:
+        verdict = "equal" if self.equal else "different"
+        lines = [
+            f"{self.a} vs {self.b}: {verdict} ({len(self.changed)} changed, {len(self.added)} added, "
+            f"{len(self.removed)} removed, {self.unchanged} unchanged)"
+        ]
+        width = max((len(c.path) for c in self.changed), default=0)
+        lines.extend(f"  changed  {c.path.ljust(width)}  {c.detail}" for c in self.changed)
+        lines.extend(f"  added    {path}" for path in self.added)
+        lines.extend(f"  removed  {path}" for path in self.removed)
+        return "\n".join(lines)
+
+
+def _finite_or_text(value: float | None) -> float | str | None:
+    return value if value is None or math.isfinite(value) else str(value)
+
+
+@contextmanager
+def open_lazily(path: PathLike, *, weights_only: bool = True, verify: bool = True) -> Iterator[Any]:
+    """Yield the checkpoint at ``path`` without holding all its tensors in memory.
+
+    Sharded folders yield :class:`~fabric_ckpt.io.torch_format.LazyTensor` placeholders (read one at a time); files
+    come from :func:`~fabric_ckpt.io.open_checkpoint` (memory-mapped when local).
+
+    Example:
+        >>> with open_lazily("checkpoints/step-1000") as checkpoint:
+        ...     weight = checkpoint["model"]["fc1.weight"].load()
+    """
+    from fabric_ckpt.io import open_checkpoint, sharded
+    from fabric_ckpt.io.reading import existing_location
+
+    location = existing_location(path)
+    if location.isdir() and sharded.is_sharded(location):
+        folder = sharded.open_folder(location)
+        sharded.verify_folder(folder, checksums=verify)
+        yield sharded.load_full(folder, weights_only=weights_only, tensors="lazy")
+        return
+    with open_checkpoint(path, weights_only=weights_only, verify=verify) as checkpoint:
+        yield checkpoint
+
+
+def diff(
+    a: PathLike, b: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
+) -> CheckpointDiff:
+    """Compare the checkpoints at ``a`` and ``b``: added, removed and changed entries.
+
+    Tensors that differ report their largest absolute difference; a dtype or shape change is reported as such.
+
+    Raises:
+        FileNotFoundError: ``a`` or ``b`` does not exist.
+        CheckpointError: either is not a checkpoint, or is damaged.
+
+    Example:
+        >>> print(diff("run1/last.ckpt", "run2/step-100").render())
+    """
+    result = CheckpointDiff(str(a), str(b))
+    with (
+        open_lazily(a, weights_only=weights_only, verify=verify) as first,
+        open_lazily(b, weights_only=weights_only, verify=verify) as second,
+    ):
+        left, right = flatten(first), flatten(second)
+        result.removed = [path for path in left if path not in right]
+        result.added = [path for path in right if path not in left]
+        common = [path for path in left if path in right]
+        total = sum(_nbytes(left[path]) for path in common)
+        with progress_bar(total, "diff", enabled=progress) as bar:
+            for path in common:
+                change = _compare(path, left[path], right[path])
+                bar.update(_nbytes(left[path]))
+                if change is None:
+                    result.unchanged += 1
+                else:
+                    result.changed.append(change)
+    return result
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, LazyTensor))
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, LazyTensor):
+        return value.numel * value.dtype.itemsize
+    return 0
+
+
+def _describe_value(value: Any) -> str:
+    if _is_tensor(value):
+        return f"a tensor {str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _compare(path: str, first: Any, second: Any) -> Change | None:
+    if _is_tensor(first) and _is_tensor(second):
+        return _compare_tensors(path, first, second)
+    if _is_tensor(first) or _is_tensor(second):
+        return Change(path, f"{_describe_value(first)} -> {_describe_value(second)}")
+    # Types matter (3 is not 3.0), except between mappings: layouts differ in dict vs OrderedDict.
+    same_type = type(first) is type(second) or (isinstance(first, Mapping) and isinstance(second, Mapping))
+    try:
+        same = same_type and bool(first == second)
+    except Exception:  # objects whose == raises or is ambiguous (arrays) count as changed
+        same = False
+    return None if same else Change(path, f"{_describe_value(first)} -> {_describe_value(second)}")
+
+
+def _compare_tensors(path: str, first: Any, second: Any) -> Change | None:
+    if first.dtype != second.dtype:
+        names = (str(t.dtype).removeprefix("torch.") for t in (first, second))
+        return Change(path, "dtype {} -> {}".format(*names))
+    if tuple(first.shape) != tuple(second.shape):
+        return Change(path, f"shape {list(first.shape)} -> {list(second.shape)}")
+    x, y = _real(first), _real(second)
+    if _bitwise_equal(x, y):
+        return None
+    largest = _max_abs_diff(x, y)
+    return Change(path, f"max abs diff {largest:.6g}", largest)
+
+
+def _real(value: Any) -> torch.Tensor:
+    tensor = value.load() if isinstance(value, LazyTensor) else value
+    if tensor.layout != torch.strided or tensor.device.type != "cpu":
+        tensor = tensor.to_dense().cpu() if tensor.layout != torch.strided else tensor.cpu()
+    return tensor.detach().reshape(-1)
+
+
+def _bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.numel() == 0:
+        return True
+    return torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+
+
+def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The largest ``|x - y|`` in float64 (complex: modulus; bool: 1.0 where they differ), chunk by chunk."""
+    largest = 0.0
+    for start in range(0, x.numel(), _CHUNK_ELEMENTS):
+        a, b = x[start : start + _CHUNK_ELEMENTS], y[start : start + _CHUNK_ELEMENTS]
+        if a.is_complex():
+            delta = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
+        else:
+            delta = (a.to(torch.float64) - b.to(torch.float64)).abs()
+        chunk_max = float(delta.max())
+        if math.isnan(chunk_max):
+            return math.nan
+        largest = max(largest, chunk_max)
+    return largest

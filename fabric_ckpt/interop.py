@@ -1,0 +1,490 @@
+"""Other tools' checkpoints as fabric_ckpt checkpoint dicts: Lightning Trainer, Composer, Hugging Face safetensors.
+
+Readers recognise a foreign checkpoint by its structure (never by its file name) and map it onto our layout:
+entries ``model``, ``optimizer``, ``scheduler``, ``timestamp`` and ``rng`` beside everything else the tool saved.
+:func:`adapt` then gives those entries the names of the objects a ``fabric.load`` asks for, when that mapping is
+unambiguous (one module, one optimizer, ...). Everything here is pure except the Hugging Face readers, which read
+``model.safetensors.index.json`` and its shard files.
+
+Lightning Fabric checkpoints are plain dicts and bare DCP folders are read by ``open_checkpoint``; they need nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.io.paths import Location
+from fabric_ckpt.rng import RNGState
+from fabric_ckpt.timestamp import TIMESTAMP_FIELDS, Timestamp
+
+__all__ = [
+    "COMPOSER",
+    "HF_INDEX_NAME",
+    "LIGHTNING_TRAINER",
+    "STATE_DICT",
+    "HFIndex",
+    "adapt",
+    "adapt_raw",
+    "detect",
+    "find_hf_index",
+    "read_hf_index",
+    "read_hf_sharded",
+    "read_safetensors_header",
+    "to_fabric",
+]
+
+LIGHTNING_TRAINER = "lightning-trainer"
+COMPOSER = "composer"
+STATE_DICT = "state-dict"
+HF_INDEX_NAME = "model.safetensors.index.json"
+_TRAINER_MARKERS = ("pytorch-lightning_version", "optimizer_states", "global_step", "loops")
+_MAX_INDEX_BYTES = 64 << 20
+_MAX_HEADER_BYTES = 100 << 20
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint dicts
+def detect(checkpoint: Any) -> str | None:
+    """Which tool wrote ``checkpoint``: :data:`LIGHTNING_TRAINER`, :data:`COMPOSER`, :data:`STATE_DICT` or ``None``.
+
+    Example:
+        >>> detect(torch.load("lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True))
+        'lightning-trainer'
+    """
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        return None
+    if isinstance(checkpoint.get("state_dict"), Mapping) and any(key in checkpoint for key in _TRAINER_MARKERS):
+        return LIGHTNING_TRAINER
+    state = checkpoint.get("state")
+    if (
+        isinstance(state, Mapping)
+        and set(checkpoint) <= {"state", "rng"}
+        and ("model" in state or "timestamp" in state)
+    ):
+        return COMPOSER
+    if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return STATE_DICT
+    return None
+
+
+def to_fabric(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A foreign checkpoint in our layout: ``model``, ``optimizer``, ``scheduler``, ``timestamp``, ``rng``, the rest.
+
+    Several optimizers or schedulers become ``optimizer_0``, ``optimizer_1``, ... A checkpoint that is already ours
+    (or unknown) is returned as a shallow copy.
+
+    Example:
+        >>> to_fabric({"state": {"model": {"w": w}, "timestamp": ...}, "rng": [...]})["model"]
+        {'w': ...}
+    """
+    source = detect(checkpoint)
+    if source == LIGHTNING_TRAINER:
+        return _from_trainer(checkpoint)
+    if source == COMPOSER:
+        return _from_composer(checkpoint)
+    if source == STATE_DICT:
+        return {"model": dict(checkpoint)}
+    return dict(checkpoint)
+
+
+def _numbered(name: str, values: list[Any]) -> dict[str, Any]:
+    if len(values) == 1:
+        return {name: values[0]}
+    return {f"{name}_{index}": value for index, value in enumerate(values)}
+
+
+def _from_trainer(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    converted: dict[str, Any] = {"model": checkpoint["state_dict"]}
+    converted.update(_numbered("optimizer", list(checkpoint.get("optimizer_states") or [])))
+    converted.update(_numbered("scheduler", list(checkpoint.get("lr_schedulers") or [])))
+    for key, value in checkpoint.items():
+        if key not in ("state_dict", "optimizer_states", "lr_schedulers"):
+            converted.setdefault(key, value)
+    return converted
+
+
+def _from_composer(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    state = checkpoint["state"]
+    converted: dict[str, Any] = {}
+    model = state.get("model")
+    # ComposerClassifier keeps the network at ``.module``, so every key (and optimizer FQN) starts with "module.".
+    prefix = "module." if isinstance(model, Mapping) and model and all(k.startswith("module.") for k in model) else ""
+    if model is not None:
+        converted["model"] = {key[len(prefix) :]: value for key, value in model.items()} if prefix else model
+    optimizers = state.get("optimizers") or {}  # {class name: state dict}, FQN-keyed (DCP's get_optimizer_state_dict)
+    converted.update(_numbered("optimizer", [_strip_fqn_prefix(s, prefix) for s in _values(optimizers)]))
+    converted.update(_numbered("scheduler", _values(state.get("schedulers") or {})))
+    if "timestamp" in state:
+        converted["timestamp"] = _composer_timestamp(state["timestamp"])
+    for key, value in state.items():
+        if key not in ("model", "optimizers", "schedulers", "timestamp"):
+            converted.setdefault(key, _plain_strings(value))
+    if "rng" in checkpoint:
+        converted["rng"] = _composer_rng(checkpoint["rng"])
+    return converted
+
+
+def _plain_strings(value: Any) -> Any:
+    """``str`` subclasses (Composer's metadata holds ``torch.__version__``, a ``TorchVersion``) as plain ``str``.
+
+    A converted checkpoint then loads under ``weights_only=True``, which refuses the subclasses' globals.
+    """
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _plain_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_strings(item) for item in value]
+    return value
+
+
+def _values(serialized: Any) -> list[Any]:
+    """Composer stores optimizers and schedulers as ``{class name: state dict}``."""
+    return list(serialized.values()) if isinstance(serialized, Mapping) else list(serialized)
+
+
+def _strip_fqn_prefix(optimizer_state: Any, prefix: str) -> Any:
+    if not prefix or not isinstance(optimizer_state, Mapping) or "param_groups" not in optimizer_state:
+        return optimizer_state
+
+    def strip(name: Any) -> Any:
+        return name[len(prefix) :] if isinstance(name, str) and name.startswith(prefix) else name
+
+    return {
+        **optimizer_state,
+        "state": {strip(k): v for k, v in (optimizer_state.get("state") or {}).items()},
+        "param_groups": [
+            {**group, "params": [strip(p) for p in group.get("params", [])]}
+            for group in optimizer_state["param_groups"]
+        ],
+    }
+
+
+def _composer_timestamp(serialized: Any) -> Any:
+    """Composer's ``{"Timestamp": {...}}`` (``timedelta`` clocks) as our :class:`Timestamp` state; else unchanged."""
+    inner = serialized.get("Timestamp", serialized) if isinstance(serialized, Mapping) else serialized
+    if not isinstance(inner, Mapping) or not all(name in inner for name in TIMESTAMP_FIELDS):
+        return serialized
+    try:
+        return {
+            name: float(_seconds(inner[name])) if name.endswith("_wct") else int(inner[name])
+            for name in TIMESTAMP_FIELDS
+        }
+    except (TypeError, ValueError):
+        return serialized
+
+
+def _seconds(value: Any) -> float:
+    return float(value.total_seconds()) if hasattr(value, "total_seconds") else float(value)
+
+
+def _composer_rng(serialized: Any) -> Any:
+    """Composer's per-rank list of ``{python, numpy, torch, cuda}`` as our :class:`RNGState` state; else unchanged."""
+    if not isinstance(serialized, list) or not all(isinstance(rank, Mapping) for rank in serialized):
+        return serialized
+    try:
+        return {"per_rank": [_composer_rank_rng(rank) for rank in serialized]}
+    except (TypeError, ValueError, AttributeError):
+        return serialized
+
+
+def _composer_rank_rng(rank: Mapping[str, Any]) -> dict[str, Any]:
+    converted: dict[str, Any] = {}
+    if "python" in rank:
+        version, words, gauss_next = rank["python"]
+        converted["python"] = {"version": int(version), "state": [int(w) for w in words], "gauss_next": gauss_next}
+    if "numpy" in rank:
+        bit_generator, keys, pos, has_gauss, cached_gaussian = rank["numpy"]
+        converted["numpy"] = {
+            "bit_generator": str(bit_generator),
+            # A tensor of the key words loads under weights_only=True; a numpy array would not.
+            "keys": torch.as_tensor(keys.astype("int64")) if hasattr(keys, "astype") else torch.as_tensor(keys),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+    if isinstance(rank.get("torch"), torch.Tensor):
+        converted["torch"] = rank["torch"]
+    if isinstance(rank.get("cuda"), torch.Tensor):
+        converted["cuda"] = [rank["cuda"]]
+    return converted
+
+
+def _kind(obj: Any) -> str | None:
+    """The conventional entry name for an object of a ``fabric.load`` state."""
+    if isinstance(obj, nn.Module):
+        return "model"
+    if isinstance(obj, Optimizer):
+        return "optimizer"
+    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+        return "scheduler"
+    if isinstance(obj, Timestamp):
+        return "timestamp"
+    if isinstance(obj, RNGState):
+        return "rng"
+    return None
+
+
+def adapt(checkpoint: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a foreign checkpoint onto the entries a ``fabric.load`` state asks for, where that is unambiguous.
+
+    Only when some requested key is missing from ``checkpoint``: a Lightning Trainer or Composer checkpoint is put
+    in our layout (:func:`to_fabric`), and the single module (optimizer, scheduler, ``Timestamp``, ``RNGState``) of
+    the request takes the ``model`` (``optimizer``, ...) entry under its own key. A plain state dict (e.g. a
+    safetensors file) becomes the entry of the request's single module when none of the requested keys is in it.
+    Anything else is returned unchanged, so the usual strict-key errors apply.
+
+    Also, in any checkpoint: an optimizer entry whose parameters are indices but whose ``state`` keys are their
+    strings (how DCP stores an index-keyed optimizer state) gets its integer keys back.
+
+    Example:
+        >>> adapt(trainer_checkpoint, {"net": model, "opt": optimizer})["net"] is trainer_checkpoint["state_dict"]
+        True
+    """
+    checkpoint = _integer_optimizer_keys(checkpoint, requested)
+    if all(key in checkpoint for key in requested):
+        return checkpoint
+    source = detect(checkpoint)
+    if source is None or (source == STATE_DICT and any(key in checkpoint for key in requested)):
+        return checkpoint
+    converted = to_fabric(checkpoint)
+    for kind in ("model", "optimizer", "scheduler", "timestamp", "rng"):
+        wanting = [key for key, obj in requested.items() if _kind(obj) == kind and key not in converted]
+        if len(wanting) == 1 and kind in converted and kind not in requested:
+            converted[wanting[0]] = converted.pop(kind)
+    return converted
+
+
+def _integer_optimizer_keys(checkpoint: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, Any]:
+    """Give back integer ``state`` keys to index-keyed optimizer entries that DCP stored with string keys.
+
+    Without this, ``Optimizer.load_state_dict`` would keep the state under the strings, detached from parameters.
+    """
+    repaired = checkpoint
+    for key, obj in requested.items():
+        entry = checkpoint.get(key)
+        if not isinstance(obj, Optimizer) or not isinstance(entry, Mapping) or not isinstance(entry.get("state"), dict):
+            continue
+        params = [p for group in entry.get("param_groups") or [] for p in group.get("params", [])]
+        keys = list(entry["state"])
+        if params and all(isinstance(p, int) for p in params) and keys and all(_is_digits(k) for k in keys):
+            if repaired is checkpoint:
+                repaired = dict(checkpoint)
+            repaired[key] = {**entry, "state": {int(k): v for k, v in entry["state"].items()}}
+    return repaired
+
+
+def _is_digits(key: Any) -> bool:
+    return isinstance(key, str) and key.isdigit()
+
+
+def adapt_raw(loaded: Any, target: nn.Module | Optimizer) -> Any:
+    """What ``fabric.load_raw`` should load into ``target`` from a Trainer or Composer checkpoint; else ``loaded``.
+
+    Example:
+        >>> adapt_raw(trainer_checkpoint, model) is trainer_checkpoint["state_dict"]
+        True
+    """
+    if detect(loaded) not in (LIGHTNING_TRAINER, COMPOSER):
+        return loaded
+    converted = to_fabric(loaded)
+    name = "model" if isinstance(target, nn.Module) else "optimizer"
+    return converted.get(name, loaded)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors file, known from the header alone.
+
+    Example:
+        >>> read_safetensors_header(resolve("model.safetensors"))[0]["lm_head.weight"].shape
+        (32000, 4096)
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+
+def read_safetensors_header(location: Location) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
+    """The tensors (dtype, shape, byte range) and metadata of a safetensors file, reading only its header.
+
+    Raises:
+        CheckpointError: the header is missing, too large, not JSON, or names an unknown dtype.
+
+    Example:
+        >>> tensors, metadata = read_safetensors_header(resolve("model.safetensors"))
+    """
+    with _open(location) as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"Safetensors file '{location.original}' is truncated (no header)")
+        (length,) = struct.unpack("<Q", head)
+        if not 0 < length <= _MAX_HEADER_BYTES:
+            raise CheckpointError(f"Safetensors file '{location.original}' has an invalid header length {length}")
+        raw = stream.read(length)
+    try:
+        header = json.loads(raw)
+        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        entries = {
+            name: SafetensorsEntry(
+                _SAFETENSORS_DTYPES[info["dtype"]],
+                tuple(int(size) for size in info["shape"]),
+                (int(info["data_offsets"][0]), int(info["data_offsets"][1])),
+            )
+            for name, info in header.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"Safetensors file '{location.original}' has a damaged header ({err!r})") from None
+    return entries, metadata
+
+
+def _open(location: Location) -> Any:
+    return open(location.path, "rb") if location.is_local else location.fs.open(location.path, "rb")
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face index
+@dataclass(frozen=True)
+class HFIndex:
+    """A Hugging Face sharded-safetensors index: where it is, and each tensor's shard file (relative to it).
+
+    Example:
+        >>> read_hf_index(resolve("llama/model.safetensors.index.json")).weight_map["lm_head.weight"]
+        'model-00002-of-00002.safetensors'
+    """
+
+    location: Location
+    weight_map: dict[str, str]
+    metadata: dict[str, Any]
+
+    @property
+    def shards(self) -> dict[str, list[str]]:
+        """Each shard file and the tensors it holds, in index order."""
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        return by_shard
+
+    def shard_location(self, shard: str) -> Location:
+        folder = self.location.parent
+        if self.location.is_local:
+            path = os.path.join(folder, shard)
+            return Location(path, path)
+        path = f"{folder}/{shard}" if folder else shard
+        return Location(self.location.url_of(path), path, self.location.fs)
+
+
+def find_hf_index(location: Location) -> HFIndex | None:
+    """The Hugging Face index at ``location``, ``None`` when there is none.
+
+    ``location`` is a ``.json`` index file, or a folder holding ``model.safetensors.index.json`` (and no sharded
+    checkpoint of ours, which wins).
+
+    Example:
+        >>> find_hf_index(resolve("llama-7b/")).shards
+        {'model-00001-of-00002.safetensors': [...], ...}
+    """
+    if location.path.endswith(".json") and location.isfile():
+        return read_hf_index(location)
+    if location.isdir():
+        from fabric_ckpt.io import sharded
+
+        index = location.child(HF_INDEX_NAME)
+        if index.exists() and not sharded.is_sharded(location):
+            return read_hf_index(index)
+    return None
+
+
+def read_hf_index(location: Location) -> HFIndex:
+    """Parse and check an index file: a ``weight_map`` of tensor names to shard files beside it.
+
+    Raises:
+        CheckpointError: not JSON, no ``weight_map``, or a shard name that leaves the index's folder.
+
+    Example:
+        >>> list(read_hf_index(resolve("llama/model.safetensors.index.json")).shards)
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    if location.size() > _MAX_INDEX_BYTES:
+        raise CheckpointError(f"'{location.original}' is not a checkpoint: a JSON file too large for an index")
+    with _open(location) as stream:
+        raw = stream.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(
+            f"'{location.original}' is not a checkpoint: a .json file that is not valid JSON"
+        ) from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"'{location.original}' is not a checkpoint: a JSON file without the 'weight_map' of a Hugging Face index"
+        )
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise CheckpointError(
+                f"Hugging Face index '{location.original}' maps '{key}' to {shard!r}, which is not a file beside it"
+            )
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    return HFIndex(location, {str(k): v for k, v in weight_map.items()}, metadata)
+
+
+def read_hf_sharded(index: HFIndex, *, verify: bool = True, progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face sharded checkpoint, in index order (remote shards are downloaded one at a time).
+
+    Raises:
+        CheckpointError: a shard is missing, unreadable, or lacks a tensor the index places in it.
+
+    Example:
+        >>> model.load_state_dict(read_hf_sharded(find_hf_index(resolve("llama-7b/"))))
+    """
+    from fabric_ckpt.io.paths import local_copy
+    from fabric_ckpt.io.reading import load_local_file
+
+    loaded: dict[str, torch.Tensor] = {}
+    for shard, keys in index.shards.items():
+        location = index.shard_location(shard)
+        if not location.isfile():
+            raise CheckpointError(
+                f"Hugging Face index '{index.location.original}' names the shard '{shard}', which does not exist"
+            )
+        with local_copy(location, progress=progress) as local:
+            tensors = load_local_file(local, location.original, weights_only=True, verify=verify)
+        missing = [key for key in keys if not isinstance(tensors, Mapping) or key not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"Hugging Face shard '{location.original}' lacks {missing[:5]}, which the index places in it"
+            )
+        for key in keys:
+            loaded[key] = tensors[key]
+    return {key: loaded[key] for key in index.weight_map}

@@ -1,0 +1,106 @@
+"""A snapshot of a checkpoint in reused memory, so training can go on while it is written.
+
+:class:`Stager` copies every tensor of a checkpoint dict into staging storage (pinned CPU memory for accelerator
+tensors) and rebuilds the dict around the copies; tensors that shared a storage still share one. The storages are
+kept and reused by the next snapshot of the same structure, so repeated async saves hold one copy at most.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+__all__ = ["Stager"]
+
+
+class Stager:
+    """Copies checkpoints into staging memory it keeps for the next snapshot.
+
+    Example:
+        >>> stager = Stager()
+        >>> snapshot = stager.stage({"model": model.state_dict(), "step": 3})
+    """
+
+    def __init__(self) -> None:
+        self._pool: list[torch.UntypedStorage] = []
+        self._next = 0
+        self._copies: dict[int, torch.UntypedStorage] = {}
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of staging memory held."""
+        return sum(storage.nbytes() for storage in self._pool)
+
+    def stage(self, checkpoint: Any) -> Any:
+        """A copy of ``checkpoint`` whose tensors live in staging memory (the previous snapshot's, when it fits)."""
+        self._next = 0
+        self._copies = {}
+        staged = self._walk(checkpoint)
+        if any(storage.device.type != "cpu" for storage in self._copies.values()):
+            torch.cuda.synchronize()
+        del self._pool[self._next :]  # storages the new structure no longer needs
+        self._copies = {}
+        return staged
+
+    def _walk(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj)
+        if isinstance(obj, dict):
+            staged = copy.copy(obj)  # keeps the type and attributes, e.g. a state dict's _metadata
+            for key, value in obj.items():
+                staged[key] = self._walk(value)
+            return staged
+        if isinstance(obj, list):
+            return [self._walk(value) for value in obj]
+        if isinstance(obj, tuple):
+            items = [self._walk(value) for value in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        return obj
+
+    def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+
+            sharded = cast(DTensor, tensor)
+            local = self._tensor(sharded.to_local())  # a sharded tensor: stage this rank's shard, keep its layout
+            return DTensor.from_local(
+                local,
+                sharded.device_mesh,
+                sharded.placements,
+                run_check=False,
+                shape=sharded.shape,
+                stride=sharded.stride(),
+            )
+        if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
+            return tensor.detach().to("cpu", copy=True)
+        source = tensor.untyped_storage()
+        if source.nbytes() == 0:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        key = source.data_ptr()
+        staged = self._copies.get(key)
+        if staged is None:
+            staged = self._storage_for(source)
+            staged.copy_(source, non_blocking=source.device.type != "cpu")
+            self._copies[key] = staged
+        view = torch.empty((0,), dtype=tensor.dtype)
+        view.set_(staged, tensor.storage_offset(), tensor.size(), tensor.stride())
+        if isinstance(tensor, nn.Parameter):
+            return nn.Parameter(view, requires_grad=tensor.requires_grad)
+        return view
+
+    def _storage_for(self, source: torch.UntypedStorage) -> torch.UntypedStorage:
+        size = source.nbytes()
+        if self._next < len(self._pool) and self._pool[self._next].nbytes() == size:
+            storage = self._pool[self._next]
+        else:
+            pinned = source.device.type == "cuda"
+            storage = torch.empty(size, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+            if self._next < len(self._pool):
+                self._pool[self._next] = storage
+            else:
+                self._pool.append(storage)
+        self._next += 1
+        return storage

@@ -1,0 +1,102 @@
+"""fabric.save_async: the caller waits for a snapshot only, the file is written in the background."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fabric_ckpt import CheckpointError, CheckpointManager, Fabric, SaveHandle
+from tests.conftest import assert_same_state, make_net, snapshot, trained
+
+
+def test_the_snapshot_is_what_gets_written_while_training_goes_on(tmp_path, fabric):
+    model, optimizer = trained(seed=1)
+    expected_model, expected_optimizer = snapshot(model), snapshot(optimizer)
+    handle = fabric.save_async(tmp_path / "c.ckpt", {"model": model, "optimizer": optimizer, "step": 7})
+    assert isinstance(handle, SaveHandle)
+    with torch.no_grad():  # training continues and changes everything right away
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    handle.wait()
+    assert handle.done() and handle.exception() is None
+    target, target_optimizer = trained(seed=2)
+    assert fabric.load(tmp_path / "c.ckpt", {"model": target, "optimizer": target_optimizer}) == {"step": 7}
+    assert_same_state(snapshot(target), expected_model)
+    assert_same_state(snapshot(target_optimizer), expected_optimizer)
+
+
+def test_staging_memory_is_reused_across_saves(tmp_path, fabric):
+    model, optimizer = trained(seed=1)
+    state = {"model": model, "optimizer": optimizer}
+    fabric.save_async(tmp_path / "a.ckpt", state).wait()
+    stager = fabric._background.stager
+    held, addresses = stager.staged_bytes, [s.data_ptr() for s in stager._pool]
+    for name in ("b.ckpt", "c.ckpt", "d.ckpt"):
+        fabric.save_async(tmp_path / name, state)
+    fabric.wait_for_saves()
+    assert stager.staged_bytes == held and [s.data_ptr() for s in stager._pool] == addresses
+    assert held == sum(
+        t.numel() * t.element_size()
+        for t in (*model.state_dict().values(), *(v for s in optimizer.state.values() for v in s.values()))
+    )
+
+
+def test_a_new_save_waits_for_the_previous_one(tmp_path, fabric):
+    big = {"w": torch.randn(5_000_000)}
+    first = fabric.save_async(tmp_path / "a.ckpt", big)
+    second = fabric.save_async(tmp_path / "b.ckpt", big)
+    assert first.done()  # save_async returned only after the first one finished
+    second.wait()
+    assert torch.equal(fabric.load(tmp_path / "a.ckpt")["w"], big["w"])
+
+
+def test_a_background_error_surfaces_on_wait_and_on_the_next_save(tmp_path, fabric):
+    (tmp_path / "blocked.ckpt").mkdir()  # a folder in the way: the background write fails
+    handle = fabric.save_async(tmp_path / "blocked.ckpt", {"step": 1})
+    with pytest.raises(IsADirectoryError, match=r"blocked\.ckpt"):
+        handle.wait()
+    with pytest.raises(CheckpointError, match=r"The previous asynchronous save to '.*blocked.ckpt' failed"):
+        fabric.save(tmp_path / "ok.ckpt", {"step": 2})
+    fabric.save(tmp_path / "ok.ckpt", {"step": 3})  # reported once, then saving works again
+    assert fabric.load(tmp_path / "ok.ckpt") == {"step": 3}
+
+
+def test_a_pending_save_is_finished_at_exit(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch
+        from fabric_ckpt import Fabric
+        Fabric(accelerator="cpu").save_async({str(tmp_path / "c.ckpt")!r}, {{"w": torch.ones(20_000_000)}})
+        # the script ends at once: the interpreter must not drop the checkpoint being written
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(Fabric(accelerator="cpu").load(tmp_path / "c.ckpt")["w"], torch.ones(20_000_000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
+
+
+def test_manager_moves_latest_only_after_the_background_save(tmp_path, fabric):
+    model = make_net(1)
+    manager = CheckpointManager(
+        fabric,
+        tmp_path,
+        filename="ep{epoch}.ckpt",
+        latest_filename="latest",
+        num_checkpoints_to_keep=2,
+        run_name="r",
+        async_save=True,
+    )
+    for _ in range(3):
+        manager.on_epoch_end({"model": model})
+    fabric.wait_for_saves()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep2.ckpt", "ep3.ckpt", "latest"]
+    assert (tmp_path / "latest").resolve().name == "ep3.ckpt"
+    resumed = make_net(5)
+    again = CheckpointManager(
+        fabric, tmp_path, filename="ep{epoch}.ckpt", latest_filename="latest", run_name="r", async_save=True
+    )
+    again.load_latest({"model": resumed})
+    assert_same_state(snapshot(resumed), snapshot(model))
