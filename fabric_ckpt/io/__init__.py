@@ -12,6 +12,7 @@ from fabric_ckpt.io.atomic import atomic_write
 from fabric_ckpt.io.compression import compression_for, write_compressed
 from fabric_ckpt.io.paths import PathLike, resolve
 from fabric_ckpt.io.reading import open_checkpoint
+from fabric_ckpt.io.retry import with_retries
 from fabric_ckpt.io.torch_format import ArchiveSummary, write_torch_archive
 
 __all__ = ["PathLike", "open_checkpoint", "save_file"]
@@ -33,13 +34,19 @@ def save_file(
     """
     location = resolve(path)
     compression = compression_for(location.name)
-    with atomic_write(location) as sink:
-        if compression is None:
-            return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
-        summaries: list[ArchiveSummary] = []
-        write_compressed(
-            sink,
-            compression,
-            lambda out: summaries.append(write_torch_archive(out, obj, on_storage_written=on_storage_written)),
-        )
-        return summaries[0]
+
+    def write() -> ArchiveSummary:
+        with atomic_write(location) as sink:
+            if compression is None:
+                return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
+            summaries: list[ArchiveSummary] = []
+            write_compressed(
+                sink,
+                compression,
+                lambda out: summaries.append(write_torch_archive(out, obj, on_storage_written=on_storage_written)),
+            )
+            return summaries[0]
+
+    if location.is_local:
+        return write()
+    return with_retries(write, f"Saving '{location.original}'")

@@ -156,6 +156,12 @@ def local_copy(location: Location, *, progress: bool | None = None) -> Iterator[
 
 
 def _download(location: Location, total: int, target: str, progress: bool | None) -> None:
+    from fabric_ckpt.io.retry import with_retries
+
+    with_retries(lambda: _download_once(location, total, target, progress), f"Downloading '{location.original}'")
+
+
+def _download_once(location: Location, total: int, target: str, progress: bool | None) -> None:
     partial = f"{target}.partial-{os.getpid()}"
     try:
         with (
