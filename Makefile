@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch that lies on this machine's disk; an open spec would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo docs lint format bench reliability clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: any warning fails the build.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.0, which is not about these docs.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check fabric_ckpt tests examples benchmarks
@@ -42,5 +47,15 @@ bench: $(STAMP)
 		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]" && touch $(BENCH_STAMP); }
 	$(BIN)/python -m benchmarks --size-gib $(SIZE) --output bench-results.json
 
+# The reliability campaign (docs/reliability.md): hundreds of SIGKILLs mid-save, fuzzed, forged and malicious
+# checkpoints, full disks; prints the figures (also kept in build/reliability-figures.jsonl). ~6 min on 2 cores.
+RELIABILITY_FIGURES := build/reliability-figures.jsonl
+
+reliability: $(STAMP)
+	rm -f $(RELIABILITY_FIGURES)
+	FABRIC_CKPT_CAMPAIGN=full FABRIC_CKPT_FIGURES=$(RELIABILITY_FIGURES) $(BIN)/python -m pytest -s -rxs \
+		tests/test_crash.py tests/test_disk_full.py tests/test_hostile_input.py
+	$(BIN)/python -m tests.reliability_figures $(RELIABILITY_FIGURES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build site *.egg-info

@@ -36,7 +36,12 @@ class SaveHandle:
         self._lock = threading.Lock()
 
     def done(self) -> bool:
-        """Whether the save finished (successfully or not)."""
+        """Whether the save finished (successfully or not).
+
+        Example:
+            >>> if handle.done():
+            ...     print(f"{handle.path} is written")
+        """
         return self._future is None or self._future.done()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -44,12 +49,20 @@ class SaveHandle:
 
         Raises:
             TimeoutError: not finished within ``timeout`` seconds.
+
+        Example:
+            >>> handle.wait(timeout=600)
         """
         if self._future is not None:
             self._future.result(timeout=timeout)
 
     def exception(self) -> BaseException | None:
-        """The error the finished save ended with, or ``None``."""
+        """The error the finished save ended with, or ``None``.
+
+        Example:
+            >>> if handle.done() and handle.exception() is not None:
+            ...     print(f"saving {handle.path} failed: {handle.exception()}")
+        """
         if self._future is None or not self._future.done():
             return None
         return self._future.exception()
@@ -59,6 +72,9 @@ class SaveHandle:
 
         It runs on the background thread (or right away if the checkpoint is already complete); an error it raises
         is the save's error. ``CheckpointManager`` moves ``latest`` this way, so no later save can overtake it.
+
+        Example:
+            >>> handle.add_done_callback(lambda done: print(f"{done.path} is complete"))
         """
         with self._lock:
             if not self._written:

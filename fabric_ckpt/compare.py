@@ -57,9 +57,16 @@ class CheckpointDiff:
 
     @property
     def equal(self) -> bool:
+        """Whether nothing was added, removed or changed."""
         return not (self.added or self.removed or self.changed)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the comparison (what ``fabric-ckpt diff --json`` prints).
+
+        Example:
+            >>> diff("a.ckpt", "a.ckpt").to_json()["equal"]
+            True
+        """
         return {
             "a": self.a,
             "b": self.b,
@@ -74,6 +81,13 @@ class CheckpointDiff:
         }
 
     def render(self) -> str:
+        """Lines for people: the verdict and counts, then one line per changed, added and removed entry.
+
+        Example:
+            >>> print(diff("step-100.ckpt", "step-200.ckpt").render())
+            step-100.ckpt vs step-200.ckpt: different (1 changed, 0 added, 0 removed, 10 unchanged)
+              changed  step  100 -> 200
+        """
         verdict = "equal" if self.equal else "different"
         lines = [
             f"{self.a} vs {self.b}: {verdict} ({len(self.changed)} changed, {len(self.added)} added, "

@@ -66,34 +66,42 @@ class Fabric:
     # ------------------------------------------------------------------ topology
     @property
     def strategy(self) -> Strategy:
+        """The :class:`~fabric_ckpt.strategies.Strategy` this Fabric runs on."""
         return self._strategy
 
     @property
     def device(self) -> torch.device:
+        """The device this process computes on."""
         return self._strategy.root_device
 
     @property
     def global_rank(self) -> int:
+        """This process's index among all processes (0 in a single process)."""
         return self._strategy.global_rank
 
     @property
     def local_rank(self) -> int:
+        """This process's index among the processes of its machine."""
         return self._strategy.local_rank
 
     @property
     def node_rank(self) -> int:
+        """The index of this process's machine."""
         return self._strategy.node_rank
 
     @property
     def world_size(self) -> int:
+        """The number of processes."""
         return self._strategy.world_size
 
     @property
     def num_nodes(self) -> int:
+        """The number of machines."""
         return self._strategy.num_nodes
 
     @property
     def is_global_zero(self) -> bool:
+        """Whether this is global rank 0."""
         return self._strategy.is_global_zero
 
     def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
@@ -193,11 +201,20 @@ class Fabric:
 
     # ------------------------------------------------------------------ training helpers
     def backward(self, tensor: torch.Tensor, *args: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Call ``tensor.backward`` through the strategy (use instead of ``loss.backward()``)."""
+        """Call ``tensor.backward`` through the strategy (use instead of ``loss.backward()``).
+
+        Example:
+            >>> loss = model(inputs).pow(2).mean()
+            >>> fabric.backward(loss)
+        """
         self._strategy.backward(tensor, model, *args, **kwargs)
 
     def to_device(self, obj: T) -> T:
-        """Move a module, tensor, or (nested) collection of tensors to this process's device."""
+        """Move a module, tensor, or (nested) collection of tensors to this process's device.
+
+        Example:
+            >>> batch = fabric.to_device({"inputs": torch.randn(8, 4), "targets": torch.randn(8, 2)})
+        """
         if isinstance(obj, nn.Module):
             self._strategy.module_to_device(obj)
             return obj
@@ -205,18 +222,32 @@ class Fabric:
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
-        """Skip gradient synchronisation in the block, e.g. while accumulating gradients."""
+        """Skip gradient synchronisation in the block, e.g. while accumulating gradients.
+
+        Example:
+            >>> with fabric.no_backward_sync(model, enabled=not last_micro_batch):
+            ...     fabric.backward(model(inputs).sum())
+        """
         with self._strategy.no_backward_sync(module, enabled):
             yield
 
     @contextmanager
     def init_module(self) -> Iterator[None]:
-        """Create the module's tensors directly on this process's device."""
+        """Create the module's tensors directly on this process's device.
+
+        Example:
+            >>> with fabric.init_module():
+            ...     model = torch.nn.Linear(4, 2)
+        """
         with self.device:
             yield
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        """``print`` on global rank 0 only."""
+        """``print`` on global rank 0 only.
+
+        Example:
+            >>> fabric.print(f"step {step}: loss {loss.item():.4f}")
+        """
         if self.is_global_zero:
             print(*args, **kwargs)
 
@@ -244,25 +275,48 @@ class Fabric:
 
     # ------------------------------------------------------------------ collectives
     def barrier(self, name: str | None = None) -> None:
-        """Wait until every process reaches this point."""
+        """Wait until every process reaches this point.
+
+        Example:
+            >>> fabric.barrier("data-downloaded")
+        """
         self._ensure_launched()
         self._strategy.barrier(name)
 
     def broadcast(self, obj: T, src: int = 0) -> T:
-        """Send ``obj`` from rank ``src`` to every process."""
+        """Send ``obj`` from rank ``src`` to every process.
+
+        Example:
+            >>> run_name = fabric.broadcast(f"run-{time.time():.0f}")  # rank 0's value on every rank
+        """
         self._ensure_launched()
         return cast(T, self._strategy.broadcast(obj, src))
 
     def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        """``tensor`` from every process, stacked along a new first dimension (ranks in order).
+
+        Example:
+            >>> fabric.all_gather(torch.tensor(fabric.global_rank))  # tensor([0, 1]) with two processes
+        """
         self._ensure_launched()
         return self._strategy.all_gather(tensor, sync_grads)
 
     def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        """``tensor`` reduced over every process: ``reduce_op`` is ``"mean"``, ``"sum"``, ``"max"`` or ``"min"``.
+
+        Example:
+            >>> mean_loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
+        """
         self._ensure_launched()
         return self._strategy.all_reduce(tensor, reduce_op)
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it."""
+        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it.
+
+        Example:
+            >>> fabric = Fabric(callbacks=[LossLogger()])
+            >>> fabric.call("on_train_batch_end", loss=loss)
+        """
         for callback in self._callbacks:
             method = getattr(callback, hook_name, None)
             if callable(method):

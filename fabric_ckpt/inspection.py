@@ -143,23 +143,36 @@ class Description:
     notes: list[str] = field(default_factory=list)
 
     def entries(self) -> dict[str, Any]:
-        """Every leaf by ``/``-joined path."""
+        """Every leaf by ``/``-joined path.
+
+        Example:
+            >>> describe("last.ckpt").entries()["step"]
+            3
+        """
         return flatten(self.tree)
 
     @property
     def tensors(self) -> list[TensorInfo]:
+        """Every tensor's :class:`TensorInfo`."""
         return [value for value in self.entries().values() if isinstance(value, TensorInfo)]
 
     @property
     def elements(self) -> int:
+        """The number of tensor elements in all."""
         return sum(info.numel for info in self.tensors)
 
     @property
     def nbytes(self) -> int:
+        """The bytes of tensor data in all."""
         return sum(info.nbytes for info in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: totals and one record per entry (``kind`` is ``tensor`` or ``value``)."""
+        """A JSON-ready dict: totals and one record per entry (``kind`` is ``tensor`` or ``value``).
+
+        Example:
+            >>> describe("last.ckpt").to_json()["entries"][0]
+            {'path': 'model/fc1.weight', 'kind': 'tensor', 'dtype': 'float32', 'shape': [8, 4], 'bytes': 128}
+        """
         entries = []
         for path, value in self.entries().items():
             if isinstance(value, TensorInfo):

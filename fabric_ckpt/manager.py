@@ -23,7 +23,13 @@ from torch import nn
 from fabric_ckpt.async_save import SaveHandle
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.io.atomic import atomic_write, fsync_folder, is_temporary_name, temporary_name
+from fabric_ckpt.io.atomic import (
+    atomic_write,
+    fsync_folder,
+    is_temporary_name,
+    remove_stale_temporaries,
+    temporary_name,
+)
 from fabric_ckpt.io.paths import resolve
 from fabric_ckpt.naming import FORMAT_VARIABLES, NamePattern, escapes_folder, split_folder
 from fabric_ckpt.rng import RNGState, check_rng_state
@@ -300,12 +306,26 @@ class CheckpointManager:
         return None
 
     def _resume_plan(self) -> tuple[list[str], str | None]:
-        """The names to try, ``latest``'s target first, and what is wrong with ``latest`` if it has no target."""
+        """The names to try, best first, and what is wrong with ``latest`` when it is not the first.
+
+        ``latest``'s target comes first, unless a newer checkpoint exists: a run killed after a checkpoint was
+        complete but before ``latest`` moved leaves ``latest`` one behind, and the newer checkpoint is complete.
+        """
         target, problem = self._latest_target()
         others = self._names()
         if target is None:
             return others, (f"({self._url(self._name(self._latest))}) {problem}" if others else None)
+        if others and others[0] != target and self._newer(others[0], target):
+            return others, f"points at {target}, but the newer checkpoint {others[0]} is complete"
         return [target, *(name for name in others if name != target)], None
+
+    def _newer(self, name: str, than: str) -> bool:
+        """Whether checkpoint ``name`` is further in training than ``than`` (by their names' timestamp fields)."""
+        mine, theirs = self._checkpoint.parse(name, self._run_values), self._checkpoint.parse(than, self._run_values)
+        if mine is None or theirs is None:
+            return False
+        key = tuple(mine.get(field, -1) for field in TIMESTAMP_FIELDS)
+        return key > tuple(theirs.get(field, -1) for field in TIMESTAMP_FIELDS)
 
     def _resumed(self, name: str, remainder: dict[str, Any], *, restore_extras: bool) -> None:
         if restore_extras and "timestamp" in remainder:
@@ -341,11 +361,12 @@ class CheckpointManager:
         """Paths of the checkpoints in the folder that this manager's ``filename`` could have written, newest first.
 
         Newest means furthest in training: compared by the timestamp variables in the name (``epoch``, ``batch``,
-        ``sample``, ``token``, ...). Other files, temporary files and ``latest`` are not listed.
+        ``sample``, ``token``, ...). Other files, temporary files and ``latest`` are not listed. Local paths are
+        absolute; other filesystems give URLs.
 
         Example:
-            >>> manager.checkpoints()
-            ['checkpoints/ep2-ba20-rank0', 'checkpoints/ep1-ba10-rank0']
+            >>> CheckpointManager(fabric, "checkpoints", run_name="a").checkpoints()  # run in /runs
+            ['/runs/checkpoints/ep2-ba20-rank0', '/runs/checkpoints/ep1-ba10-rank0']
         """
         return [self._url(name) for name in self._names()]
 
@@ -462,6 +483,7 @@ def _replace_symlink(target: str, path: str) -> bool:
     """Atomically make ``path`` a symlink to ``target``; ``False`` where symlinks cannot be created."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(resolve(path))  # a temporary link left by a killed earlier save
     temporary = os.path.join(folder, temporary_name(os.path.basename(path)))
     try:
         os.symlink(target, temporary)

@@ -17,7 +17,12 @@ __all__ = ["TIMESTAMP_FIELDS", "Time", "TimeUnit", "Timestamp", "parse_time"]
 
 
 class TimeUnit(str, Enum):
-    """The units a duration can be counted in, with their suffixes."""
+    """The units a duration can be counted in, with their suffixes.
+
+    Example:
+        >>> TimeUnit("ba") is TimeUnit.BATCH, parse_time("2ep").unit
+        (True, <TimeUnit.EPOCH: 'ep'>)
+    """
 
     EPOCH = "ep"
     BATCH = "ba"

@@ -9,7 +9,14 @@ __all__ = ["AttributeDict", "Stateful"]
 
 @runtime_checkable
 class Stateful(Protocol):
-    """Anything with ``state_dict()``/``load_state_dict()``: LR schedulers, ``GradScaler``, your own objects."""
+    """Anything with ``state_dict()``/``load_state_dict()``: LR schedulers, ``GradScaler``, your own objects.
+
+    Such objects in the state given to ``fabric.save``/``fabric.load`` are saved and restored through these methods.
+
+    Example:
+        >>> isinstance(torch.optim.lr_scheduler.StepLR(optimizer, step_size=10), Stateful)
+        True
+    """
 
     def state_dict(self) -> dict[str, Any]: ...
 

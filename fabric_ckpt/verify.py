@@ -47,9 +47,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether no damage was found."""
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the report (what ``fabric-ckpt verify --json`` prints).
+
+        Example:
+            >>> verify("last.ckpt").to_json()["ok"]
+            True
+        """
         return {
             "path": self.path,
             "ok": self.ok,
@@ -63,7 +70,13 @@ class VerifyReport:
         }
 
     def render(self) -> str:
-        """Lines for people: the verdict, what was checked, each problem, each limit of the check."""
+        """Lines for people: the verdict, what was checked, each problem, each limit of the check.
+
+        Example:
+            >>> print(verify("last.ckpt").render())
+            last.ckpt: OK
+              fabric_ckpt file: 1 file(s), 7 records, 2.1 KiB checked
+        """
         verdict = "OK" if self.ok else f"DAMAGED ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''})"
         unit = "records" if self.layout == "file" else "chunks"
         lines = [

@@ -8,6 +8,7 @@ temporary is removed and the previous checkpoint is untouched.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import io
 import os
@@ -313,15 +314,28 @@ def delete_in_background(path: str) -> None:
     _deletions.put(path)
     with _deleter_lock:
         if _deleter is None or not _deleter.is_alive():
+            if _deleter is None:
+                atexit.register(_delete_pending)  # a script ending right after a save leaves nothing behind
             _deleter = threading.Thread(target=_delete_forever, name="fabric_ckpt-deleter", daemon=True)
             _deleter.start()
 
 
+def _delete(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            os.unlink(path)
+
+
 def _delete_forever() -> None:
     while True:
-        path = _deletions.get()
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with suppress(OSError):
-                os.unlink(path)
+        _delete(_deletions.get())
+
+
+def _delete_pending() -> None:
+    while True:
+        try:
+            _delete(_deletions.get_nowait())
+        except queue.Empty:
+            return

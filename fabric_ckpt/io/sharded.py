@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
@@ -170,6 +171,27 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         else:
             # The planner's own ``state_dict`` is a copy here; the caller's dict is the original.
             self.original_state_dict[fqn] = obj
+
+
+def translate_dcp_error(error: BaseException, description: str) -> BaseException:
+    """DCP's ``CheckpointException`` (a ``BaseException``, collected from every rank) as our documented errors.
+
+    An unsafe entry anywhere stays an :class:`UnsafeCheckpointError`; failures that are all ``OSError`` (a full disk,
+    a lost connection) stay an ``OSError`` with their errno; anything else is a :class:`CheckpointError`. Each names
+    the failing ranks.
+    """
+    failures = getattr(error, "failures", None) or {}
+    originals = [exception for exception, _trace in failures.values()]
+    detail = "; ".join(
+        f"on rank {rank}: {type(exception).__name__}: {exception}" for rank, (exception, _) in sorted(failures.items())
+    ) or str(error)
+    unsafe = [exception for exception in originals if isinstance(exception, UnsafeCheckpointError)]
+    if unsafe:
+        return UnsafeCheckpointError(str(unsafe[0]))
+    if originals and all(isinstance(exception, OSError) for exception in originals):
+        first = originals[0]
+        return type(first)(first.errno, f"{description} failed {detail}", getattr(first, "filename", None))
+    return CheckpointError(f"{description} failed {detail}")
 
 
 def reader_for(location: Location) -> FileSystemReader:
@@ -389,7 +411,34 @@ def read_manifest(folder: Location) -> dict[str, Any] | None:
         intact = False
     if not intact:
         raise CheckpointCorruptedError(f"Sharded checkpoint '{folder.original}' is corrupted: its manifest is damaged")
+    if not _well_formed(body):
+        raise CheckpointCorruptedError(
+            f"Sharded checkpoint '{folder.original}' is corrupted: its manifest is malformed"
+        )
     return body
+
+
+def _well_formed(body: Any) -> bool:
+    """Whether a manifest has the shape :func:`manifest_bytes` writes (a valid CRC does not prove that)."""
+    if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
+        return False
+    if "generation" in body and not isinstance(body["generation"], str):
+        return False
+    for name, record in body["files"].items():
+        if not isinstance(name, str) or not isinstance(record, dict):
+            return False
+        if not isinstance(record.get("size"), int) or not isinstance(record.get("crc32"), int):
+            return False
+        items = record.get("items", [])
+        if not isinstance(items, list) or not all(
+            isinstance(item, list)
+            and len(item) == 4
+            and isinstance(item[0], str)
+            and all(isinstance(number, int) for number in item[1:])
+            for item in items
+        ):
+            return False
+    return True
 
 
 def check_files(
@@ -528,7 +577,45 @@ def open_folder(location: Location) -> ShardedFolder:
         data = location.child(generation)
     if manifest is not None and METADATA_NAME in manifest.get("files", {}):
         check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
-    return ShardedFolder(location, manifest, read_metadata(data, display=location.original), data)
+    metadata = read_metadata(data, display=location.original)
+    folder = ShardedFolder(location, manifest, metadata, data)
+    try:  # everything later reads these fields: fail here, with the path, if they are not what DCP writes
+        _check_metadata(metadata)
+        folder.top_level_keys, folder.chunks  # noqa: B018 - computed (and cached) for their errors
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"Sharded checkpoint '{location.original}': the metadata is malformed ({err})") from None
+    return folder
+
+
+def _check_metadata(metadata: Metadata) -> None:
+    """Raise ``TypeError``/``ValueError`` unless every field later code reads has the type DCP writes.
+
+    Chunk files must be plain names inside the folder: a hostile ``.metadata`` must not point reads elsewhere.
+    """
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        raise TypeError("state_dict_metadata and storage_data must be dicts")
+    for fqn, md in metadata.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise TypeError(f"key {fqn!r} is not a string")
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            raise TypeError(f"'{fqn}' has an entry of type {type(md).__name__}")
+        if not isinstance(md.size, torch.Size) or not isinstance(md.properties.dtype, torch.dtype):
+            raise TypeError(f"'{fqn}' has no valid size or dtype")
+        for chunk in md.chunks:
+            if len(chunk.offsets) != len(md.size) or len(chunk.sizes) != len(md.size):
+                raise ValueError(f"'{fqn}' has a chunk of the wrong rank")
+            if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, md.size, strict=True)):
+                raise ValueError(f"'{fqn}' has a chunk outside the tensor")
+    for index, info in metadata.storage_data.items():
+        name = info.relative_path
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"'{index.fqn}' is stored in {name!r}, which is not a file of the folder")
+        if not isinstance(info.offset, int) or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
+            raise ValueError(f"'{index.fqn}' has an invalid offset or length")
+    if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
+        raise TypeError("planner_data must be a dict")
 
 
 def load_full(
@@ -568,7 +655,10 @@ def load_full(
         planner = SafeLoadPlanner(weights_only=weights_only, display=folder.location.original, flatten_state_dict=False)
         with warnings.catch_warnings():  # reading in one process is the point here, not an accident
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
+            try:
+                dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
+            except CheckpointException as err:
+                raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
         values.update(to_read)
     return unflatten(values, entries)
 
@@ -598,8 +688,14 @@ def unflatten(flat: dict[str, Any], paths: dict[str, tuple[Any, ...]]) -> dict[s
 
 
 def verify_folder(folder: ShardedFolder, *, checksums: bool, share: tuple[int, int] = (0, 1)) -> None:
-    """Check every file's size, and the CRC-32s of this process's share ``(rank, world_size)`` of the files."""
+    """Check every file's size, and the CRC-32s of this process's share ``(rank, world_size)`` of the files.
+
+    A folder without our manifest (written by DCP directly) has no sizes to compare, but each tensor chunk in it
+    is a ``torch.save`` archive with CRC-32s of its own: those are checked.
+    """
     if folder.manifest is None:
+        if checksums:
+            _verify_chunk_archives(folder, share)
         return
     names = manifest_files(folder.manifest)
     display = folder.location.original
@@ -681,3 +777,36 @@ class _FileView(io.RawIOBase):
 
 def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:
     return folder.chunks.get(fqn, [])
+
+
+def _verify_chunk_archives(folder: ShardedFolder, share: tuple[int, int]) -> None:
+    from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
+    from fabric_ckpt.io.zip_archive import ZipFormatError
+
+    by_file: dict[str, list[tuple[str, int, int]]] = {}
+    for index, info in folder.metadata.storage_data.items():
+        md = folder.metadata.state_dict_metadata.get(index.fqn)
+        if isinstance(md, TensorStorageMetadata) and not info.transform_descriptors:
+            by_file.setdefault(info.relative_path, []).append((index.fqn, info.offset, info.length))
+    rank, world_size = share
+    display = folder.location.original
+    for name in sorted(by_file)[rank::world_size]:
+        problem = None
+        try:
+            with _open_bytes(folder.data, name) as data:
+                view = memoryview(data)
+                for fqn, offset, length in by_file[name]:
+                    chunk = view[offset : offset + length]
+                    try:
+                        found = verify_archive(chunk, read_archive_info(chunk), first_only=True)
+                    except ZipFormatError as err:
+                        found = [str(err)]  # type: ignore[list-item]
+                    chunk.release()
+                    if found:
+                        problem = f"file '{name}' (entry '{fqn}'): {found[0]}"
+                        break
+                view.release()
+        except FileNotFoundError:
+            problem = f"file '{name}' is missing"
+        if problem:
+            raise CheckpointCorruptedError(f"Sharded checkpoint '{display}' is corrupted: {problem}")

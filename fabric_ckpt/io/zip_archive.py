@@ -236,6 +236,15 @@ def read_zip_directory(data: Buffer) -> ZipDirectory:
         ZipFormatError: the archive is truncated, damaged or not a zip at all; the message says which part.
     """
     view = memoryview(data).cast("B")
+    try:
+        return _read_directory(view)
+    except struct.error as err:  # a field read past the end: damage the checks above did not foresee
+        raise ZipFormatError(f"a zip record runs past the end of the data ({err})") from None
+    finally:
+        view.release()
+
+
+def _read_directory(view: memoryview) -> ZipDirectory:
     eocd_pos = _find_end_record(view)
     _, disk, cd_disk, _, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(view, eocd_pos)
     comment = bytes(view[eocd_pos + _EOCD.size : eocd_pos + _EOCD.size + comment_len])
@@ -275,9 +284,11 @@ def _find_end_record(view: memoryview) -> int:
     tail = bytes(view[start:])
     pos = tail.rfind(b"PK\x05\x06")
     while pos >= 0:
-        comment_len = struct.unpack_from("<H", tail, pos + 20)[0] if pos + 22 <= len(tail) else -1
-        if pos + _EOCD.size + comment_len == len(tail):
-            return start + pos
+        # A record cut short of its fixed 22 bytes is not an end record, whatever its first bytes say.
+        if pos + _EOCD.size <= len(tail):
+            comment_len = struct.unpack_from("<H", tail, pos + 20)[0]
+            if pos + _EOCD.size + comment_len == len(tail):
+                return start + pos
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
     raise ZipFormatError("no end-of-central-directory record: the file is truncated or not a zip archive")
 

@@ -87,57 +87,99 @@ class Strategy(ABC):
 
     @property
     def global_rank(self) -> int:
+        """This process's index among all processes."""
         return 0
 
     @property
     def local_rank(self) -> int:
+        """This process's index among the processes of its machine."""
         return 0
 
     @property
     def node_rank(self) -> int:
+        """The index of this process's machine."""
         return 0
 
     @property
     def world_size(self) -> int:
+        """The number of processes."""
         return 1
 
     @property
     def num_nodes(self) -> int:
+        """The number of machines."""
         return 1
 
     @property
     def is_global_zero(self) -> bool:
+        """Whether this is global rank 0."""
         return self.global_rank == 0
 
     def setup_environment(self) -> None:
-        """Prepare the process (e.g. join the process group); called once by ``fabric.launch``."""
+        """Prepare the process (e.g. join the process group); called once by ``fabric.launch``.
+
+        Example:
+            >>> strategy.setup_environment()  # what fabric.launch() does first
+        """
 
     def teardown(self) -> None:
-        """Release what :meth:`setup_environment` acquired."""
+        """Release what :meth:`setup_environment` acquired.
+
+        Example:
+            >>> fabric.strategy.teardown()  # e.g. leave the process group before the process ends
+        """
 
     # ------------------------------------------------------------------ objects
     def setup_module(self, module: nn.Module) -> nn.Module:
-        """Return the module that ``forward`` should run through (e.g. a DDP wrapper)."""
+        """Return the module that ``forward`` should run through (e.g. a DDP wrapper).
+
+        Example:
+            >>> forward_module = strategy.setup_module(model)  # what fabric.setup(model) runs through
+        """
         return module
 
     def module_to_device(self, module: nn.Module) -> None:
+        """Move ``module`` to :attr:`root_device` (in place).
+
+        Example:
+            >>> strategy.module_to_device(model)
+        """
         module.to(self.root_device)
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """Return the optimizer training steps with (the same one, unless the strategy wraps it).
+
+        Example:
+            >>> optimizer = strategy.setup_optimizer(torch.optim.AdamW(model.parameters()))
+        """
         return optimizer
 
     def backward(self, tensor: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
+        """Run ``tensor.backward(*args, **kwargs)`` (``fabric.backward`` calls this).
+
+        Example:
+            >>> strategy.backward(loss, model)
+        """
         tensor.backward(*args, **kwargs)
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
-        """Skip gradient synchronisation inside the block (a no-op without one)."""
+        """Skip gradient synchronisation inside the block (a no-op without one).
+
+        Example:
+            >>> with strategy.no_backward_sync(model):
+            ...     strategy.backward(model(inputs).sum(), model)
+        """
         yield
 
     def setup_module_and_optimizers(
         self, module: nn.Module, optimizers: Sequence[Optimizer]
     ) -> tuple[nn.Module, list[Optimizer]]:
-        """Set up a module together with its optimizers (sharding strategies re-point optimizers at new parameters)."""
+        """Set up a module together with its optimizers (sharding strategies re-point optimizers at new parameters).
+
+        Example:
+            >>> forward_module, [optimizer] = strategy.setup_module_and_optimizers(model, [optimizer])
+        """
         return self.setup_module(module), [self.setup_optimizer(optimizer) for optimizer in optimizers]
 
     # ------------------------------------------------------------------ collectives
@@ -145,46 +187,99 @@ class Strategy(ABC):
         """Run ``fn`` on every rank (of ``group``); if it raises on any rank, raise on every rank.
 
         In one process: just ``fn()``.
+
+        Example:
+            >>> checkpoint = strategy.agree(lambda: torch.load("ckpt.pt"), "Loading 'ckpt.pt'")
         """
         return fn()
 
     def barrier(self, name: str | None = None) -> None:
-        """Wait for every process (a no-op in one process)."""
+        """Wait for every process (a no-op in one process).
+
+        Example:
+            >>> strategy.barrier("after-save")
+        """
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` from rank ``src``, on every rank (``obj`` itself in one process).
+
+        Example:
+            >>> seed = strategy.broadcast(random.randrange(2**31))  # rank 0's seed everywhere
+        """
         return obj
 
     def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        """``tensor`` from every rank, stacked along a new first dimension (``tensor`` itself in one process).
+
+        Example:
+            >>> counts = strategy.all_gather(torch.tensor(len(local_batch)))
+        """
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        """``tensor`` reduced over every rank with ``reduce_op`` (``tensor`` itself in one process).
+
+        Example:
+            >>> total = strategy.all_reduce(torch.tensor(correct), reduce_op="sum")
+        """
         return tensor
 
     # ------------------------------------------------------------------ checkpoints
     def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        """The state dict saved for ``module`` (original keys, no wrapper prefixes)."""
+        """The state dict saved for ``module`` (original keys, no wrapper prefixes).
+
+        Example:
+            >>> sorted(strategy.module_state_dict(fabric.setup(torch.nn.Linear(4, 2))))
+            ['bias', 'weight']
+        """
         return unwrap_module(module).state_dict()
 
     def optimizer_state_dict(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The state dict saved for ``optimizer``.
+
+        Example:
+            >>> sorted(strategy.optimizer_state_dict(optimizer))
+            ['param_groups', 'state']
+        """
         return unwrap_optimizer(optimizer).state_dict()
 
     def load_module_state_dict(self, module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+        """Load a (validated) state dict into ``module`` in place.
+
+        Example:
+            >>> strategy.load_module_state_dict(model, checkpoint["model"], strict=True)
+        """
         load_module_state(module, state_dict, strict)
 
     def load_optimizer_state_dict(self, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+        """Load a (validated) state dict into ``optimizer``, reusing its state tensors.
+
+        Example:
+            >>> strategy.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
+        """
         load_optimizer_state(optimizer, state_dict)
 
     def save_checkpoint(
         self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
     ) -> None:
-        """Every rank builds its checkpoint dict (errors anywhere stop the save everywhere); global rank 0 writes it."""
+        """Every rank builds its checkpoint dict (errors anywhere stop the save everywhere); global rank 0 writes it.
+
+        ``fabric.save`` calls this with the state unwrapped and its options.
+
+        Example:
+            >>> strategy.save_checkpoint("ckpt.pt", {"model": model, "step": 3})
+        """
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         self.agree(lambda: save_file(path, checkpoint) if self.is_global_zero else None, f"Saving '{path}'")
 
     def save_checkpoint_async(
         self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
     ) -> SaveHandle:
-        """Snapshot ``state`` into reused staging memory and write it in the background (global rank 0)."""
+        """Snapshot ``state`` into reused staging memory and write it in the background (global rank 0).
+
+        Example:
+            >>> handle = strategy.save_checkpoint_async("ckpt.pt", {"model": model}, SaveOptions(), BackgroundSaver())
+        """
         description = f"Saving '{path}'"
         self.agree(saver.finish_previous, description)
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
@@ -205,7 +300,13 @@ class Strategy(ABC):
     def load_checkpoint(
         self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = DEFAULT_LOAD_OPTIONS
     ) -> dict[str, Any]:
-        """Every rank reads ``path`` (memory-mapped) and validates; only if all succeed does any rank restore."""
+        """Every rank reads ``path`` (memory-mapped) and validates; only if all succeed does any rank restore.
+
+        Returns the remainder, as ``fabric.load`` does (which calls this).
+
+        Example:
+            >>> remainder = strategy.load_checkpoint("ckpt.pt", {"model": model}, LoadOptions(strict=False))
+        """
         with ExitStack() as stack:
 
             def prepare() -> _Plan:
@@ -259,7 +360,11 @@ class Strategy(ABC):
         weights_only: bool = True,
         verify: bool = True,
     ) -> None:
-        """Load a plain state-dict file (anyone's ``torch.save(x.state_dict())``) into a module or optimizer."""
+        """Load a plain state-dict file (anyone's ``torch.save(x.state_dict())``) into a module or optimizer.
+
+        Example:
+            >>> strategy.load_raw("pretrained.pt", model, strict=False)
+        """
         label = f"State dict file '{path}'"
         with ExitStack() as stack:
 

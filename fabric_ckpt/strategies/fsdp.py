@@ -106,7 +106,12 @@ class FSDPStrategy(ParallelStrategy):
     def setup_module_and_optimizers(
         self, module: nn.Module, optimizers: Sequence[Optimizer]
     ) -> tuple[nn.Module, list[Optimizer]]:
-        """Shard ``module`` and re-point optimizers created before sharding at the sharded parameters."""
+        """Shard ``module`` and re-point optimizers created before sharding at the sharded parameters.
+
+        Example:
+            >>> optimizer = torch.optim.AdamW(model.parameters())  # created before sharding
+            >>> sharded, [optimizer] = strategy.setup_module_and_optimizers(model, [optimizer])
+        """
         names = {id(p): name for name, p in module.named_parameters()}
         for optimizer in optimizers:
             if optimizer.state:
@@ -177,7 +182,11 @@ class FSDPStrategy(ParallelStrategy):
         return obj
 
     def load_module_state_dict(self, module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
-        """Load full tensors (a single-file checkpoint) into the module: each rank keeps only its shard."""
+        """Load full tensors (a single-file checkpoint) into the module: each rank keeps only its shard.
+
+        Example:
+            >>> strategy.load_module_state_dict(model, torch.load("full.ckpt")["model"], strict=True)
+        """
         _reshard(module)
         targets = module.state_dict()
         sharded_state = {
@@ -187,7 +196,11 @@ class FSDPStrategy(ParallelStrategy):
         module.load_state_dict(sharded_state, strict=strict)
 
     def load_optimizer_state_dict(self, optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
-        """Load a full (index-keyed) optimizer state: tensors shaped like their parameter are cut into shards."""
+        """Load a full (index-keyed) optimizer state: tensors shaped like their parameter are cut into shards.
+
+        Example:
+            >>> strategy.load_optimizer_state_dict(optimizer, torch.load("full.ckpt")["optimizer"])
+        """
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved = [i for group in state_dict["param_groups"] for i in group["params"]]
         param_of = dict(zip(saved, params, strict=True))
@@ -220,7 +233,11 @@ class FSDPStrategy(ParallelStrategy):
     def save_checkpoint_async(
         self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
     ) -> SaveHandle:
-        """Snapshot every rank's shards, then write them in the background over a process group of their own."""
+        """Snapshot every rank's shards, then write them in the background over a process group of their own.
+
+        Example:
+            >>> handle = fabric.save_async("checkpoints/step-100", state)  # calls this on every rank
+        """
         if self.state_dict_type == "full":
             return super().save_checkpoint_async(path, state, options, saver)
         location = resolve(path)
@@ -252,7 +269,7 @@ class FSDPStrategy(ParallelStrategy):
                 with _torch_item_crc(enabled=group is not None):
                     dcp.save(checkpoint, storage_writer=writer, process_group=group)
             except CheckpointException as err:
-                raise CheckpointError(f"{description} failed while writing the shards {_describe(err)}") from err
+                raise sharded.translate_dcp_error(err, f"{description} while writing the shards") from err
             records = self.agree(lambda: self._checksum_own_files(temporary), description, group)
             every_record = [record for per_rank in self.gather_objects(records, group) for record in per_rank]
             self.agree(
@@ -390,8 +407,8 @@ class FSDPStrategy(ParallelStrategy):
         try:
             dcp.load(targets, storage_reader=sharded.reader_for(folder.data), planner=planner)
         except CheckpointException as err:
-            raise CheckpointError(
-                f"Loading '{folder.location.original}' failed while reading the shards {_describe(err)}"
+            raise sharded.translate_dcp_error(
+                err, f"Loading '{folder.location.original}' while reading the shards"
             ) from err
 
     def __repr__(self) -> str:
@@ -408,14 +425,6 @@ def _torch_item_crc(*, enabled: bool) -> Iterator[None]:
         yield
     finally:
         config.save.compute_crc32 = previous
-
-
-def _describe(error: CheckpointException) -> str:
-    """``on rank 1: AttributeError: ...`` for each failed rank of a DCP error (its text is a traceback dump)."""
-    parts = []
-    for rank, (exception, _trace) in sorted(error.failures.items()):
-        parts.append(f"on rank {rank}: {type(exception).__name__}: {exception}")
-    return "; ".join(parts) or str(error)
 
 
 def _key_of(obj: Any, state: Mapping[str, Any]) -> str:

@@ -93,10 +93,15 @@ class ParallelStrategy(Strategy):
 
     @property
     def process_group_backend(self) -> str:
+        """``"gloo"`` or ``"nccl"``: the backend of the process group this strategy joins."""
         return self._backend
 
     def setup_environment(self) -> None:
-        """Join the process group: an existing one, the one torchrun describes, or start the local processes."""
+        """Join the process group: an existing one, the one torchrun describes, or start the local processes.
+
+        Example:
+            >>> Fabric(strategy=DDPStrategy(num_processes=2)).launch()  # calls this on every process
+        """
         if dist.is_available() and dist.is_initialized():
             self._environment = self._environment_of_existing_group()
         else:
@@ -187,7 +192,11 @@ class ParallelStrategy(Strategy):
         return result
 
     def gather_objects(self, obj: Any, group: Any = None) -> list[Any]:
-        """``obj`` from every rank (of ``group``), in rank order, on every rank."""
+        """``obj`` from every rank (of ``group``), in rank order, on every rank.
+
+        Example:
+            >>> hosts = fabric.strategy.gather_objects(socket.gethostname())
+        """
         if not dist.is_initialized():
             return [obj]
         gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -198,6 +207,10 @@ class ParallelStrategy(Strategy):
         """A process group of all ranks for work on background threads, apart from training's collectives.
 
         Created on first use; every rank must reach that first use at the same point (it is a collective).
+
+        Example:
+            >>> group = fabric.strategy.background_group()
+            >>> fabric.strategy.gather_objects(rank_summary, group)  # from a background thread
         """
         if getattr(self, "_background_group", None) is None:
             self._background_group = dist.new_group(backend="gloo", timeout=self._timeout)
@@ -209,6 +222,9 @@ class ParallelStrategy(Strategy):
         When every rank failed the same way (the usual case: one file, one model), each raises its original
         exception. Otherwise every rank raises :class:`CheckpointError` naming the rank and the error, chained to the
         original on the rank where it happened.
+
+        Example:
+            >>> state_dict = fabric.strategy.agree(lambda: torch.load("ckpt.pt"), "Loading 'ckpt.pt'")
         """
         if not dist.is_initialized() or self.world_size == 1:
             return fn()

@@ -1,0 +1,80 @@
+"""Crash safety under SIGKILL: real writer processes killed at random moments and at chosen lines, many times.
+
+The campaign (tests/crash_campaign.py) runs once per module in a fresh interpreter: every scenario (single file,
+DDP on 2 ranks, sharded FSDP on 2 ranks, a CheckpointManager keeping 2) is killed ``KILLS`` times at random, then
+every kill point once; each test below asserts on one part of the result. ``FABRIC_CKPT_CAMPAIGN=full`` (as
+``make reliability`` sets) raises the kills to 100 per scenario.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.crash_campaign import KILL_POINTS, SCENARIOS, default_kills, run_subprocess
+from tests.reliability_figures import full_campaign, record
+
+KILLS = default_kills()
+TIMEOUT_S = 3600 if full_campaign() else 900
+
+# Kill points with a test of their own below (they were bugs once).
+BUGGY_POINTS = {"manager/before-latest", "manager/latest-temporary"}
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("crash")
+    args = ["--scenario", "all", "--points", "all", "--kills", str(KILLS), "--root", str(root)]
+    figures = run_subprocess(args, timeout=TIMEOUT_S)
+    print(figures["stdout"])
+    results = {r["scenario"]: r for r in figures["results"]}
+    for name, r in results.items():
+        record(
+            "crash",
+            name,
+            kills=r["kills"],
+            kills_mid_save=r["kills_mid_save"],
+            saves=r["saves_journalled"],
+            checkpoints_verified=r["checkpoints_verified"],
+            partial_refused=r["partial_refused"],
+            temporaries_cleaned=r["temporaries_cleaned"],
+            complete_temporaries=r["complete_temporaries"],
+            kill_modes=r["kill_modes"],
+            kills_before_ready=r["kills_before_ready"],
+            survivor_stopped_alone=r["survivor_stopped_alone"],
+            known_bugs=r["known_bugs"],
+            port_clashes=r["port_clashes"],
+            lost=r["lost"],
+            violations=len(r["violations"]),
+            seconds=r["seconds"],
+            seed=figures["seed"],
+        )
+    return results
+
+
+def _clean(result: dict) -> None:
+    assert result["violations"] == [], "\n".join(result["violations"])
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_random_sigkills_never_lose_or_corrupt_a_checkpoint(campaign, scenario):
+    result = campaign[scenario]
+    _clean(result)
+    assert result["kills"] == KILLS and result["lost"] == 0
+    assert result["kills_mid_save"] >= 1, "no kill landed inside a save: the campaign tested nothing"
+    assert result["saves_journalled"] >= 3 and result["checkpoints_verified"] >= KILLS // 2
+    assert result["clean_rounds"] == 2
+
+
+@pytest.mark.parametrize("point", [p.name for p in KILL_POINTS if p.name not in BUGGY_POINTS])
+def test_a_kill_at_a_chosen_point_is_survived(campaign, point):
+    result = campaign[point]
+    _clean(result)
+    assert result["kills"] == 1 and result["clean_rounds"] == 2
+
+
+def test_a_run_killed_before_latest_moved_resumes_and_saves_again(campaign):
+    _clean(campaign["manager/before-latest"])
+
+
+def test_the_latest_temporary_of_a_killed_save_is_removed(campaign):
+    _clean(campaign["manager/latest-temporary"])

@@ -1,0 +1,126 @@
+"""Saves and loads through a network that drops, delays, truncates and answers 500/503 (a proxy before moto).
+
+Each operation either succeeds with the right data (after retries) or fails with a clear error; an object under a
+final name is always a complete checkpoint; a load never returns wrong data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import fsspec
+import pytest
+import torch
+
+from fabric_ckpt import CheckpointError, CheckpointManager, Fabric
+from tests.fault_proxy import FaultProxy
+
+ROUNDS = 12
+
+
+@pytest.fixture
+def faulty(s3_endpoint, monkeypatch):
+    port = int(s3_endpoint.rsplit(":", 1)[1])
+    proxy = FaultProxy(("127.0.0.1", port), rate=0.3, seed=7)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    monkeypatch.setenv("FABRIC_CKPT_RETRIES", "3")
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield proxy
+    proxy.close()
+    fsspec.filesystem("s3").clear_instance_cache()
+
+
+def direct(endpoint: str):
+    """An S3 client that bypasses the proxy, to see what the store really holds."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint})
+
+
+def stored_checkpoint(fs, key: str):
+    """The object under ``key`` loaded and checked (CRCs included) without the faulty network, or None."""
+    if not fs.exists(key):
+        return None
+    data = fs.cat_file(key)
+    with open_bytes(data) as path:
+        return Fabric(accelerator="cpu").load(path)
+
+
+class open_bytes:
+    def __init__(self, data: bytes) -> None:
+        import tempfile
+
+        self._file = tempfile.NamedTemporaryFile(suffix=".ckpt")  # noqa: SIM115 - closed in __exit__
+        self._file.write(data)
+        self._file.flush()
+
+    def __enter__(self) -> str:
+        return self._file.name
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def payload(round_number: int) -> torch.Tensor:
+    return torch.full((300_000,), float(round_number))
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying in")
+def test_single_file_saves_and_loads_through_faults(bucket, s3_endpoint, faulty):
+    fabric = Fabric(accelerator="cpu")
+    url = f"{bucket}/c.ckpt"
+    store = direct(s3_endpoint)
+    outcomes: Counter[str] = Counter()
+    committed: set[int] = set()
+    for round_number in range(ROUNDS):
+        try:
+            fabric.save(url, {"w": payload(round_number), "round": round_number})
+            outcomes["save succeeded"] += 1
+            committed.add(round_number)
+        except (OSError, CheckpointError):
+            outcomes["save failed cleanly"] += 1
+            committed.add(round_number)  # the upload may have completed before the error was reported
+        stored = stored_checkpoint(store, url[5:])
+        if stored is not None:  # whatever is visible is complete and is one of the saves
+            assert stored["round"] in committed and torch.equal(stored["w"], payload(stored["round"]))
+        try:
+            loaded = fabric.load(url)
+            outcomes["load succeeded"] += 1
+            assert loaded["round"] in committed and torch.equal(loaded["w"], payload(loaded["round"]))
+        except (OSError, CheckpointError):
+            outcomes["load failed cleanly"] += 1
+    assert sum(faulty.injected.values()) > 0
+    assert outcomes["save succeeded"] > 0 and outcomes["load succeeded"] > 0
+    print(json.dumps({"scenario": "single file", "faults": dict(faulty.injected), "outcomes": dict(outcomes)}))
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying in")
+def test_manager_latest_always_names_a_complete_checkpoint_through_faults(bucket, s3_endpoint, faulty):
+    fabric = Fabric(accelerator="cpu")
+    folder = f"{bucket}/managed"
+    store = direct(s3_endpoint)
+    model = torch.nn.Linear(64, 64)
+    manager = CheckpointManager(
+        fabric,
+        folder,
+        filename="ba{batch}.ckpt",
+        latest_filename="latest",
+        save_interval="1ba",
+        num_checkpoints_to_keep=3,
+        run_name="r",
+    )
+    failures = 0
+    for _ in range(ROUNDS):
+        try:
+            manager.on_batch_end({"model": model})
+        except (OSError, CheckpointError):
+            failures += 1
+        if store.exists(f"{folder[5:]}/latest"):
+            pointer = json.loads(store.cat_file(f"{folder[5:]}/latest"))
+            target = stored_checkpoint(store, f"{folder[5:]}/{pointer['checkpoint']}")
+            assert target is not None and set(target) == {"model", "timestamp", "rng"}
+    assert sum(faulty.injected.values()) > 0
+    print(json.dumps({"scenario": "manager", "faults": dict(faulty.injected), "failed saves": failures}))
