@@ -21,8 +21,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from fabric_ckpt.errors import CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.io.paths import Location, PathLike
+from fabric_ckpt.io.reading import unsafe_refusal
 from fabric_ckpt.io.torch_format import MANIFEST_RECORD, LazyTensor
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
     "local_decompressed",
     "read_zip_skeleton",
 ]
-
-_UNSAFE_HINTS = ("Unsupported global", "allowed global", "is blocked")
 
 
 @dataclass(frozen=True)
@@ -361,14 +360,10 @@ def read_zip_skeleton(location: Location, *, weights_only: bool = True, display:
     try:
         obj = _unpickle(pickled, storages, weights_only=weights_only)
     except Exception as err:  # the unpicklers raise a zoo of types for damaged or refused data
-        message = str(err)
-        if weights_only and any(hint in message for hint in _UNSAFE_HINTS):
-            detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            raise UnsafeCheckpointError(
-                f"Checkpoint '{display}' holds objects that only arbitrary unpickling can rebuild, which the safe "
-                f"default weights_only=True refuses ({detail}). If you trust this file, pass weights_only=False."
-            ) from None
-        raise CheckpointError(f"Checkpoint '{display}': data.pkl could not be unpickled ({message})") from err
+        refusal = unsafe_refusal(err, display) if weights_only else None
+        if refusal is not None:
+            raise refusal from None
+        raise CheckpointError(f"Checkpoint '{display}': data.pkl could not be unpickled ({err})") from err
     return ZipSkeleton(obj, records, storages)
 
 

@@ -39,7 +39,6 @@ _UNSAFE_HINTS = (
     "Unsupported global",
     "was not an allowed global",
     "is blocked",
-    "must be",
     "Unsupported operand",
 )
 
@@ -181,16 +180,24 @@ def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool) -> 
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             return torch.load(local, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:
-        message = str(err)
-        if weights_only and any(hint in message for hint in _UNSAFE_HINTS):
-            detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            raise UnsafeCheckpointError(
-                f"Checkpoint '{display}' holds objects that only arbitrary unpickling can rebuild, which the safe "
-                f"default weights_only=True refuses ({detail}). If you trust this file, pass weights_only=False."
-            ) from None
-        raise CheckpointError(f"Checkpoint '{display}' could not be unpickled: {message}") from err
+        refusal = unsafe_refusal(err, display) if weights_only else None
+        if refusal is not None:
+            raise refusal from None
+        raise CheckpointError(f"Checkpoint '{display}' could not be unpickled: {err}") from err
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, struct.error) as err:
         raise CheckpointError(f"Checkpoint '{display}' could not be read: {type(err).__name__}: {err}") from err
+
+
+def unsafe_refusal(error: BaseException, display: str) -> UnsafeCheckpointError | None:
+    """The :class:`UnsafeCheckpointError` for torch's weights-only refusal ``error``, or ``None`` if it is not one."""
+    message = str(error)
+    if not any(hint in message for hint in _UNSAFE_HINTS):
+        return None
+    detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+    return UnsafeCheckpointError(
+        f"Checkpoint '{display}' holds objects that only arbitrary unpickling can rebuild, which the safe "
+        f"default weights_only=True refuses ({detail}). If you trust this file, pass weights_only=False."
+    )
 
 
 def _load_safetensors(local: str, display: str) -> dict[str, torch.Tensor]:
