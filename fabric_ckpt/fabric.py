@@ -1,6 +1,8 @@
 """``Fabric``: the object a training loop talks to. It validates, unwraps, and hands off to its strategy.
 
-Names and semantics follow Lightning Fabric, so switching is a change of import.
+Names and semantics follow Lightning Fabric, so switching is a change of import. The module is long only because
+every public method carries its docstring and example; the logic lives in the strategies, ``state``/``restore``,
+``training`` and ``io``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
+from fabric_ckpt.training import (
+    FabricDataLoader,
+    apply_to_tensors,
+    autocast,
+    check_precision,
+    clip_gradients,
+    distribute,
+    move_to,
+)
 from fabric_ckpt.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
 
 __all__ = ["Fabric"]
@@ -36,8 +47,11 @@ class Fabric:
         strategy: ``"auto"``, ``"single"``, or a :class:`~fabric_ckpt.strategies.Strategy` instance.
         devices: devices per node: a count, a list of indices, or ``"auto"``.
         num_nodes: number of machines.
+        precision: ``"32-true"`` (default) or ``"bf16-mixed"`` (forward passes under :meth:`autocast`).
+        plugins: not supported (only ``None``); kept so Lightning Fabric calls work unchanged.
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
+        loggers: objects with ``log_metrics(metrics, step)`` (Lightning's logger API) that :meth:`log` feeds.
 
     Example:
         >>> fabric = Fabric()
@@ -51,15 +65,17 @@ class Fabric:
         strategy: str | Strategy = "auto",
         devices: int | str | list[int] = 1,
         num_nodes: int = 1,
+        precision: str | int = "32-true",
+        plugins: Any = None,
         callbacks: Any | list[Any] | None = None,
+        loggers: Any | list[Any] | None = None,
     ) -> None:
+        if plugins:
+            raise ValueError("plugins are not supported; precision and strategies are chosen by their arguments")
         self._strategy = select_strategy(strategy, accelerator, devices, num_nodes)
-        if callbacks is None:
-            self._callbacks: list[Any] = []
-        elif isinstance(callbacks, (list, tuple)):
-            self._callbacks = list(callbacks)
-        else:
-            self._callbacks = [callbacks]
+        self._precision = check_precision(precision)
+        self._callbacks = _as_list(callbacks)
+        self._loggers = _as_list(loggers)
         self._launched = False
         self._background = BackgroundSaver()
 
@@ -181,16 +197,25 @@ class Fabric:
         self._ensure_launched()
         return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy)
 
-    def setup_dataloaders(self, *dataloaders: DataLoader, move_to_device: bool = True) -> Any:
-        """Return the dataloaders, moving each batch to the device when that is not the CPU.
+    def setup_dataloaders(
+        self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
+    ) -> Any:
+        """Prepare dataloaders: each process reads its own part of the data, batches arrive on the device.
+
+        In a multi-process run the sampler becomes a ``DistributedSampler`` (shuffling if the loader shuffled), told
+        the epoch at every pass. Returns one loader, or a tuple for several.
 
         Example:
-            >>> loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=8))
+            >>> loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=8, shuffle=True))
         """
         if not dataloaders:
             raise ValueError("setup_dataloaders needs at least one dataloader")
+        self._ensure_launched()
+        device = self.device if move_to_device and self.device.type != "cpu" else None
         wrapped = tuple(
-            _DeviceLoader(loader, self.device) if move_to_device and self.device.type != "cpu" else loader
+            FabricDataLoader(
+                distribute(loader, self.world_size, self.global_rank) if use_distributed_sampler else loader, device
+            )
             for loader in dataloaders
         )
         return wrapped[0] if len(wrapped) == 1 else wrapped
@@ -218,7 +243,7 @@ class Fabric:
         if isinstance(obj, nn.Module):
             self._strategy.module_to_device(obj)
             return obj
-        return cast(T, _move(obj, self.device))
+        return cast(T, move_to(obj, self.device))
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
@@ -230,6 +255,58 @@ class Fabric:
         """
         with self._strategy.no_backward_sync(module, enabled):
             yield
+
+    def clip_gradients(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        clip_val: float | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor | None:
+        """Clip gradients by value (``clip_val``) or by their total norm (``max_norm``, whose value is returned).
+
+        Example:
+            >>> fabric.backward(loss)
+            >>> fabric.clip_gradients(model, optimizer, max_norm=1.0)
+            >>> optimizer.step()
+        """
+        return clip_gradients(module, optimizer, clip_val, max_norm, norm_type, error_if_nonfinite)
+
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Run the block in the mixed precision ``Fabric(precision=...)`` asks for (nothing for ``"32-true"``).
+
+        Example:
+            >>> with fabric.autocast():
+            ...     loss = model(inputs).sum()
+        """
+        with autocast(self._precision, self.device):
+            yield
+
+    def log(self, name: str, value: Any, step: int | None = None) -> None:
+        """Send one metric to every logger given to ``Fabric(loggers=...)`` (global rank 0 only).
+
+        Example:
+            >>> fabric.log("loss", loss.item(), step=step)
+        """
+        self.log_dict({name: value}, step=step)
+
+    def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Send metrics to every logger (``logger.log_metrics(metrics, step)``), on global rank 0 only.
+
+        Example:
+            >>> fabric.log_dict({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
+        """
+        if not self.is_global_zero:
+            return
+        plain = {
+            key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            for key, value in metrics.items()
+        }
+        for logger in self._loggers:
+            logger.log_metrics(plain, step=step)
 
     @contextmanager
     def init_module(self) -> Iterator[None]:
@@ -292,23 +369,23 @@ class Fabric:
         self._ensure_launched()
         return cast(T, self._strategy.broadcast(obj, src))
 
-    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
-        """``tensor`` from every process, stacked along a new first dimension (ranks in order).
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Gather a tensor (or every tensor of a collection) from all processes: each gains a leading world-size dim.
 
         Example:
-            >>> fabric.all_gather(torch.tensor(fabric.global_rank))  # tensor([0, 1]) with two processes
+            >>> losses = fabric.all_gather(loss.detach())  # shape (world_size,) in a multi-process run
         """
         self._ensure_launched()
-        return self._strategy.all_gather(tensor, sync_grads)
+        return apply_to_tensors(data, lambda tensor: self._strategy.all_gather(tensor, sync_grads, group=group))
 
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
-        """``tensor`` reduced over every process: ``reduce_op`` is ``"mean"``, ``"sum"``, ``"max"`` or ``"min"``.
+    def all_reduce(self, data: Any, group: Any = None, reduce_op: str = "mean") -> Any:
+        """Reduce a tensor (or every tensor of a collection) over all processes: ``"mean"``, ``"sum"``, ``"max"``...
 
         Example:
             >>> mean_loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
         """
         self._ensure_launched()
-        return self._strategy.all_reduce(tensor, reduce_op)
+        return apply_to_tensors(data, lambda tensor: self._strategy.all_reduce(tensor, reduce_op, group=group))
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
         """Call ``hook_name(*args, **kwargs)`` on every callback that defines it.
@@ -323,7 +400,7 @@ class Fabric:
                 method(*args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None) -> None:
+    def save(self, path: PathLike, state: Mapping[str, Any], filter: Mapping[str, FilterFn] | None = None) -> None:
         """Save ``state``: modules, optimizers and stateful objects as state dicts, the rest as given.
 
         Args:
@@ -375,8 +452,8 @@ class Fabric:
         self,
         path: PathLike,
         state: MutableMapping[str, Any] | None = None,
-        *,
         strict: bool = True,
+        *,
         weights_only: bool = True,
         verify: bool = True,
         ignore_keys: IgnoreKeys = None,
@@ -425,8 +502,8 @@ class Fabric:
         self,
         path: PathLike,
         obj: nn.Module | Optimizer,
-        *,
         strict: bool = True,
+        *,
         weights_only: bool = True,
         verify: bool = True,
     ) -> None:
@@ -474,30 +551,7 @@ def _call_each(targets: Iterable[Any], hook_name: str, *args: Any) -> None:
             method(*args)
 
 
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return type(obj)({key: _move(value, device) for key, value in obj.items()})  # type: ignore[call-arg]
-    if isinstance(obj, (list, tuple)):
-        moved = [_move(value, device) for value in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
-    return obj
-
-
-class _DeviceLoader:
-    """Iterates a dataloader, moving each batch to ``device``."""
-
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self._loader = loader
-        self._device = device
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self._loader:
-            yield _move(batch, self._device)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
+def _as_list(objects: Any | list[Any] | None) -> list[Any]:
+    if objects is None:
+        return []
+    return list(objects) if isinstance(objects, (list, tuple)) else [objects]

@@ -56,7 +56,9 @@ class CheckpointManager:
         save_interval: an int (epochs), a time string (``"2ep"``, ``"500ba"``, ``"2000sp"``, ``"1000000tok"``), or
             a callable ``(timestamp, event) -> bool`` with ``event`` in :data:`EVENTS`.
         num_checkpoints_to_keep: keep the newest N checkpoints in ``folder``; ``-1`` keeps all.
-        overwrite: replace an existing checkpoint of the same name instead of raising ``FileExistsError``.
+        overwrite: replace an existing checkpoint of the same name instead of raising ``FileExistsError``. A run
+            resumed by :meth:`load_latest` may always replace checkpoints after the one it resumed from: an
+            interrupted earlier attempt of the same run wrote them.
         save_weights_only: save only the ``nn.Module`` entries of the state (no optimizer, timestamp or RNG).
         timestamp: a :class:`Timestamp` to share with other managers. A manager advances only the Timestamp it
             created itself; a shared one is advanced by its owner (see :meth:`on_batch_end`).
@@ -214,7 +216,7 @@ class CheckpointManager:
         return {**state, "timestamp": self.timestamp, "rng": state.get("rng", RNGState())}
 
     def _check_overwrite(self, name: str, path: str) -> None:
-        if self.overwrite:
+        if self.overwrite or self._ahead_of_resume(name):
             return
         # Rank 0 decides for everyone, so that all ranks raise together instead of some waiting in fabric.save.
         clash = self.fabric.broadcast(path if self.fabric.is_global_zero and self._exists(name) else None)
@@ -306,18 +308,17 @@ class CheckpointManager:
         return None
 
     def _resume_plan(self) -> tuple[list[str], str | None]:
-        """The names to try, best first, and what is wrong with ``latest`` when it is not the first.
-
-        ``latest``'s target comes first, unless a newer checkpoint exists: a run killed after a checkpoint was
-        complete but before ``latest`` moved leaves ``latest`` one behind, and the newer checkpoint is complete.
-        """
+        """The names to try, ``latest``'s target first, and what is wrong with ``latest`` if it has no target."""
         target, problem = self._latest_target()
         others = self._names()
         if target is None:
             return others, (f"({self._url(self._name(self._latest))}) {problem}" if others else None)
-        if others and others[0] != target and self._newer(others[0], target):
-            return others, f"points at {target}, but the newer checkpoint {others[0]} is complete"
         return [target, *(name for name in others if name != target)], None
+
+    def _ahead_of_resume(self, name: str) -> bool:
+        """Whether ``name`` lies after the checkpoint this run resumed from: an interrupted earlier attempt of this
+        same run wrote it (e.g. killed before ``latest`` moved), so this run may write it again."""
+        return self._resumed_name is not None and self._newer(name, self._resumed_name)
 
     def _newer(self, name: str, than: str) -> bool:
         """Whether checkpoint ``name`` is further in training than ``than`` (by their names' timestamp fields)."""

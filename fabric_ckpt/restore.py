@@ -156,7 +156,8 @@ def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: st
     Raises:
         CheckpointMismatchError: naming the group, parameter and state key at fault.
     """
-    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+    # "state" may be missing: DCP drops the empty state dict of an optimizer that has not stepped yet.
+    if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict:
         raise CheckpointMismatchError(f"{label} is not an optimizer state dict (it needs 'state' and 'param_groups')")
     groups, saved = optimizer.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved):
@@ -174,7 +175,7 @@ def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: st
             strict=False,
         )
     )
-    for param_id, param_state in state_dict["state"].items():
+    for param_id, param_state in state_dict.get("state", {}).items():
         param = params.get(param_id)
         if param is None or not isinstance(param_state, Mapping):
             continue
@@ -205,13 +206,14 @@ def load_optimizer_state(optimizer: Optimizer, state_dict: Mapping[str, Any]) ->
     previous = {param: dict(param_state) for param, param_state in optimizer.state.items()}
     checkpoint_addresses = {
         _storage_address(value)
-        for param_state in state_dict["state"].values()
+        for param_state in state_dict.get("state", {}).values()
         if isinstance(param_state, Mapping)
         for value in param_state.values()
         if isinstance(value, torch.Tensor)
     }
     checkpoint_addresses.discard(None)
-    optimizer.load_state_dict(dict(state_dict))
+    # A sharded checkpoint saved before the first step has no "state" (DCP drops empty dicts): it is empty.
+    optimizer.load_state_dict({"state": {}, **state_dict})
     memo: dict[int, torch.UntypedStorage] = {}
     with torch.no_grad():
         for param, param_state in optimizer.state.items():

@@ -252,7 +252,7 @@ def optimizer_state_to_fqn(state: Mapping[str, Any], optimizer: Optimizer, modul
     saved = [index for group in state["param_groups"] for index in group["params"]]
     fqn_of = {index: names[id(param)] for index, param in zip(saved, live, strict=True)}
     return {
-        "state": {fqn_of.get(k, k): v for k, v in state["state"].items()},
+        "state": {fqn_of.get(k, k): v for k, v in state.get("state", {}).items()},
         "param_groups": [{**group, "params": [fqn_of[i] for i in group["params"]]} for group in state["param_groups"]],
     }
 
@@ -286,6 +286,6 @@ def optimizer_state_to_index(
             index_of[name] = len(index_of)
         new_groups.append({**saved, "params": [index_of[name] for name in live_names]})
     return {
-        "state": {index_of[name]: value for name, value in state["state"].items() if name in index_of},
+        "state": {index_of[name]: value for name, value in state.get("state", {}).items() if name in index_of},
         "param_groups": new_groups,
     }

@@ -388,3 +388,23 @@ def load_bare_dcp_index_keyed(kind: str, path: str) -> dict[str, Any]:
     model, optimizer = build(fabric, 21)
     fabric.load(path, {"model": model, "optimizer": optimizer})
     return full_state(model, optimizer)
+
+
+def save_before_any_step_and_load(kind: str, path: str) -> dict[str, Any]:
+    """A checkpoint saved before the optimizer's first step (its state is empty) loads back."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 31)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 0})
+    fresh, fresh_optimizer = build(fabric, 32)
+    fabric.load(path, {"model": fresh, "optimizer": fresh_optimizer, "step": 0})
+    return {"saved": full_state(model, optimizer), "loaded": full_state(fresh, fresh_optimizer)}
+
+
+def distributed_batches(kind: str) -> dict[str, Any]:
+    """What each rank reads from a set-up DataLoader over 10 items, two epochs, shuffled."""
+    from torch.utils.data import DataLoader
+
+    fabric = make_fabric(kind)
+    loader = fabric.setup_dataloaders(DataLoader(list(range(10)), batch_size=2, shuffle=True))
+    epochs = [[int(x) for batch in loader for x in batch] for _ in range(2)]
+    return {"epochs": epochs, "length": len(loader)}

@@ -95,3 +95,13 @@ def test_a_strict_error_on_every_rank_keeps_its_type(group, tmp_path):
     outcomes = group.run(cases.load_missing_key, "ddp", path)
     assert [o["error"] for o in outcomes] == ["KeyError", "KeyError"]
     assert all("'epoch' that does not exist" in o["message"] for o in outcomes)
+
+
+def test_setup_dataloaders_gives_each_rank_its_own_part_reshuffled_per_epoch(group):
+    results = group.run(cases.distributed_batches, "ddp")
+    for epoch in range(2):
+        seen = results[0]["epochs"][epoch] + results[1]["epochs"][epoch]
+        assert sorted(seen) == list(range(10))  # together the ranks read everything once
+        assert not set(results[0]["epochs"][epoch]) & set(results[1]["epochs"][epoch])
+    assert results[0]["epochs"][0] != results[0]["epochs"][1]  # the sampler is told the epoch
+    assert [r["length"] for r in results] == [3, 3]

@@ -153,3 +153,84 @@ def test_attribute_dict():
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         state.missing  # noqa: B018
     assert repr(state) == "AttributeDict({'b': 2})"
+
+
+def test_a_strategy_instance_takes_fabrics_arguments_it_was_built_without():
+    from fabric_ckpt import DDPStrategy, FSDPStrategy
+
+    fsdp = FSDPStrategy()
+    Fabric(strategy=fsdp, devices=3, num_nodes=1, accelerator="cpu")
+    assert (fsdp.accelerator, fsdp.world_size, fsdp.num_nodes) == ("cpu", 3, 1)
+    ddp = DDPStrategy(num_processes=2)
+    Fabric(strategy=ddp, devices=4)  # what the strategy was built with wins over Fabric's default
+    assert ddp.world_size == 2
+
+
+def test_contradicting_a_strategy_instance_is_an_error():
+    from fabric_ckpt import DDPStrategy
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"runs exactly one process, but devices=2"):
+        Fabric(strategy=SingleDeviceStrategy("cpu"), devices=2)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Fabric(strategy=DDPStrategy(accelerator="cpu"), accelerator="cuda")
+
+
+def test_lightning_style_positional_arguments(tmp_path, fabric):
+    model = make_net(1)
+    fabric.save(tmp_path / "c.ckpt", {"model": model, "step": 1}, {"model": lambda k, v: "weight" in k})
+    target = make_net(2)
+    assert fabric.load(tmp_path / "c.ckpt", {"model": target}, False) == {"step": 1}  # strict=False
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    fabric.load_raw(tmp_path / "raw.pt", target, True)
+    assert torch.equal(target.fc1.weight, model.fc1.weight)
+
+
+def test_clip_gradients_by_norm_and_value(fabric):
+    model = make_net(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = fabric.setup(model, optimizer)
+    (model(torch.randn(8, 4)) * 1000).sum().backward()
+    norm = fabric.clip_gradients(model, optimizer, max_norm=1.0)
+    assert norm > 1.0
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert total <= 1.0 + 1e-5
+    fabric.clip_gradients(model, optimizer, clip_val=0.01)
+    assert all(p.grad.abs().max() <= 0.01 for p in model.parameters())
+    with pytest.raises(ValueError, match="exactly one of clip_val"):
+        fabric.clip_gradients(model, optimizer)
+
+
+def test_precision_and_autocast():
+    fabric = Fabric(accelerator="cpu", precision="bf16-mixed")
+    layer = torch.nn.Linear(4, 4)
+    with fabric.autocast():
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with Fabric(accelerator="cpu").autocast():
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"precision='16-mixed' is not supported"):
+        Fabric(accelerator="cpu", precision="16-mixed")
+    with pytest.raises(ValueError, match="plugins are not supported"):
+        Fabric(accelerator="cpu", plugins=["something"])
+
+
+def test_log_reaches_loggers():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((metrics, step))
+
+    recorder = Recorder()
+    fabric = Fabric(accelerator="cpu", loggers=recorder)
+    fabric.log("loss", torch.tensor(0.5), step=3)
+    fabric.log_dict({"a": 1, "b": 2.0})
+    assert recorder.calls == [({"loss": 0.5}, 3), ({"a": 1, "b": 2.0}, None)]
+
+
+def test_collectives_take_collections(fabric):
+    data = {"x": torch.ones(2), "nested": [torch.zeros(1)]}
+    assert torch.equal(fabric.all_reduce(data)["x"], torch.ones(2))
+    assert torch.equal(fabric.all_gather(data)["nested"][0], torch.zeros(1))

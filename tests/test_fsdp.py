@@ -234,3 +234,13 @@ def test_bare_dcp_folder_with_an_index_keyed_optimizer_loads_into_fsdp(group, tm
         for index, param_state in optimizer.state_dict()["state"].items():
             for name, value in param_state.items():
                 assert torch.equal(loaded["optimizer"][index][name], value), (index, name)
+
+
+def test_a_checkpoint_saved_before_the_first_step_loads_back(group, tmp_path):
+    path = tmp_path / "step0.ckpt"
+    for result in group.run(cases.save_before_any_step_and_load, "fsdp", str(path)):
+        assert result["loaded"]["optimizer"] == {} and result["saved"]["optimizer"] == {}
+        assert all(torch.equal(result["loaded"]["model"][k], v) for k, v in result["saved"]["model"].items())
+    model, optimizer = single_device_objects()
+    Fabric(accelerator="cpu").load(path, {"model": model, "optimizer": optimizer})  # consolidated, on one device
+    assert optimizer.state_dict()["state"] == {}

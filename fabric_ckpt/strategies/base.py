@@ -208,7 +208,7 @@ class Strategy(ABC):
         """
         return obj
 
-    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False, group: Any = None) -> torch.Tensor:
         """``tensor`` from every rank, stacked along a new first dimension (``tensor`` itself in one process).
 
         Example:
@@ -216,7 +216,7 @@ class Strategy(ABC):
         """
         return tensor
 
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean", group: Any = None) -> torch.Tensor:
         """``tensor`` reduced over every rank with ``reduce_op`` (``tensor`` itself in one process).
 
         Example:

@@ -27,9 +27,9 @@ class DDPStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        accelerator: str = "cpu",
+        accelerator: str | None = None,
         num_processes: int | None = None,
-        num_nodes: int = 1,
+        num_nodes: int | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         **ddp_kwargs: Any,
@@ -51,4 +51,4 @@ class DDPStrategy(ParallelStrategy):
             yield
 
     def __repr__(self) -> str:
-        return f"DDPStrategy(accelerator={self._accelerator!r}, world_size={self.world_size})"
+        return f"DDPStrategy(accelerator={self.accelerator!r}, world_size={self.world_size})"

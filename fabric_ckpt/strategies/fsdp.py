@@ -61,9 +61,9 @@ class FSDPStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        accelerator: str = "cpu",
+        accelerator: str | None = None,
         num_processes: int | None = None,
-        num_nodes: int = 1,
+        num_nodes: int | None = None,
         state_dict_type: str = "sharded",
         auto_wrap_policy: WrapPolicy = None,
         process_group_backend: str | None = None,
@@ -205,7 +205,7 @@ class FSDPStrategy(ParallelStrategy):
         saved = [i for group in state_dict["param_groups"] for i in group["params"]]
         param_of = dict(zip(saved, params, strict=True))
         state = {}
-        for index, param_state in state_dict["state"].items():
+        for index, param_state in state_dict.get("state", {}).items():
             param = param_of.get(index)
             state[index] = {
                 key: _shard_like(value, param)
@@ -386,7 +386,7 @@ class FSDPStrategy(ParallelStrategy):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             names = {id(p): name for name, p in owner.named_parameters(remove_duplicate=False)}
             targets: dict[int, dict[str, Any]] = {}
-            for index, param_state in view["state"].items():
+            for index, param_state in view.get("state", {}).items():
                 param = params[index]
                 existing = optimizer.state.get(param, {})
                 targets[index] = {

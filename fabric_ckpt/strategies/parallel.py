@@ -35,21 +35,53 @@ class ParallelStrategy(Strategy):
 
     def __init__(
         self,
-        accelerator: str = "cpu",
+        accelerator: str | None = None,
         num_processes: int | None = None,
-        num_nodes: int = 1,
+        num_nodes: int | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
-        if accelerator not in ("cpu", "cuda"):
+        if accelerator not in (None, "cpu", "cuda"):
             raise ValueError(f"{type(self).__name__} runs on 'cpu' or 'cuda', not {accelerator!r}")
+        # Left unset (None), these are taken from Fabric's arguments (see configure); standalone: CPU, one node.
         self._accelerator = accelerator
         self._num_processes = num_processes
         self._num_nodes = num_nodes
-        self._backend = process_group_backend or ("nccl" if accelerator == "cuda" else "gloo")
+        self._requested_backend = process_group_backend
         self._timeout = timeout
         self._environment: ClusterEnvironment | None = None
         self._owns_process_group = False
+
+    def configure(self, accelerator: str, num_processes: int | None, num_nodes: int) -> None:
+        """Fill what this strategy was built without from Fabric's ``accelerator``/``devices``/``num_nodes``.
+
+        Raises:
+            ValueError: the strategy was built for another accelerator than the one Fabric was asked for.
+
+        Example:
+            >>> strategy = FSDPStrategy()
+            >>> strategy.configure("cpu", num_processes=2, num_nodes=1)  # what Fabric(devices=2) does
+        """
+        if self._accelerator is None:
+            self._accelerator = accelerator
+        elif accelerator != self._accelerator:
+            raise ValueError(
+                f"Fabric(accelerator={accelerator!r}) contradicts {type(self).__name__}(accelerator="
+                f"{self._accelerator!r}); pass one of them"
+            )
+        if self._num_processes is None:
+            self._num_processes = num_processes
+        if self._num_nodes is None:
+            self._num_nodes = num_nodes
+
+    @property
+    def accelerator(self) -> str:
+        """``"cpu"`` or ``"cuda"`` (CPU until configured otherwise)."""
+        return self._accelerator or "cpu"
+
+    @property
+    def _backend(self) -> str:
+        return self._requested_backend or ("nccl" if self.accelerator == "cuda" else "gloo")
 
     # ------------------------------------------------------------------ topology
     @property
@@ -76,18 +108,18 @@ class ParallelStrategy(Strategy):
         env = self._env
         if env:
             return env.world_size
-        return (self._num_processes or 1) * self._num_nodes
+        return (self._num_processes or 1) * (self._num_nodes or 1)
 
     @property
     def num_nodes(self) -> int:
         env = self._env
         if env and env.local_world_size:
             return max(1, env.world_size // env.local_world_size)
-        return self._num_nodes
+        return self._num_nodes or 1
 
     @property
     def root_device(self) -> torch.device:
-        if self._accelerator == "cuda":
+        if self.accelerator == "cuda":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
@@ -107,7 +139,7 @@ class ParallelStrategy(Strategy):
         else:
             environment = detect_environment()
             if environment is None:
-                environment = launch_local_processes(self._num_processes or 1, self._num_nodes)
+                environment = launch_local_processes(self._num_processes or 1, self._num_nodes or 1)
             self._environment = environment
             dist.init_process_group(
                 self._backend,
@@ -120,7 +152,7 @@ class ParallelStrategy(Strategy):
             # Destroy the group before the interpreter exits: its threads outliving Python abort the process.
             atexit.register(self.teardown)
         self._check_world_size()
-        if self._accelerator == "cuda":
+        if self.accelerator == "cuda":
             torch.cuda.set_device(self.root_device)
 
     def _environment_of_existing_group(self) -> ClusterEnvironment:
@@ -141,7 +173,7 @@ class ParallelStrategy(Strategy):
     def _check_world_size(self) -> None:
         if self._num_processes is None:
             return
-        expected = self._num_processes * self._num_nodes
+        expected = self._num_processes * (self._num_nodes or 1)
         if self.world_size != expected:
             raise RuntimeError(
                 f"Fabric was configured for devices={self._num_processes} x num_nodes={self._num_nodes} = {expected} "
@@ -169,26 +201,36 @@ class ParallelStrategy(Strategy):
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
 
-    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, sync_grads: bool = False, group: Any = None) -> torch.Tensor:
+        """``tensor`` from every rank (of ``group``), stacked along a new first dimension.
+
+        Example:
+            >>> strategy.all_gather(torch.tensor([rank]))  # tensor([[0], [1]]) on 2 ranks
+        """
         if not dist.is_initialized():
             return tensor.unsqueeze(0)
         if sync_grads:
             import torch.distributed.nn.functional as dist_fn
 
-            return torch.stack(dist_fn.all_gather(tensor))
-        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(gathered, tensor.contiguous())
+            return torch.stack(dist_fn.all_gather(tensor, group=group or dist.group.WORLD))
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor.contiguous(), group=group)
         return torch.stack(gathered)
 
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean", group: Any = None) -> torch.Tensor:
+        """``tensor`` reduced over every rank (of ``group``): ``"mean"``, ``"sum"``, ``"max"`` or ``"min"``.
+
+        Example:
+            >>> strategy.all_reduce(torch.tensor(1.0), "sum")  # tensor(2.) on 2 ranks
+        """
         if reduce_op not in _REDUCE_OPS:
             raise ValueError(f"reduce_op={reduce_op!r}; choose one of {sorted(_REDUCE_OPS)}")
         if not dist.is_initialized():
             return tensor
         result = tensor.clone()
-        dist.all_reduce(result, op=_REDUCE_OPS[reduce_op])
+        dist.all_reduce(result, op=_REDUCE_OPS[reduce_op], group=group)
         if reduce_op == "mean":
-            result = result / self.world_size
+            result = result / dist.get_world_size(group)
         return result
 
     def gather_objects(self, obj: Any, group: Any = None) -> list[Any]:

@@ -69,6 +69,7 @@ def select_strategy(
         SingleDeviceStrategy(device='cpu')
     """
     if isinstance(strategy, Strategy):
+        _configure_instance(strategy, accelerator, devices, num_nodes)
         return strategy
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"num_nodes={num_nodes!r} must be a positive int")
@@ -100,3 +101,22 @@ def select_strategy(
     from fabric_ckpt.strategies.fsdp import FSDPStrategy
 
     return FSDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
+
+
+def _configure_instance(strategy: Strategy, accelerator: str, devices: int | str | list[int], num_nodes: int) -> None:
+    """Give a strategy passed as an instance what it was built without; refuse arguments that contradict it."""
+    from fabric_ckpt.strategies.parallel import ParallelStrategy
+
+    explicit = isinstance(accelerator, str) and accelerator.lower() != "auto"
+    if isinstance(strategy, ParallelStrategy):
+        kind = resolve_accelerator(accelerator)
+        if not explicit and strategy._accelerator is not None:
+            kind = strategy._accelerator
+        launched = detect_environment()
+        processes = None if launched is not None and devices in (1, "auto") else len(resolve_devices(devices, kind))
+        strategy.configure(kind, processes, num_nodes)
+    elif isinstance(strategy, SingleDeviceStrategy):
+        if explicit and resolve_accelerator(accelerator) != strategy.root_device.type:
+            raise ValueError(f"Fabric(accelerator={accelerator!r}) contradicts {strategy!r}; pass one of them")
+        if devices not in (1, "1", "auto") or num_nodes != 1:
+            raise ValueError(f"{strategy!r} runs exactly one process, but devices={devices!r}, num_nodes={num_nodes}")
