@@ -203,7 +203,7 @@ class Description:
         """
         size = f", {format_bytes(self.size)} on storage" if self.size is not None else ""
         lines = [
-            f"{self.path}  [{self.format}]  {len(self.tensors)} tensors, {self.elements:,} elements, "
+            f"{self.path}  [{self.format}]  {_count(len(self.tensors), 'tensor')}, {self.elements:,} elements, "
             f"{format_bytes(self.nbytes)}{size}"
         ]
         _render_children(self.tree, "", lines)
@@ -246,7 +246,7 @@ def _render_children(node: Any, indent: str, lines: list[str]) -> None:
             lines.append(f"{indent}{branch}{str(key).ljust(width)}  {_leaf_text(value)}")
             continue
         count, nbytes = _subtotal(value)
-        summary = f"  ({count} tensors, {format_bytes(nbytes)})" if count else ""
+        summary = f"  ({_count(count, 'tensor')}, {format_bytes(nbytes)})" if count else ""
         lines.append(f"{indent}{branch}{key}/{summary}")
         _render_children(value, indent + extension, lines)
 
@@ -497,3 +497,7 @@ def _describe_hf(index: Any) -> Description:
     ordered = {key: tree.get(key, "(missing from its shard)") for key in index.weight_map}
     note = f"Hugging Face sharded safetensors: {len(index.shards)} shard file(s)"
     return Description(index.location.original, "hf-safetensors", ordered, size, [note])
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
