@@ -274,7 +274,7 @@ class FabricCkptFSDP(Checkpointer):
         from benchmarks.workloads import _Block
         from fabric_ckpt import Fabric, FSDPStrategy
 
-        strategy = FSDPStrategy(accelerator="cpu", auto_wrap_policy={_Block})
+        strategy = FSDPStrategy(accelerator="cpu", num_processes=self.ranks, auto_wrap_policy={_Block})
         fabric = Fabric(strategy=strategy)
         fabric.launch()
         state = workload.build(seed, shard=fabric.setup_module)
