@@ -272,6 +272,6 @@ def _write_sharded(checkpoint: Any, location: Location, bar: ProgressBar) -> Non
         records = sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
         sharded.commit(temporary, location, records, world_size=1)
     except BaseException:
-        sharded.remove(temporary)
+        sharded.discard(temporary, location)
         raise
     bar.update(sum(_nbytes(t) for t in flatten(state).values() if isinstance(t, torch.Tensor)))

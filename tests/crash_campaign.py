@@ -21,8 +21,20 @@ and then checks, without trusting anything the writers said:
 Kill points (``--points``) kill a writer at a chosen line instead (the writer wraps a library function to SIGKILL
 itself there, the way a crash at that instant would); a recovery round that must finish cleanly follows each.
 
-Storage is behind :class:`LocalStorage`, so an object-store scenario needs only another storage class (paths become
-URLs, temporaries are listed through fsspec).
+The ``s3-*`` scenarios save to a bucket on an S3 API server (``AWS_ENDPOINT_URL``; moto's, started here when the
+variable is unset) through s3fs (:class:`S3Storage`). An object store has no rename and no visible temporaries, so
+their checks say what the same promises mean there:
+
+- a single file is one multipart upload to its final key: a kill leaves either the previous object or the new one
+  (never a visible partial object); what it leaves is an incomplete upload, which no listing shows (counted);
+- ``latest`` is a small pointer object naming a checkpoint in the folder, which loads bitwise right;
+- a sharded folder is committed by its manifest (written last), which names the live generation ``.gen-<id>/``; a
+  kill leaves generations the manifest does not name (the temporaries here: each is refused on load or loads
+  bitwise right), and the next successful save removes them;
+- nothing else is visible in the bucket, and a run that finished cleanly leaves no incomplete upload.
+
+s3fs starts an event-loop thread on first use, and writers must be forked from a single-threaded process, so this
+process never touches the bucket itself: its checks run in a forked child (:func:`in_child`).
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
+import posixpath
 import random
 import re
 import select
@@ -46,14 +60,17 @@ import time
 import traceback
 import warnings
 import zlib
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointManager, DDPStrategy, Fabric, FSDPStrategy
 from fabric_ckpt.io.atomic import TEMP_MARKER
+from fabric_ckpt.io.sharded import GENERATION_PREFIX, MANIFEST_NAME
+from tests.s3 import CREDENTIALS
 
 TIMEOUT_S = 90  # the longest a round may take before the campaign gives up on it
 ERROR_EXIT = 3
@@ -156,8 +173,12 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 class LocalStorage:
     """A folder on the local disk; the one place that knows how names become paths and how to list them."""
 
+    remote = False
+
     def __init__(self, root: str) -> None:
         self.root = root
+        self.environment: dict[str, str] = {}
+        self.scratch = root  # the campaign's own files (journal, error log)
         os.makedirs(root, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -174,6 +195,108 @@ class LocalStorage:
 
     def temporaries(self, folder: str = "") -> list[str]:
         return [os.path.join(folder, n) if folder else n for n in self.names(folder) if TEMP_MARKER in n]
+
+    def incomplete_uploads(self) -> int:
+        return 0
+
+
+class S3Storage:
+    """A fresh bucket on the S3 API server that ``AWS_ENDPOINT_URL`` names, reached through s3fs as users do.
+
+    Writers and checkers use it, never the campaign process (see :func:`in_child`). The journal and the error log
+    stay in the local ``scratch`` folder: they are the campaign's records, not storage under test.
+    """
+
+    remote = True
+
+    def __init__(self, scratch: str, bucket: str) -> None:
+        self.scratch = scratch
+        self.bucket = bucket
+        # Handed to every writer explicitly, whatever environment it would inherit.
+        self.environment = {key: os.environ[key] for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+        os.makedirs(scratch, exist_ok=True)
+
+    @classmethod
+    def create(cls, scratch: str) -> S3Storage:
+        import s3fs  # noqa: F401 - once here (importing starts no thread), not in every writer and checker
+
+        bucket = f"crash-{random.SystemRandom().getrandbits(48):012x}"
+        in_child(lambda: cls._fs().mkdir(bucket))
+        return cls(scratch, bucket)
+
+    @staticmethod
+    def _fs() -> Any:
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.invalidate_cache()  # listings must show the store as it is now, not as this process last saw it
+        return fs
+
+    def _key(self, name: str) -> str:
+        return f"{self.bucket}/{name}".rstrip("/")
+
+    def path(self, name: str) -> str:
+        return f"s3://{self._key(name)}"
+
+    def names(self, folder: str = "") -> list[str]:
+        try:
+            paths = self._fs().ls(self._key(folder), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+
+    def exists(self, name: str) -> bool:
+        return bool(self._fs().exists(self._key(name)))
+
+    def read(self, name: str) -> bytes:
+        return bytes(self._fs().cat_file(self._key(name)))
+
+    def temporaries(self, folder: str = "") -> list[str]:
+        return [posixpath.join(folder, n) for n in self.names(folder) if TEMP_MARKER in n]
+
+    def incomplete_uploads(self) -> int:
+        """Multipart uploads started and neither completed nor aborted (a writer killed mid-upload leaves one)."""
+        return len(self._fs().list_multipart_uploads(self.bucket))
+
+
+Storage = LocalStorage | S3Storage
+T = TypeVar("T")
+
+
+def in_child(function: Callable[[], T]) -> T:
+    """Run ``function`` in a forked child and return its result (pickled back through a pipe).
+
+    Forking writers is safe only while this process has one thread, and s3fs starts an event-loop thread on first
+    use: everything that touches the object store from this side runs in a child, which then exits.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            payload = pickle.dumps((True, function()))
+        except BaseException:
+            payload = pickle.dumps((False, traceback.format_exc()))
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + TIMEOUT_S
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            if select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                chunk = pipe.read(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    _reap([pid], timeout=1.0 if time.monotonic() >= deadline else 10.0)
+    if not chunks:
+        raise RuntimeError("the checking process died or hung without an answer")
+    ok, value = pickle.loads(b"".join(chunks))
+    if not ok:
+        raise RuntimeError(f"the checking process failed:\n{value}")
+    return value  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------------------------- the journal
@@ -234,18 +357,28 @@ class Scenario:
     def make_fabric(self) -> Fabric:
         return Fabric(accelerator="cpu")
 
-    def resume(self, fabric: Fabric, state: dict[str, Any], storage: LocalStorage) -> int:
-        if not storage.exists(self.checkpoint):
+    remote = False  # saves to the S3 server (S3Storage) instead of the local disk
+
+    def present(self, storage: Storage) -> bool:
+        """Whether a checkpoint was committed under ``checkpoint`` (a user's "is there one to resume from?")."""
+        return storage.exists(self.checkpoint)
+
+    def temporaries(self, storage: Storage) -> list[str]:
+        """What a save in progress leaves behind until it commits (hidden siblings on local disks)."""
+        return storage.temporaries()
+
+    def resume(self, fabric: Fabric, state: dict[str, Any], storage: Storage) -> int:
+        if not self.present(storage):
             return 0
         fabric.load(storage.path(self.checkpoint), state)  # plain values such as "step" are updated in place
         return int(state["step"])
 
-    def save(self, fabric: Fabric, state: dict[str, Any], storage: LocalStorage) -> None:
+    def save(self, fabric: Fabric, state: dict[str, Any], storage: Storage) -> None:
         fabric.save(storage.path(self.checkpoint), state)
 
     def verify(self, campaign: Campaign) -> None:
         campaign.verify_checkpoint(self.checkpoint)
-        for name in campaign.storage.temporaries():
+        for name in self.temporaries(campaign.storage):
             campaign.verify_temporary(name)
 
 
@@ -294,7 +427,7 @@ class Manager(Scenario):
     overwrite = True
     _pattern = re.compile(r"ep0-ba(\d+)-rank0")
 
-    def manager(self, fabric: Fabric, storage: LocalStorage) -> CheckpointManager:
+    def manager(self, fabric: Fabric, storage: Storage) -> CheckpointManager:
         return CheckpointManager(
             fabric,
             storage.path(self.folder),
@@ -304,28 +437,36 @@ class Manager(Scenario):
             overwrite=self.overwrite,
         )
 
-    def resume(self, fabric: Fabric, state: dict[str, Any], storage: LocalStorage) -> int:
+    def resume(self, fabric: Fabric, state: dict[str, Any], storage: Storage) -> int:
         self._manager = self.manager(fabric, storage)
         self._manager.load_latest(state)
         return self._manager.timestamp.batch
 
-    def save(self, fabric: Fabric, state: dict[str, Any], storage: LocalStorage) -> None:
+    def save(self, fabric: Fabric, state: dict[str, Any], storage: Storage) -> None:
         saved = self._manager.on_batch_end(state)
         assert saved is not None and self._manager.timestamp.batch == state["step"]
+
+    def temporaries(self, storage: Storage) -> list[str]:
+        return storage.temporaries() + storage.temporaries(self.folder)
+
+    def latest_target(self, campaign: Campaign, latest: str) -> str | None:
+        """Where ``latest`` points: a symlink on local disks (anything else is a violation, and ``None``)."""
+        path = campaign.storage.path(latest)
+        if not os.path.islink(path):
+            campaign.violation(f"`{latest}` is not a symlink")
+            return None
+        return os.readlink(path)
 
     def verify(self, campaign: Campaign) -> None:
         storage = campaign.storage
         latest = os.path.join(self.folder, self.latest)
         checkpoints = [n for n in storage.names(self.folder) if self._pattern.fullmatch(n)]
         if storage.exists(latest):
-            if not os.path.islink(storage.path(latest)):
-                campaign.violation(f"`{latest}` is not a symlink")
-            else:
-                target = os.readlink(storage.path(latest))
-                if target not in checkpoints:
-                    campaign.violation(f"`{latest}` points at {target!r}, which is not a checkpoint in the folder")
-                else:
-                    campaign.verify_checkpoint(os.path.join(self.folder, target))
+            target = self.latest_target(campaign, latest)
+            if target is not None and target not in checkpoints:
+                campaign.violation(f"`{latest}` points at {target!r}, which is not a checkpoint in the folder")
+            elif target is not None:
+                campaign.verify_checkpoint(os.path.join(self.folder, target))
         elif campaign.floor > 0:
             campaign.violation(f"`{latest}` is missing although step {campaign.floor} was saved")
         for name in checkpoints:
@@ -333,7 +474,7 @@ class Manager(Scenario):
             campaign.check_loads_as(os.path.join(self.folder, name), step)
         if len(checkpoints) > self.keep + 2:
             campaign.violation(f"retention kept {len(checkpoints)} checkpoints: {checkpoints}")
-        for name in storage.temporaries(self.folder):
+        for name in self.temporaries(storage):
             campaign.verify_temporary(name)
 
     def verify_clean(self, campaign: Campaign) -> None:
@@ -353,7 +494,85 @@ class Manager(Scenario):
             campaign.violation(f"load_latest resumed step {state['step']}, the last saved is {campaign.floor}")
 
 
-SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (SingleFile, DDP, FSDP, Manager)}
+class S3SingleFile(SingleFile):
+    name = "s3-single"
+    remote = True
+    width = 512  # ~6.5 MB: one save to the local S3 server takes ~0.1 s, most of it in the upload
+
+    def verify(self, campaign: Campaign) -> None:
+        super().verify(campaign)
+        campaign.check_visible("", {self.checkpoint}.__contains__)
+
+
+class S3FSDP(FSDP):
+    """Sharded on 2 ranks to the bucket: the manifest names the live generation; unreferenced ones are temporaries."""
+
+    name = "s3-fsdp"
+    remote = True
+
+    def present(self, storage: Storage) -> bool:
+        # A killed first save leaves `sharded.ckpt/.gen-*` objects: the folder "exists" before any commit.
+        return storage.exists(f"{self.checkpoint}/{MANIFEST_NAME}")
+
+    def live_generation(self, storage: Storage) -> str | None:
+        """The generation the manifest names, read here rather than through the library."""
+        if not isinstance(storage, S3Storage) or not self.present(storage):
+            return None
+        try:
+            return str(json.loads(storage.read(f"{self.checkpoint}/{MANIFEST_NAME}"))["manifest"]["generation"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None  # a damaged manifest: the checkpoint then fails to load, which is the violation to report
+
+    def temporaries(self, storage: Storage) -> list[str]:
+        live = self.live_generation(storage)
+        generations = [n for n in storage.names(self.checkpoint) if n.startswith(GENERATION_PREFIX) and n != live]
+        return storage.temporaries() + [f"{self.checkpoint}/{n}" for n in generations]
+
+    def verify(self, campaign: Campaign) -> None:
+        storage = campaign.storage
+        present = self.present(storage)
+        if not present and storage.exists(self.checkpoint):
+            campaign.verify_temporary(self.checkpoint)  # only uncommitted generations: it must not load as valid
+        campaign.verify_checkpoint(self.checkpoint, present=present)
+        for name in self.temporaries(storage):
+            campaign.verify_temporary(name)
+        campaign.check_visible("", {self.checkpoint}.__contains__)
+        campaign.check_visible(self.checkpoint, lambda n: n == MANIFEST_NAME or n.startswith(GENERATION_PREFIX))
+
+    def verify_clean(self, campaign: Campaign) -> None:
+        left = self.temporaries(campaign.storage)
+        if left:
+            campaign.violation(f"after a clean run, generations the manifest does not name remain: {left}")
+
+
+class S3Manager(Manager):
+    """The manager on the bucket, with its default ``overwrite=False`` (the next run rewrites a checkpoint that a
+    killed one committed past ``latest``); ``latest`` is a pointer object."""
+
+    name = "s3-manager"
+    remote = True
+    overwrite = False
+
+    def latest_target(self, campaign: Campaign, latest: str) -> str | None:
+        raw = campaign.storage.read(latest)  # type: ignore[union-attr]
+        try:
+            pointer = json.loads(raw)
+            if pointer["format"] != "fabric_ckpt.latest/1":
+                raise ValueError(pointer["format"])
+            return str(pointer["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            campaign.violation(f"`{latest}` is not a pointer object: {raw[:100]!r}")
+            return None
+
+    def verify(self, campaign: Campaign) -> None:
+        super().verify(campaign)
+        campaign.check_visible("", {self.folder}.__contains__)
+        campaign.check_visible(self.folder, lambda n: n == self.latest or bool(self._pattern.fullmatch(n)))
+
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    s.name: s for s in (SingleFile, DDP, FSDP, Manager, S3SingleFile, S3FSDP, S3Manager)
+}
 
 
 # ---------------------------------------------------------------------------------------------- kill points
@@ -387,6 +606,13 @@ KILL_POINTS = [
               overwrite=True),
     KillPoint("manager/before-prune", "manager", "fabric_ckpt.manager:CheckpointManager._prune", call=3),
     KillPoint("manager/mid-prune", "manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
+    # Object stores: the multipart upload is complete but not committed; the manifest is not written yet; the
+    # manifest names the new generation but the old one is not deleted yet; `latest` not moved yet.
+    KillPoint("s3-single/before-complete", "s3-single", "s3fs.core:S3File.commit"),
+    KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.io.sharded:commit"),
+    KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.io.sharded:remove", call=1),
+    KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
+    KillPoint("s3-manager/mid-prune", "s3-manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
 ]  # fmt: skip
 
 
@@ -430,7 +656,7 @@ def arm(point: KillPoint, killed_at: str) -> None:
 @dataclasses.dataclass
 class WriterSpec:
     scenario: Scenario
-    storage: LocalStorage
+    storage: Storage
     rank: int
     port: int
     ready_fd: int
@@ -458,6 +684,7 @@ class _Mismatch(Exception):
 
 def _write_loop(spec: WriterSpec, journal: Journal) -> None:
     scenario = spec.scenario
+    os.environ.update(spec.storage.environment)  # the S3 endpoint and credentials, as a user's job would have them
     if scenario.world_size > 1:
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
@@ -469,7 +696,7 @@ def _write_loop(spec: WriterSpec, journal: Journal) -> None:
             GROUP_RANK="0",
         )
     if spec.point is not None and spec.point.rank == spec.rank:
-        arm(spec.point, os.path.join(spec.storage.root, "killed-at"))
+        arm(spec.point, os.path.join(spec.storage.scratch, "killed-at"))
     fabric = scenario.make_fabric()
     raw_model, raw_optimizer = build(scenario.width)
     model, optimizer = fabric.setup(raw_model, raw_optimizer)
@@ -513,6 +740,7 @@ class Figures:
     partial_refused: int = 0
     complete_temporaries: int = 0
     temporaries_cleaned: int = 0
+    uploads_left_incomplete: int = 0  # object stores: multipart uploads a kill left (invisible to listings)
     survivor_stopped_alone: int = 0
     survivor_errors: int = 0
     clean_rounds: int = 0
@@ -528,21 +756,26 @@ class WrongData(Exception):
 
 
 class Campaign:
-    """The killing and checking for one scenario in one folder."""
+    """The killing and checking for one scenario in one folder (or bucket, with ``root`` for the journal)."""
+
+    # What a check changes, carried back from the child that ran it (see _check).
+    _CARRIED = ("figures", "observed", "_expected", "_pending", "_uploads_seen")
 
     def __init__(self, scenario: Scenario, root: str, rng: random.Random, point: KillPoint | None = None) -> None:
         self.scenario = scenario
-        self.storage = LocalStorage(root)
+        self.storage: Storage = S3Storage.create(root) if scenario.remote else LocalStorage(root)
         self.journal = Journal(os.path.join(root, "journal.txt"))
         self.errors = os.path.join(root, "errors.jsonl")
         self.rng = rng
         self.point = point
         self.figures = Figures(scenario.name if point is None else point.name)
         self.fabric = Fabric(accelerator="cpu")
+        build(8)  # the first optimizer imports torch._dynamo (~1 s): here once, not in every forked writer and checker
         self.observed = 0  # the newest step seen on disk so far
         self._expected: dict[int, str] = {}
         self._patterns = Patterns()
         self._pending: list[str] = []  # temporaries seen after the previous round
+        self._uploads_seen = 0  # incomplete multipart uploads counted after the previous round
         self._periods: list[float] = []
         self._errors_seen = 0
         self._round = "start"
@@ -602,10 +835,14 @@ class Campaign:
             self.violation(f"{name} holds step {loaded_step}, but not what the writer journalled for it")
         return loaded_step
 
-    def verify_checkpoint(self, name: str) -> None:
-        """The checkpoint a user would resume from is there, complete, and no older than the last saved step."""
+    def verify_checkpoint(self, name: str, present: bool | None = None) -> None:
+        """The checkpoint a user would resume from is there, complete, and no older than the last saved step.
+
+        ``present`` says whether it was committed, where the name existing does not (a sharded folder on an object
+        store exists once a generation is being written; its manifest commits it).
+        """
         floor = self.floor
-        if not self.storage.exists(name):
+        if not (self.storage.exists(name) if present is None else present):
             if floor > 0:
                 self.figures.lost += 1
                 self.violation(f"{name} is missing although step {floor} was saved")
@@ -643,9 +880,29 @@ class Campaign:
             return
         self.figures.complete_temporaries += 1
 
-    def _temporaries(self) -> list[str]:
-        folder = getattr(self.scenario, "folder", "")
-        return self.storage.temporaries() + (self.storage.temporaries(folder) if folder else [])
+    def check_visible(self, folder: str, expected: Callable[[str], bool]) -> None:
+        """Object stores: a listing shows committed checkpoints (and ``latest``) only, never a partial upload."""
+        for name in self.storage.names(folder):
+            if not expected(name):
+                self.violation(f"an object store lists {posixpath.join(folder, name)!r}, which is no checkpoint")
+
+    def _check(self, check: Callable[[], None]) -> None:
+        """Run ``check``; for an object store, in a forked child (see :func:`in_child`), keeping what it changed."""
+        if not self.storage.remote:
+            check()
+            return
+
+        def checked() -> dict[str, Any]:
+            try:
+                check()
+            except Exception:
+                self.violation(f"the check itself failed:\n{traceback.format_exc()}")
+            return {name: getattr(self, name) for name in self._CARRIED}
+
+        try:
+            self.__dict__.update(in_child(checked))
+        except RuntimeError as err:
+            self.violation(str(err))
 
     # ------------------------------------------------------------------ rounds
     def _spawn(self, max_saves: int, point: KillPoint | None) -> tuple[list[int], int]:
@@ -735,9 +992,19 @@ class Campaign:
                 self.violation(f"rank {error['rank']} failed before any kill:\n{error['error']}")
         self._errors_seen = len(errors)
 
-    def _after_round(self, saved: bool) -> None:
-        temporaries = self._temporaries()
-        if temporaries:
+    def _after_round(self, saved: bool, clean: bool = False) -> None:
+        self._check(lambda: self._inspect(saved, clean))
+        self.figures.saves_journalled = len(self.journal.entries())
+
+    def _inspect(self, saved: bool, clean: bool) -> None:
+        temporaries = self.scenario.temporaries(self.storage)
+        uploads = self.storage.incomplete_uploads()
+        left, self._uploads_seen = uploads - self._uploads_seen, uploads
+        if clean and left:
+            self.violation(f"a run that finished cleanly left {left} incomplete multipart upload(s)")
+        elif left > 0:
+            self.figures.uploads_left_incomplete += left
+        if temporaries or (left > 0 and not clean):
             self.figures.kills_mid_save += 1
         if saved:  # a save completed since: the temporaries the previous kill left must be gone
             for name in self._pending:
@@ -748,7 +1015,6 @@ class Campaign:
             self._pending = []
         self._pending += [t for t in temporaries if t not in self._pending]
         self.scenario.verify(self)
-        self.figures.saves_journalled = len(self.journal.entries())
 
     def clean_round(self, saves: int = 2) -> None:
         """Writers that finish on their own: what earlier runs left is gone and the newest step is on disk."""
@@ -767,11 +1033,11 @@ class Campaign:
         self.figures.clean_rounds += 1
         # What this run left (e.g. a previous checkpoint whose deletion was still under way when it exited) must
         # be gone after the next run; _after_round checks that, and run_* end with two clean runs for it.
-        self._after_round(saved=True)
+        self._after_round(saved=True, clean=True)
         if self.floor < before + saves and not self.figures.violations:
             self.violation(f"a clean run of {saves} saves advanced from step {before} to {self.floor}")
         if hasattr(self.scenario, "verify_clean") and not self.figures.violations:
-            self.scenario.verify_clean(self)  # type: ignore[attr-defined]
+            self._check(lambda: self.scenario.verify_clean(self))  # type: ignore[attr-defined]
 
     def point_round(self, point: KillPoint) -> None:
         """Writers run until the armed one kills itself at the chosen point; then everything is checked."""
@@ -785,7 +1051,7 @@ class Campaign:
             if statuses != [-signal.SIGKILL]:
                 self.violation(f"the kill point was never reached (rank {point.rank} ended with {statuses})")
             else:
-                with open(os.path.join(self.storage.root, "killed-at")) as f:
+                with open(os.path.join(self.storage.scratch, "killed-at")) as f:
                     t_kill = float(f.read())
             # The other ranks: a launcher would end them now; give them a moment to notice by themselves first.
             _reap([p for p in pids if p != pids[point.rank]], timeout=5.0)
@@ -852,16 +1118,27 @@ def run_point(point: KillPoint, root: str, seed: int) -> Figures:
     return campaign.figures
 
 
-def default_kills() -> int:
-    return 100 if os.environ.get("FABRIC_CKPT_CAMPAIGN") == "full" else 16
+def default_kills(remote: bool = False) -> int:
+    """Random kills per scenario: the local S3 server is slow, so its scenarios get fewer."""
+    full = os.environ.get("FABRIC_CKPT_CAMPAIGN") == "full"
+    if remote:
+        return 40 if full else 10
+    return 100 if full else 16
+
+
+def group(scenario: str) -> str:
+    """``"s3"`` or ``"local"``: the groups ``--scenario`` and ``--points`` accept besides names."""
+    return "s3" if SCENARIOS[scenario].remote else "local"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all", "none"])
+    parser.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all", "local", "s3", "none"])
     parser.add_argument("--kills", type=int, default=None, help="random kills per scenario")
     parser.add_argument(
-        "--points", default="none", help="'all', 'none', or kill point names/scenarios, comma-separated"
+        "--points",
+        default="none",
+        help="'all', 'none', 'local', 's3', or kill point names/scenarios, comma-separated",
     )
     parser.add_argument("--root", required=True, help="a scratch folder")
     parser.add_argument("--seed", type=int, default=None)
@@ -870,20 +1147,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    kills = args.kills if args.kills is not None else default_kills()
-    names = list(SCENARIOS) if args.scenario == "all" else [] if args.scenario == "none" else [args.scenario]
+    names = [n for n in SCENARIOS if args.scenario in (n, "all", group(n))]
     wanted = set(args.points.split(","))
-    points = [p for p in KILL_POINTS if "all" in wanted or p.name in wanted or p.scenario in wanted]
-    print(f"crash campaign: seed {seed}, {kills} kills per scenario {names}, {len(points)} kill points", flush=True)
+    points = [p for p in KILL_POINTS if wanted & {"all", p.name, p.scenario, group(p.scenario)}]
+    print(f"crash campaign: seed {seed}, scenarios {names}, {len(points)} kill points", flush=True)
     results = []
-    for index, name in enumerate(names):
-        figures = run_random(name, args.root, kills, seed + index)
-        results.append(figures)
-        print(_summary(figures), flush=True)
-    for index, point in enumerate(points):
-        figures = run_point(point, args.root, seed + 1000 + index)
-        results.append(figures)
-        print(_summary(figures), flush=True)
+    with contextlib.ExitStack() as stack:
+        remote = any(SCENARIOS[n].remote for n in [*names, *(p.scenario for p in points)])
+        if remote and not os.environ.get("AWS_ENDPOINT_URL"):  # the tests' fixture starts one and sets it
+            from tests.s3 import s3_environment, s3_server
+
+            stack.enter_context(s3_environment(stack.enter_context(s3_server())))
+        # Seeds follow the order of SCENARIOS and KILL_POINTS, so one scenario alone repeats its choices.
+        for name in names:
+            kills = args.kills if args.kills is not None else default_kills(SCENARIOS[name].remote)
+            figures = run_random(name, args.root, kills, seed + list(SCENARIOS).index(name))
+            results.append(figures)
+            print(_summary(figures), flush=True)
+        for point in points:
+            figures = run_point(point, args.root, seed + 1000 + KILL_POINTS.index(point))
+            results.append(figures)
+            print(_summary(figures), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seed": seed, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
@@ -897,7 +1181,8 @@ def _summary(f: Figures) -> str:
     return (
         f"{f.scenario:28s} kills {f.kills:4d} (mid-save {f.kills_mid_save}, starting {f.kills_before_ready}) "
         f"saves {f.saves_journalled:4d} verified {f.checkpoints_verified:4d} partial-refused {f.partial_refused:3d} "
-        f"cleaned {f.temporaries_cleaned:3d} lost {f.lost} violations {len(f.violations)} [{f.seconds:.0f} s]"
+        f"cleaned {f.temporaries_cleaned:3d} incomplete-uploads {f.uploads_left_incomplete:3d} lost {f.lost} "
+        f"violations {len(f.violations)} [{f.seconds:.0f} s]"
     )
 
 

@@ -131,3 +131,41 @@ def test_sharded_fsdp_on_two_ranks(bucket):
     assert len(names) == 2 and names[0].startswith(".gen-") and names[1] == "fabric_ckpt.json"
     consolidated = Fabric(accelerator="cpu").load(f"{bucket}/sharded.ckpt")
     assert all(torch.equal(consolidated["model"][k], v) for k, v in results[0]["saved"]["model"].items())
+
+
+def _stage_generation(url: str, state: dict) -> tuple:
+    """What a sharded save does up to its commit: DCP files in a new generation, checksummed."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from fabric_ckpt.io import sharded
+    from fabric_ckpt.io.paths import resolve
+
+    location = resolve(url)
+    temporary = sharded.temporary_folder(location)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=sharded.writer_for(temporary), no_dist=True)
+    names = [*sharded.own_files(temporary, 0), sharded.METADATA_NAME]
+    return location, temporary, sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["failed-before-commit", "failed-after-commit"])
+def test_cleanup_of_a_failed_sharded_save_never_removes_the_committed_generation(bucket, fabric, committed):
+    # A save can fail after rank 0 stored the manifest (another rank dies before agreeing): the generation the
+    # manifest names is then the checkpoint, and the failed save's cleanup must leave it.
+    from fabric_ckpt.io import sharded
+
+    url = f"{bucket}/sharded.ckpt"
+    old, new = {"w": torch.arange(6.0)}, {"w": torch.arange(6.0) * 2}
+    location, temporary, records = _stage_generation(url, old)
+    sharded.commit(temporary, location, records, world_size=1)
+    location, temporary, records = _stage_generation(url, new)
+    if committed:
+        sharded.commit(temporary, location, records, world_size=1)
+    sharded.discard(temporary, location)
+    assert torch.equal(fabric.load(url)["w"], (new if committed else old)["w"])
+    fs = s3()
+    fs.invalidate_cache()
+    assert len([p for p in fs.ls(url, detail=False) if ".gen-" in p]) == 1

@@ -397,6 +397,25 @@ def commit(temporary: Location, final: Location, records: list[FileRecord], worl
             remove(final.child(name))
 
 
+def discard(temporary: Location, final: Location) -> None:
+    """Remove the folder of a save that failed, unless the save had already committed it.
+
+    A save can fail after its commit (another rank dies before agreeing; an object store drops the connection after
+    storing the manifest). On a local disk the temporary path then holds the previous checkpoint or nothing, both
+    safe to remove; on an object store it may be the generation the manifest now names, which must stay. When the
+    manifest cannot be read, the folder is kept: the next successful save removes an unreferenced generation.
+    """
+    if temporary.is_local:
+        remove(temporary)
+        return
+    try:
+        manifest = read_manifest(final)
+    except Exception:  # unreadable now: keeping a stray generation beats deleting a live one
+        return
+    if manifest is None or manifest.get("generation") != temporary.name:
+        remove(temporary)
+
+
 def read_manifest(folder: Location) -> dict[str, Any] | None:
     """The manifest's body, ``None`` for a bare DCP folder; raises if it is damaged."""
     if not _exists(folder, MANIFEST_NAME):

@@ -279,7 +279,7 @@ class FSDPStrategy(ParallelStrategy):
             )
         except BaseException:
             if self.is_global_zero:
-                sharded.remove(temporary)
+                sharded.discard(temporary, location)
             raise
 
     def _checksum_own_files(self, temporary: Location) -> list[sharded.FileRecord]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -183,6 +185,13 @@ class ParallelStrategy(Strategy):
     def teardown(self) -> None:
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+            self._background_group = None
+            # A gloo worker thread drops its last reference to a finished collective's tensors by itself, which
+            # takes the GIL; if that happens once the interpreter is finalizing, the thread is unwound through a
+            # C++ destructor and the process aborts ("terminate called without an active exception"). So at exit
+            # free the groups that only cycles still hold, and give such a thread the GIL while Python is alive.
+            gc.collect()
+            time.sleep(0.05)
         self._owns_process_group = False
 
     # ------------------------------------------------------------------ collectives
