@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-count", type=int, default=20_000, help="tensors in the small-tensors scenario")
     parser.add_argument("--small-numel", type=int, default=256, help="float32 elements per small tensor")
     parser.add_argument("--sweep-gib", type=_floats, default=None, help="comma-separated sizes (default 0.25,0.5,..)")
+    parser.add_argument(
+        "--s3-gib",
+        type=float,
+        default=0.5,
+        help="checkpoint size for the rows on a local S3 server (moto, started here); 0 leaves them out",
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--block", type=int, default=1024, help="context length (position embeddings)")
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         small_count=args.small_count,
         small_numel=args.small_numel,
         sweep_gib=args.sweep_gib,
+        object_store_gib=args.s3_gib,
     )
     options = RunOptions(
         plan=plan,

@@ -88,6 +88,15 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         for row in (ours_cold, ours_warm)
         if row is not None and (extra := _median(row, "extra_anon_bytes")) is not None
     ]
+
+    def remote(library: str, op: str) -> Row | None:
+        return _find(rows, "object store", library, op)
+
+    remote_extra = [
+        extra / (64 * MIB)
+        for op in ("save", "load")
+        if (extra := _median(remote("fabric_ckpt", op), "extra_anon_bytes")) is not None
+    ]
     points = sweep(rows)
     values: list[tuple[_Target, float | None, Row | None]] = [
         (
@@ -155,6 +164,21 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         (
             _at_most("sharded warm load (FSDP2, 2 ranks) time vs DCP's defaults", 0.8, "x"),
             _fraction(headline("fabric_ckpt_fsdp", "load", "warm"), headline("dcp", "load", "warm")),
+            None,
+        ),
+        (
+            _at_least("object store: fabric_ckpt upload speed vs s3fs raw", 0.9),
+            _speedup(remote("s3fs", "save"), remote("fabric_ckpt", "save")),
+            None,
+        ),
+        (
+            _at_least("object store: fabric_ckpt download + load speed vs s3fs raw download", 0.9),
+            _speedup(remote("s3fs", "load"), remote("fabric_ckpt", "load")),
+            None,
+        ),
+        (
+            _at_most("object store: fabric_ckpt extra RssAnon (save or load)", 4, "parts of 64 MiB"),
+            max(remote_extra, default=None),
             None,
         ),
         (

@@ -7,6 +7,7 @@ The page cache is set before each run (dropped for cold loads, filled for warm l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -27,7 +28,7 @@ import torch
 
 from benchmarks.memory import RssAnonSampler
 from benchmarks.scenarios import COLD, LOAD, SAVE, PlanOptions, Scenario, describe, plan
-from benchmarks.storage import STORAGES, Storage, drop_page_cache
+from benchmarks.storage import LocalDisk, S3Bucket, Storage, drop_page_cache, object_store
 from benchmarks.worker import Task, worker_main
 
 __all__ = ["Measurement", "RowResult", "RunOptions", "run"]
@@ -45,7 +46,6 @@ class RunOptions:
     plan: PlanOptions = field(default_factory=PlanOptions)
     reps: int = 3
     workdir: str | None = None
-    storage: str = "local"
     timeout_s: float = 1800.0
     prime_memory: bool = True
     sample_interval_s: float = 0.0005
@@ -113,26 +113,35 @@ def run(options: RunOptions) -> tuple[list[RowResult], dict[str, Any]]:
     rows = plan(options.plan)
     cold_available = options.plan.cold and drop_page_cache()
     root = tempfile.mkdtemp(prefix="fabric-ckpt-bench-", dir=options.workdir)
-    storage = STORAGES[options.storage](root)
-    context = _context()
     facts = {"workdir": root, "cold_cache": cold_available, "reps": options.reps}
     if options.plan.cold and not cold_available:
         options.log("drop_caches is not allowed here: 'cold' rows are measured with a warm cache ('warm only')")
     try:
-        if options.prime_memory:
-            _prime_memory(max(s.workload.payload_bytes() for s in rows), options.log)
-        results = _run_rows(rows, storage, context, options, cold_available)
+        with contextlib.ExitStack() as stack:
+            storages: dict[str, Storage] = {"local": LocalDisk(root)}
+            if any(s.storage == S3Bucket.key for s in rows):
+                options.log("starting a local S3 server (moto) for the object-store rows")
+                storages[S3Bucket.key] = S3Bucket(stack.enter_context(object_store()))
+            context = _context()  # after the S3 environment is set: the workers inherit it
+            if options.prime_memory:
+                _prime_memory(max(s.workload.payload_bytes() for s in rows), options.log)
+            results = _run_rows(rows, storages, context, options, cold_available)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results, facts
 
 
 def _run_rows(
-    rows: list[Scenario], storage: Storage, context: BaseContext, options: RunOptions, cold_available: bool
+    rows: list[Scenario],
+    storages: dict[str, Storage],
+    context: BaseContext,
+    options: RunOptions,
+    cold_available: bool,
 ) -> list[RowResult]:
     results: list[RowResult] = []
     saved: dict[str, RowResult] = {}
     for index, scenario in enumerate(rows):
+        storage = storages[scenario.storage]
         options.log(f"[{index + 1}/{len(rows)}] {scenario.key}")
         result = RowResult(scenario, scenario.workload.payload_bytes())
         source = saved.get(scenario.checkpoint_name)

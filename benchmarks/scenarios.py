@@ -4,8 +4,8 @@
 
 - a new library or mode (fabric_ckpt async save, ``Fabric(strategy="fsdp", devices=2)``): register a
   :class:`~benchmarks.checkpointers.Checkpointer` and add its key to :data:`HEADLINE_LIBRARIES` (or its own group);
-- a new storage (S3 through a local moto server): register a :class:`~benchmarks.storage.Storage` and plan rows with
-  ``storage=<its key>``;
+- a new storage: a :class:`~benchmarks.storage.Storage` (as ``S3Bucket``), created in
+  :func:`benchmarks.runner.run`, and rows planned with ``storage=<its key>``;
 - a new ratio: add it to :func:`benchmarks.report.ratios`.
 
 Rows of one checkpoint are planned save first, then cold loads, then warm loads: the loads read what the save wrote.
@@ -21,6 +21,7 @@ from benchmarks.workloads import GIB, GPTWorkload, SmallTensorsWorkload, Workloa
 __all__ = [
     "ASYNC_LIBRARIES",
     "HEADLINE_LIBRARIES",
+    "OBJECT_STORE_LIBRARIES",
     "SMALL_TENSOR_LIBRARIES",
     "SWEEP_LIBRARIES",
     "describe",
@@ -34,6 +35,8 @@ HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp", "fabri
 # Save-only rows: the caller-blocked and until-complete times of an asynchronous save.
 ASYNC_LIBRARIES = ("fabric_ckpt_async", "fabric_ckpt_async_total")
 SMALL_TENSOR_LIBRARIES = ("fabric_ckpt", "torch")
+# Rows on the local S3 server: s3fs moving the same bytes raw, and fabric_ckpt's save/load to and from s3:// URLs.
+OBJECT_STORE_LIBRARIES = ("s3fs", "fabric_ckpt")
 SWEEP_LIBRARIES = ("fabric_ckpt",)
 
 SAVE, LOAD = "save", "load"
@@ -66,8 +69,9 @@ class Scenario:
 
     @property
     def checkpoint_name(self) -> str:
-        """The file (or folder) shared by this workload's save and loads for this library."""
-        return f"{self.workload.name}-{self.checkpointer}.ckpt"
+        """The file (or folder) shared by this workload's save and loads for this library (on its storage)."""
+        where = "" if self.storage == "local" else f"-{self.storage}"
+        return f"{self.workload.name}-{self.checkpointer}{where}.ckpt"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class PlanOptions:
     small_count: int = 20_000
     small_numel: int = 256
     sweep_gib: tuple[float, ...] | None = None
+    # Checkpoint size on the local S3 server (0: no object-store rows). Smaller than the headline because the
+    # server is slow (~100 MB/s), but well above a part (64 MiB), so memory bounded by parts in flight shows.
+    object_store_gib: float = 0.5
 
     def gpt(self, size_gib: float) -> GPTWorkload:
         return GPTWorkload(config_for_size(size_gib, layers=self.layers, vocab=self.vocab, block=self.block))
@@ -113,6 +120,13 @@ def plan(options: PlanOptions) -> list[Scenario]:
         rows += _rows("headline", library, headline, caches)
     if "fabric_ckpt" in options.libraries:
         rows += [Scenario("async", library, SAVE, headline) for library in ASYNC_LIBRARIES]
+    if options.object_store_gib > 0:
+        remote = options.gpt(min(options.size_gib, options.object_store_gib))
+        for library in OBJECT_STORE_LIBRARIES:
+            rows += [
+                Scenario("object store", library, SAVE, remote, storage="s3"),
+                Scenario("object store", library, LOAD, remote, storage="s3"),
+            ]
     small = SmallTensorsWorkload(options.small_count, options.small_numel)
     for library in SMALL_TENSOR_LIBRARIES:
         rows += _rows("small tensors", library, small, (WARM,))

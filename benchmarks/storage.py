@@ -1,17 +1,21 @@
 """Where checkpoints are written, and control of the page cache in front of it.
 
-Extension point: object-store rows (S3 through a local moto server) are a new :class:`Storage` that hands out
-``s3://`` URLs and has no page cache to drop; scenarios name their storage by key in :data:`STORAGES`.
+Scenarios name their storage by key: ``"local"`` (:class:`LocalDisk`, a folder on the disk under test) or ``"s3"``
+(:class:`S3Bucket`, a bucket on moto's S3 API server on 127.0.0.1, which :func:`object_store` starts; reached
+through s3fs as users reach S3).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, ClassVar
 
-__all__ = ["STORAGES", "LocalDisk", "Storage", "drop_page_cache"]
+__all__ = ["LocalDisk", "S3Bucket", "Storage", "drop_page_cache", "object_store"]
 
 _DROP_CACHES = "/proc/sys/vm/drop_caches"
 _READ_BLOCK = 16 << 20
@@ -84,4 +88,48 @@ class LocalDisk(Storage):
                     pass
 
 
-STORAGES: dict[str, type[Storage]] = {LocalDisk.key: LocalDisk}
+def _s3() -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+class S3Bucket(Storage):
+    """Objects under ``root`` (``s3://bucket``) on the S3 server :func:`object_store` started.
+
+    The server keeps objects in its memory and s3fs caches no data, so there is no cache to make cold or warm: every
+    load downloads.
+    """
+
+    key = "s3"
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def remove(self, path: str) -> None:
+        with suppress(FileNotFoundError):
+            _s3().rm(path, recursive=True)
+
+    def make_cold(self) -> bool:
+        return True
+
+    def make_warm(self, path: str) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+
+@contextmanager
+def object_store() -> Iterator[str]:
+    """Start moto's S3 server (the one the tests use), point this process's environment at it, make a bucket.
+
+    Yields the bucket's URL. Call it before the first worker starts: workers inherit the environment from the
+    forkserver, which copies this process's when it starts.
+    """
+    from tests.s3 import s3_environment, s3_server
+
+    with s3_server() as endpoint, s3_environment(endpoint):
+        bucket = f"bench-{uuid.uuid4().hex[:12]}"
+        _s3().mkdir(bucket)
+        yield f"s3://{bucket}"

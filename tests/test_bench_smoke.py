@@ -120,3 +120,19 @@ def test_ratios_machine_and_report(results: dict) -> None:
         assert f"| {row['label']} | " in report
     for name in ratios:
         assert f"| {name} | " in report
+
+
+def test_object_store_rows_move_the_checkpoint_through_the_s3_server(results: dict) -> None:
+    rows = {(row["library"], row["op"]): row for row in results["rows"] if row["group"] == "object store"}
+    assert set(rows) == {(library, op) for library in ("s3fs", "fabric_ckpt") for op in ("save", "load")}
+    payload = _payload()
+    for (library, op), row in rows.items():
+        assert row["error"] is None and row["verified"] is True, (library, op, row["error"])
+        assert row["storage"] == "s3" and row["bytes"] == payload
+        if library == "s3fs":
+            assert row["file_bytes"] == payload
+        else:
+            assert payload <= row["file_bytes"] < payload + (1 << 20)
+    ratios = {ratio["name"]: ratio for ratio in results["ratios"]}
+    assert ratios["object store: fabric_ckpt upload speed vs s3fs raw"]["value"] > 0
+    assert ratios["object store: fabric_ckpt download + load speed vs s3fs raw download"]["value"] > 0

@@ -15,8 +15,9 @@ import torch
 
 from fabric_ckpt import CheckpointError, CheckpointManager, Fabric
 from tests.fault_proxy import FaultProxy
+from tests.reliability_figures import full_campaign, record
 
-ROUNDS = 12
+ROUNDS = 40 if full_campaign() else 12
 
 
 @pytest.fixture
@@ -95,6 +96,7 @@ def test_single_file_saves_and_loads_through_faults(bucket, s3_endpoint, faulty)
     assert sum(faulty.injected.values()) > 0
     assert outcomes["save succeeded"] > 0 and outcomes["load succeeded"] > 0
     print(json.dumps({"scenario": "single file", "faults": dict(faulty.injected), "outcomes": dict(outcomes)}))
+    record("s3-faults", "single file", faults=sum(faulty.injected.values()), kinds=dict(faulty.injected), **outcomes)
 
 
 @pytest.mark.filterwarnings("ignore:.*retrying in")
@@ -124,3 +126,11 @@ def test_manager_latest_always_names_a_complete_checkpoint_through_faults(bucket
             assert target is not None and set(target) == {"model", "timestamp", "rng"}
     assert sum(faulty.injected.values()) > 0
     print(json.dumps({"scenario": "manager", "faults": dict(faulty.injected), "failed saves": failures}))
+    record(
+        "s3-faults",
+        "manager",
+        faults=sum(faulty.injected.values()),
+        kinds=dict(faulty.injected),
+        saves=ROUNDS,
+        saves_failed_cleanly=failures,
+    )

@@ -298,15 +298,20 @@ def read_archive_info(data: Buffer) -> ArchiveInfo:
 
 
 def verify_archive_parallel(data: Buffer, info: ArchiveInfo, workers: int = 2) -> list[Problem]:
-    """:func:`verify_archive` with the records split by size over ``workers`` threads (CRC-32 releases the GIL)."""
+    """:func:`verify_archive` over ``workers`` threads (CRC-32 releases the GIL), each a contiguous part of the file.
+
+    Contiguous parts, each read front to back, keep the kernel's readahead working on a cold page cache; records
+    dealt out by size instead would have each thread jump across the file.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    records = sorted(info.records.items(), key=lambda item: item[1].data_offset)
+    total = sum(entry.size for _, entry in records)
     shares: list[list[str]] = [[] for _ in range(workers)]
-    loads = [0] * workers
-    for name, entry in sorted(info.records.items(), key=lambda item: -item[1].size):
-        lightest = loads.index(min(loads))
-        shares[lightest].append(name)
-        loads[lightest] += entry.size
+    done = 0
+    for name, entry in records:
+        shares[min(workers - 1, done * workers // max(total, 1))].append(name)
+        done += entry.size
     with ThreadPoolExecutor(workers, thread_name_prefix="fabric_ckpt-verify") as pool:
         results = list(pool.map(lambda names: verify_archive(data, info, names=set(names)), shares))
     problems = {(p.record, p.message): p for share in results for p in share}

@@ -9,7 +9,10 @@ them (or always, with ``force_zip64``, so tests can cover them without writing 4
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -237,14 +240,14 @@ def read_zip_directory(data: Buffer) -> ZipDirectory:
     """
     view = memoryview(data).cast("B")
     try:
-        return _read_directory(view)
+        return _read_directory(view, getattr(data, "madvise", None))
     except struct.error as err:  # a field read past the end: damage the checks above did not foresee
         raise ZipFormatError(f"a zip record runs past the end of the data ({err})") from None
     finally:
         view.release()
 
 
-def _read_directory(view: memoryview) -> ZipDirectory:
+def _read_directory(view: memoryview, advise: Callable[..., None] | None = None) -> ZipDirectory:
     eocd_pos = _find_end_record(view)
     _, disk, cd_disk, _, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(view, eocd_pos)
     comment = bytes(view[eocd_pos + _EOCD.size : eocd_pos + _EOCD.size + comment_len])
@@ -266,14 +269,34 @@ def _read_directory(view: memoryview) -> ZipDirectory:
             f"the central directory ({cd_size} bytes at {cd_offset}) lies beyond the end of the data "
             f"({directory_end} bytes): the file is truncated or damaged"
         )
-    entries: dict[str, ZipEntry] = {}
+    central: list[ZipEntry] = []
     pos = cd_offset
     for _ in range(count):
         entry, pos = _parse_central_record(view, pos, cd_offset + cd_size)
-        entries[entry.name] = _resolve_data_offset(view, entry, cd_offset)
+        central.append(entry)
     if pos != cd_offset + cd_size:
         raise ZipFormatError("the central directory's size does not match its records")
+    if advise is not None:
+        _prefetch_local_headers(advise, central, cd_offset)
+    entries = {entry.name: _resolve_data_offset(view, entry, cd_offset) for entry in central}
     return ZipDirectory(entries, comment, cd_offset)
+
+
+def _prefetch_local_headers(advise: Callable[..., None], entries: list[ZipEntry], limit: int) -> None:
+    """Ask the kernel for every local header's page at once (a memory map's ``madvise``).
+
+    On a cold page cache, reading the headers one page fault at a time costs one disk round trip each (~0.5 s
+    for the ~600 records of a 1 GiB model with Adam state); queued together they arrive in parallel.
+    """
+    willneed = getattr(mmap, "MADV_WILLNEED", None)
+    if willneed is None:
+        return
+    page = mmap.ALLOCATIONGRANULARITY
+    for entry in entries:
+        start = entry.header_offset - entry.header_offset % page
+        if entry.header_offset < limit:
+            with contextlib.suppress(OSError, ValueError):
+                advise(willneed, start, min(2 * page, limit - start))
 
 
 def _find_end_record(view: memoryview) -> int:
