@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Union
@@ -23,7 +23,10 @@ from fabric_ckpt.io.progress import progress_bar
 __all__ = ["OBJECT_STORE_PROTOCOLS", "Location", "PathLike", "local_copy", "resolve", "storage_options"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-_DOWNLOAD_CHUNK = 16 << 20
+# Ranged GETs of 64 MiB, 4 in flight: object stores charge per request (moto's server ~0.4 s each), so fewer,
+# larger, concurrent requests are fastest; memory stays at 4 parts.
+_DOWNLOAD_CHUNK = 64 << 20
+_DOWNLOAD_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -165,21 +168,51 @@ def _download_once(location: Location, total: int, target: str, progress: bool |
     partial = f"{target}.partial-{os.getpid()}"
     try:
         with (
-            location.fs.open(location.path, "rb", block_size=_DOWNLOAD_CHUNK) as src,
             open(partial, "wb") as dst,
             progress_bar(total, f"download {location.name}", enabled=progress) as bar,
         ):
-            while True:
-                chunk = src.read(_DOWNLOAD_CHUNK)
-                if not chunk:
-                    break
-                dst.write(chunk)
-                bar.update(len(chunk))
+            if total > _DOWNLOAD_CHUNK:
+                _download_ranges(location, total, dst.fileno(), bar.update)
+            else:
+                _download_stream(location, dst, bar.update)
         os.replace(partial, target)
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(partial)
         raise
+
+
+def _download_stream(location: Location, dst: Any, advance: Callable[[int], object]) -> None:
+    with location.fs.open(location.path, "rb", block_size=_DOWNLOAD_CHUNK) as src:
+        while chunk := src.read(_DOWNLOAD_CHUNK):
+            dst.write(chunk)
+            advance(len(chunk))
+
+
+def _download_ranges(location: Location, total: int, fd: int, advance: Callable[[int], object]) -> None:
+    """Fetch ``_DOWNLOAD_PARALLEL`` byte ranges at a time (concurrent requests on async filesystems such as s3fs).
+
+    Memory stays at one batch of ranges; a range that comes back short (an object that changed) is an error.
+    """
+    for batch_start in range(0, total, _DOWNLOAD_CHUNK * _DOWNLOAD_PARALLEL):
+        starts = [
+            start
+            for start in range(batch_start, batch_start + _DOWNLOAD_CHUNK * _DOWNLOAD_PARALLEL, _DOWNLOAD_CHUNK)
+            if start < total
+        ]
+        ends = [min(start + _DOWNLOAD_CHUNK, total) for start in starts]
+        parts = location.fs.cat_ranges([location.path] * len(starts), starts, ends)
+        for start, end, part in zip(starts, ends, parts, strict=True):
+            if isinstance(part, BaseException):
+                raise part
+            if len(part) != end - start:
+                raise OSError(
+                    f"Downloading '{location.original}': bytes {start}-{end} came back as {len(part)} bytes "
+                    "(the object changed or the connection was cut)"
+                )
+            os.pwrite(fd, part, start)
+            advance(len(part))
+        del parts
 
 
 def _cached_download(location: Location, info: dict[str, Any], cache_dir: str, progress: bool | None) -> str:
