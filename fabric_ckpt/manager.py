@@ -234,8 +234,13 @@ class CheckpointManager:
     def _prune(self, saved: str) -> None:
         if self.num_checkpoints_to_keep == -1:
             return
-        protected = {saved, self._latest_target()[0], self._resumed_name}
-        for name in self._names()[self.num_checkpoints_to_keep :]:
+        try:
+            protected = {saved, self._latest_target()[0], self._resumed_name}
+            older = self._names()[self.num_checkpoints_to_keep :]
+        except Exception as err:  # the new checkpoint and `latest` are complete: retention can wait for the next save
+            warnings.warn(f"CheckpointManager could not list {self.folder} to prune it: {err}", stacklevel=3)
+            return
+        for name in older:
             if name not in protected:
                 self._delete(name)
 
@@ -248,7 +253,7 @@ class CheckpointManager:
                 shutil.rmtree(path)
             else:
                 os.unlink(path)
-        except OSError as err:
+        except Exception as err:  # object-store clients raise their own connection errors, not only OSError
             # The new checkpoint is safe; a leftover old one must not stop training.
             warnings.warn(f"CheckpointManager could not delete the old checkpoint {path}: {err}", stacklevel=2)
 

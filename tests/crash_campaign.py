@@ -941,7 +941,9 @@ class Campaign:
                 figures.kills_before_ready += 1
             elif not self._wait_ready(ready_r, TIMEOUT_S):
                 if not any(PORT_CLASH in e["error"] for e in read_errors(self.errors)[self._errors_seen :]):
-                    self.violation("the writers never became ready")
+                    # How each writer ended (-9: SIGKILL, -6: abort, 3: a Python error, logged) says who failed.
+                    self.violation(f"the writers never became ready (exit statuses {_reap(list(pids), 5.0)})")
+                    pids.clear()
             else:
                 window = 2.5 * (statistics.median(self._periods) if self._periods else 0.3)
                 time.sleep(self.rng.uniform(0.0, window))
@@ -957,6 +959,8 @@ class Campaign:
     def _kill(self, pids: list[int]) -> float:
         """SIGKILL the whole group, or one rank and the rest a moment later (as a launcher would). Returns when
         the first kill happened."""
+        if not pids:  # the writers already ended (and were reaped)
+            return time.monotonic()
         mode = "group" if len(pids) == 1 else self.rng.choice(["group", "rank0-first", "rank1-first"])
         self.figures.kill_modes[mode] = self.figures.kill_modes.get(mode, 0) + 1
         t_kill = time.monotonic()

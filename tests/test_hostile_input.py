@@ -28,6 +28,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from fabric_ckpt import CheckpointCorruptedError, CheckpointError, Fabric, UnsafeCheckpointError
 from fabric_ckpt.io.checksum import crc32
@@ -463,6 +464,27 @@ def test_damaged_metadata_of_a_folder_without_manifest_is_refused(sharded, tmp_p
     (path / ".metadata").write_bytes(bytes(raw))
     COUNTS["bare metadata damage"] += 1
     load_sharded_hostile(path, sharded, exact=False)
+
+
+@pytest.mark.parametrize(
+    "forged_step",
+    [BytesStorageMetadata(), 10**12, -1, None],
+    ids=["metadata-object", "huge-list-index", "negative-index", "none"],
+)
+def test_forged_paths_in_metadata_of_a_folder_without_manifest_are_refused(sharded, tmp_path, forged_step):
+    # Found by the full campaign: a step of a flattened key's path that is not a key or a list index reached the
+    # rebuild of the nested state dict (TypeError there; a huge index would allocate a huge list).
+    path = copy_of(sharded, tmp_path)
+    (path / "fabric_ckpt.json").unlink()
+    metadata = pickle.loads((path / ".metadata").read_bytes())  # our own file: trusted here
+    fqn = next(iter(metadata.planner_data))
+    metadata.planner_data[fqn] = (*metadata.planner_data[fqn][:-1], forged_step, "weight")
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    model, _ = trained(seed=3)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"the metadata is malformed \(the path of"):
+        Fabric(accelerator="cpu").load(path, {"model": model})
+    assert_same_state(snapshot(model), before)
 
 
 def test_bare_dcp_folder_with_a_damaged_shard_raises_a_checkpoint_error(sharded, tmp_path):

@@ -635,6 +635,14 @@ def _check_metadata(metadata: Metadata) -> None:
             raise ValueError(f"'{index.fqn}' has an invalid offset or length")
     if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
         raise TypeError("planner_data must be a dict")
+    entries = len(metadata.state_dict_metadata)
+    for fqn, path in (metadata.planner_data or {}).items():
+        # Paths rebuild the nested state dict: every step a key (str) or a list index, and no list can be longer
+        # than the number of entries (a forged index must not make the rebuild allocate a huge list).
+        if not isinstance(path, (tuple, list)) or not path:
+            raise TypeError(f"the path of '{fqn}' is not a non-empty sequence")
+        if not all(isinstance(step, str) or (type(step) is int and 0 <= step < max(entries, 1)) for step in path):
+            raise TypeError(f"the path of '{fqn}' has a step that is neither a key nor a list index")
 
 
 def load_full(
