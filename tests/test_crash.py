@@ -80,3 +80,12 @@ def test_a_run_killed_before_latest_moved_resumes_and_saves_again(campaign):
 
 def test_the_latest_temporary_of_a_killed_save_is_removed(campaign):
     _clean(campaign["manager/latest-temporary"])
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug: on S3, after some kills a manager's listing misses older checkpoints, so retention keeps up "
+    "to 5 instead of at most 4 (nothing lost or wrong); it happens in some runs only",
+)
+def test_s3_manager_retention_stays_within_its_bound(campaign):
+    assert campaign["s3-manager"]["known_bugs"].get("s3 retention exceeded", 0) == 0
