@@ -250,7 +250,7 @@ class FabricCkpt(Checkpointer):
 
 
 @register
-class FabricCkptAsyncBlocked(Checkpointer):
+class FabricCkptAsyncBlocked(FabricCkpt):
     """fabric_ckpt's ``save_async``: the time the caller is blocked (snapshot into reused staging memory).
 
     The timed call returns once the state is copied; the untimed fingerprint step waits for the background write.
@@ -260,14 +260,11 @@ class FabricCkptAsyncBlocked(Checkpointer):
 
     key = "fabric_ckpt_async"
     save_label = "fabric_ckpt save_async: caller blocked"
-    load_label = "fabric_ckpt load"
 
     def build(self, workload: Workload, seed: int) -> LiveState:
         import tempfile
 
-        from fabric_ckpt import Fabric
-
-        state = _set_up(Fabric(accelerator="cpu"), workload.build(seed))
+        state = super().build(workload, seed)
         assert state.extra is not None
         with tempfile.TemporaryDirectory() as scratch:  # the untimed first save allocates the staging memory
             state.extra["fabric"].save_async(os.path.join(scratch, "prime.ckpt"), state.objects()).wait()
@@ -276,10 +273,6 @@ class FabricCkptAsyncBlocked(Checkpointer):
     def save(self, path: str, state: LiveState) -> None:
         assert state.extra is not None
         state.extra["handle"] = state.extra["fabric"].save_async(path, state.objects())
-
-    def load(self, path: str, state: LiveState) -> Any:
-        assert state.extra is not None
-        return state.extra["fabric"].load(path, state.objects())
 
     def fingerprint(self, state: LiveState, loaded: Any) -> list[float] | None:
         assert state.extra is not None
@@ -302,7 +295,7 @@ class FabricCkptAsyncTotal(FabricCkptAsyncBlocked):
 
 
 @register
-class FabricCkptFSDP(Checkpointer):
+class FabricCkptFSDP(FabricCkpt):
     """fabric_ckpt's FSDP strategy (FSDP2, sharded layout) on 2 ranks: DCP as the engine, driven by us."""
 
     key = "fabric_ckpt_fsdp"
@@ -322,14 +315,6 @@ class FabricCkptFSDP(Checkpointer):
         assert state.optimizer is not None
         optimizer = fabric.setup_optimizers(state.optimizer) if not state.optimizer.state else state.optimizer
         return LiveState(state.model, optimizer, extra={"fabric": fabric})
-
-    def save(self, path: str, state: LiveState) -> None:
-        assert state.extra is not None
-        state.extra["fabric"].save(path, state.objects())
-
-    def load(self, path: str, state: LiveState) -> Any:
-        assert state.extra is not None
-        return state.extra["fabric"].load(path, state.objects())
 
     def fingerprint(self, state: LiveState, loaded: Any) -> list[float] | None:
         import torch.distributed as dist

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -127,9 +126,7 @@ def object_store() -> Iterator[str]:
     Yields the bucket's URL. Call it before the first worker starts: workers inherit the environment from the
     forkserver, which copies this process's when it starts.
     """
-    from tests.s3 import s3_environment, s3_server
+    from tests.s3 import new_bucket, s3_environment, s3_server
 
     with s3_server() as endpoint, s3_environment(endpoint):
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        _s3().mkdir(bucket)
-        yield f"s3://{bucket}"
+        yield f"s3://{new_bucket()}"

@@ -9,6 +9,7 @@ DCP's ``.metadata``. Other formats (legacy torch pickles, compressed files) are 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -52,10 +53,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import math
 import pickle
 import secrets
 import sys
@@ -78,10 +79,7 @@ class LazyTensor:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
 
 @dataclass
