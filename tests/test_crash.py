@@ -1,7 +1,7 @@
 """Crash safety under SIGKILL: real writer processes killed at random moments and at chosen lines, many times.
 
-The campaign (tests/crash_campaign.py) runs once per module in a fresh interpreter. Every scenario is killed at
-random (16 times on the local disk, 10 on S3), then every kill point once: single file, DDP on 2 ranks, sharded FSDP
+The campaign (tests/crash_campaign.py) runs once per module in a fresh interpreter. Every scenario is killed 16
+times at random, then every kill point once: single file, DDP on 2 ranks, sharded FSDP
 on 2 ranks and a CheckpointManager keeping 2 on the local disk; single file, sharded FSDP and the manager on a local
 S3 server. Each test below asserts on one part of the result. ``FABRIC_CKPT_CAMPAIGN=full`` (as ``make
 reliability`` sets) raises the kills to 100 per local scenario and 40 per S3 one.
