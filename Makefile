@@ -31,6 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fabric_ckpt tests examples benchmarks
 	$(BIN)/ruff format --check fabric_ckpt tests examples benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix fabric_ckpt tests examples

@@ -104,7 +104,7 @@ def code_version() -> str | None:
 
 def machine_info(workdir: str) -> dict[str, Any]:
     """Everything needed to interpret (or reproduce) a run's figures."""
-    from fabric_ckpt.io.checksum import ACCELERATED
+    from fabric_ckpt.core.checksum import ACCELERATED
 
     return {
         "cpu": _cpu(),

@@ -10,8 +10,8 @@ Example:
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.async_save import SaveHandle
-from fabric_ckpt.compare import diff
-from fabric_ckpt.convert import convert
+from fabric_ckpt.core.rng import RNGState
+from fabric_ckpt.core.timestamp import Time, Timestamp, TimeUnit, parse_time
 from fabric_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -19,14 +19,14 @@ from fabric_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.inspection import describe
-from fabric_ckpt.io.consolidate import consolidate
 from fabric_ckpt.manager import CheckpointManager
-from fabric_ckpt.rng import RNGState
 from fabric_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
-from fabric_ckpt.timestamp import Time, Timestamp, TimeUnit, parse_time
+from fabric_ckpt.tools.consolidate import consolidate
+from fabric_ckpt.tools.convert import convert
+from fabric_ckpt.tools.diff import diff
+from fabric_ckpt.tools.inspection import describe
+from fabric_ckpt.tools.verify import VerifyReport, verify
 from fabric_ckpt.types import AttributeDict, Stateful
-from fabric_ckpt.verify import VerifyReport, verify
 
 __all__ = [
     "AttributeDict",

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from fabric_ckpt.core.staging import Stager
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.staging import Stager
 
 __all__ = ["BackgroundSaver", "SaveHandle"]
 

@@ -19,8 +19,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
-from fabric_ckpt.io.paths import PathLike
-from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
+from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
+from fabric_ckpt.core.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
+from fabric_ckpt.storage.paths import PathLike
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
 from fabric_ckpt.training import (
@@ -32,7 +33,6 @@ from fabric_ckpt.training import (
     distribute,
     move_to,
 )
-from fabric_ckpt.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
 
 __all__ = ["Fabric"]
 
@@ -154,10 +154,10 @@ class Fabric:
         if move_to_device:
             self._strategy.module_to_device(_uncompiled(module))
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
-        wrapped = FabricModule(forward_module, module, self._strategy)
+        wrapped = FabricModule(forward_module, module)
         if not optimizers:
             return wrapped
-        return (wrapped, *[wrap_optimizer(optimizer, self._strategy) for optimizer in prepared])
+        return (wrapped, *[wrap_optimizer(optimizer) for optimizer in prepared])
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
@@ -195,7 +195,7 @@ class Fabric:
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._check_setup_optimizer(optimizer)
         self._ensure_launched()
-        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy)
+        return wrap_optimizer(self._strategy.setup_optimizer(optimizer))
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -436,7 +436,9 @@ class Fabric:
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
         options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
-        return self._strategy.save_checkpoint_async(path, objects, options, self._background)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
+        write = self._strategy.stage_checkpoint(path, objects, options, self._background.stager)
+        return SaveHandle(str(path)) if write is None else self._background.submit(str(path), write)
 
     def wait_for_saves(self) -> None:
         """Block until the asynchronous save in flight (if any) is complete; raise if it failed, on every rank.

@@ -21,20 +21,20 @@ from typing import Any
 from torch import nn
 
 from fabric_ckpt.async_save import SaveHandle
+from fabric_ckpt.core.naming import FORMAT_VARIABLES, NamePattern, escapes_folder, split_folder
+from fabric_ckpt.core.rng import RNGState, check_rng_state
+from fabric_ckpt.core.state import IgnoreKeys, apply_ignore_keys
+from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, check_timestamp_state, parse_time
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.io.atomic import (
+from fabric_ckpt.storage.atomic import (
     atomic_write,
     fsync_folder,
     is_temporary_name,
     remove_stale_temporaries,
     temporary_name,
 )
-from fabric_ckpt.io.paths import resolve
-from fabric_ckpt.naming import FORMAT_VARIABLES, NamePattern, escapes_folder, split_folder
-from fabric_ckpt.rng import RNGState, check_rng_state
-from fabric_ckpt.state import IgnoreKeys, apply_ignore_keys
-from fabric_ckpt.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, check_timestamp_state, parse_time
+from fabric_ckpt.storage.paths import resolve
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 

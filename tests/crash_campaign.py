@@ -68,8 +68,8 @@ import torch
 from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointManager, DDPStrategy, Fabric, FSDPStrategy
-from fabric_ckpt.io.atomic import TEMP_MARKER
-from fabric_ckpt.io.sharded import GENERATION_PREFIX, MANIFEST_NAME
+from fabric_ckpt.formats.sharded import GENERATION_PREFIX, MANIFEST_NAME
+from fabric_ckpt.storage.atomic import TEMP_MARKER
 from tests.s3 import CREDENTIALS
 
 TIMEOUT_S = 90  # the longest a round may take before the campaign gives up on it
@@ -600,15 +600,17 @@ class KillPoint:
 
 
 KILL_POINTS = [
-    KillPoint("single/mid-data", "single", "fabric_ckpt.io.torch_format:ZipWriter.add", "after", 2, match="data/3"),
+    KillPoint(
+        "single/mid-data", "single", "fabric_ckpt.formats.torch_format:ZipWriter.add", "after", 2, match="data/3"
+    ),
     KillPoint("single/before-rename", "single", "os:replace", "before", 2, match=TEMP_MARKER),
-    KillPoint("single/before-folder-fsync", "single", "fabric_ckpt.io.atomic:fsync_folder", "before", 2),
+    KillPoint("single/before-folder-fsync", "single", "fabric_ckpt.storage.atomic:fsync_folder", "before", 2),
     KillPoint("ddp/rank1-in-agree", "ddp", "fabric_ckpt.strategies.parallel:ParallelStrategy.gather_objects", call=3,
               rank=1),
-    KillPoint("fsdp/before-manifest", "fsdp", "fabric_ckpt.io.sharded:commit"),
-    KillPoint("fsdp/before-rename", "fsdp", "fabric_ckpt.io.sharded:_commit_local"),
-    KillPoint("fsdp/old-not-removed", "fsdp", "fabric_ckpt.io.sharded:_exchange", "after", call=1),
-    KillPoint("fsdp/rank1-checksumming", "fsdp", "fabric_ckpt.io.sharded:file_checksums", rank=1),
+    KillPoint("fsdp/before-manifest", "fsdp", "fabric_ckpt.formats.sharded:commit"),
+    KillPoint("fsdp/before-rename", "fsdp", "fabric_ckpt.formats.sharded:_commit_local"),
+    KillPoint("fsdp/old-not-removed", "fsdp", "fabric_ckpt.formats.sharded:_exchange", "after", call=1),
+    KillPoint("fsdp/rank1-checksumming", "fsdp", "fabric_ckpt.formats.sharded:file_checksums", rank=1),
     KillPoint("manager/before-latest", "manager", "fabric_ckpt.manager:_replace_symlink"),
     # overwrite=True, so that the bug of manager/before-latest (the same moment, seen from the next run) stays out.
     KillPoint("manager/latest-temporary", "manager", "os:replace", "before", 2, match=".latest-rank0" + TEMP_MARKER,
@@ -618,8 +620,8 @@ KILL_POINTS = [
     # Object stores: the multipart upload is complete but not committed; the manifest is not written yet; the
     # manifest names the new generation but the old one is not deleted yet; `latest` not moved yet.
     KillPoint("s3-single/before-complete", "s3-single", "s3fs.core:S3File.commit"),
-    KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.io.sharded:commit"),
-    KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.io.sharded:remove", call=1),
+    KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.formats.sharded:commit"),
+    KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.formats.sharded:remove", call=1),
     KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
     KillPoint("s3-manager/mid-prune", "s3-manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
 ]  # fmt: skip

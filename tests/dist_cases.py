@@ -185,8 +185,8 @@ def save_failing(kind: str, path: str, failing_rank: int, phase: str) -> dict[st
 
 def list_files_and_chunks(path: str) -> dict[str, Any]:
     """What each file of a sharded checkpoint holds (read on one rank; the answer is the same everywhere)."""
-    from fabric_ckpt.io.paths import resolve
-    from fabric_ckpt.io.sharded import read_metadata
+    from fabric_ckpt.formats.sharded import read_metadata
+    from fabric_ckpt.storage.paths import resolve
 
     metadata = read_metadata(resolve(path))
     chunks: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}

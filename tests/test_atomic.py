@@ -142,7 +142,7 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path, fabric):
     # The child kills itself right after the first tensor record is written: a crash at a known point.
     script = textwrap.dedent(f"""
         import os, signal, torch
-        import fabric_ckpt.io.torch_format as fmt
+        import fabric_ckpt.formats.torch_format as fmt
         from fabric_ckpt import Fabric
 
         write_record = fmt.ZipWriter.add

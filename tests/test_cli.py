@@ -20,8 +20,8 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.torch import load_file as load_safetensors
 
-from fabric_ckpt.cli import main
-from fabric_ckpt.io import save_file
+from fabric_ckpt.formats import save_file
+from fabric_ckpt.tools.cli import main
 from tests.conftest import assert_same_state, bitwise_equal, make_net, snapshot, trained
 
 BIN = Path(sys.executable).parent
@@ -296,7 +296,7 @@ def test_every_subcommand_has_help(capsys):
 
 def test_console_script_and_module_entry_point(tmp_path, saved):
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "fabric-ckpt"]
-    assert script.value == "fabric_ckpt.cli:main" and (BIN / "fabric-ckpt").is_file()
+    assert script.value == "fabric_ckpt.tools.cli:main" and (BIN / "fabric-ckpt").is_file()
     path, _, _ = saved
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF

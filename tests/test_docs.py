@@ -5,8 +5,9 @@ How the pages' fenced blocks are treated:
 - ```` ```python ````: each page's blocks run in order, in one fresh namespace, in a temporary working directory
   (the environment is restored afterwards). A page whose Python mentions ``s3://BUCKET`` runs against a local S3
   server (moto's) with those buckets created, as its readers' code would run against theirs.
-- ```` ```console ````: every ``$ fabric-ckpt ...`` line runs (in this process, through ``fabric_ckpt.cli.main``) in
-  the page's directory, after the page's Python blocks above it; the lines below it are the expected output
+- ```` ```console ````: every ``$ fabric-ckpt ...`` line runs (in this process, through
+  ``fabric_ckpt.tools.cli.main``) in the page's directory, after the page's Python blocks above it; the lines below
+  it are the expected output
   (``...`` matches anything, whitespace runs compare equal) and ``# exit code N`` on the command is its exit code
   (0 otherwise). A console block holds ``fabric-ckpt`` commands only.
 - ```` ```bash ````: not run, but every ``fabric-ckpt`` command in one must be accepted by the CLI's parser.
@@ -38,14 +39,14 @@ from typing import Any
 import pytest
 
 import fabric_ckpt
-from fabric_ckpt import cli
+from fabric_ckpt.tools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 CLI_PAGE = DOCS / "cli.md"
-CLI_START = "<!-- cli-reference:start (generated from fabric_ckpt.cli.build_parser by tests/test_docs.py) -->"
+CLI_START = "<!-- cli-reference:start (generated from fabric_ckpt.tools.cli.build_parser by tests/test_docs.py) -->"
 CLI_END = "<!-- cli-reference:end -->"
 MAX_SKIPPED = 3
 SCRIPT_TIMEOUT_S = 240

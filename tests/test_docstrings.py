@@ -26,8 +26,8 @@ from fabric_ckpt import (
     Timestamp,
     VerifyReport,
 )
-from fabric_ckpt.compare import CheckpointDiff
-from fabric_ckpt.inspection import Description
+from fabric_ckpt.tools.diff import CheckpointDiff
+from fabric_ckpt.tools.inspection import Description
 
 EXAMPLE = re.compile(r"^Examples?:\s*$", re.MULTILINE)
 CLASSES_WITH_METHODS = [

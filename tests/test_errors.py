@@ -18,7 +18,7 @@ from fabric_ckpt import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
 )
-from fabric_ckpt.io.zip_archive import read_zip_directory
+from fabric_ckpt.formats.zip_archive import read_zip_directory
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fabric_ckpt import AttributeDict, Fabric, SingleDeviceStrategy
-from fabric_ckpt.wrappers import FabricModule, FabricOptimizer
+from fabric_ckpt.core.wrappers import FabricModule, FabricOptimizer
 from tests.conftest import Net, make_net
 
 

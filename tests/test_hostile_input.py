@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from fabric_ckpt import CheckpointCorruptedError, CheckpointError, Fabric, UnsafeCheckpointError
-from fabric_ckpt.io.checksum import crc32
-from fabric_ckpt.io.torch_format import write_torch_archive
-from fabric_ckpt.io.zip_archive import read_zip_directory
+from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.formats.torch_format import write_torch_archive
+from fabric_ckpt.formats.zip_archive import read_zip_directory
 from fabric_ckpt.manager import CheckpointManager
 from tests import dist_cases as cases
 from tests import hostile_cases
@@ -522,8 +522,8 @@ def test_damaged_tensor_bytes_of_a_folder_written_by_dcp_are_detected(sharded, t
 
 def read_dcp_items(path: Path) -> list[tuple[str, str, int, int]]:
     """``(fqn, file, offset, length)`` of every tensor chunk of a DCP folder, model entries first."""
-    from fabric_ckpt.io.paths import resolve
-    from fabric_ckpt.io.sharded import read_metadata
+    from fabric_ckpt.formats.sharded import read_metadata
+    from fabric_ckpt.storage.paths import resolve
 
     metadata = read_metadata(resolve(path))
     items = [
@@ -692,7 +692,7 @@ def test_importing_starts_no_threads_or_processes_and_forking_after_it_works(tmp
         import json, os, threading
         import torch  # torch's own native threads (numpy's BLAS pool) are not ours: count from here
         before = set(os.listdir("/proc/self/task"))
-        import fabric_ckpt, fabric_ckpt.manager, fabric_ckpt.io.sharded
+        import fabric_ckpt, fabric_ckpt.manager, fabric_ckpt.formats.sharded
         import fabric_ckpt.strategies.ddp, fabric_ckpt.strategies.fsdp
         tasks = set(os.listdir("/proc/self/task"))
         children = [c for t in tasks for c in open(f"/proc/self/task/{{t}}/children").read().split()]

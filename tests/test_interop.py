@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import torch
 
-from fabric_ckpt.io import save_file
+from fabric_ckpt.formats import save_file
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 
 with warnings.catch_warnings():

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 import fabric_ckpt
 from fabric_ckpt import CheckpointError, RNGState, Timestamp, UnsafeCheckpointError
-from fabric_ckpt.interop import COMPOSER, LIGHTNING_TRAINER, adapt, detect
+from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, adapt, detect
 from tests.conftest import assert_same_state, bitwise_equal, make_net, snapshot, trained
 
 with warnings.catch_warnings():
@@ -369,7 +369,7 @@ def test_converted_weights_are_bitwise_equal_across_dtypes(tmp_path):
         "scalar": torch.tensor(2.5),
         "view": torch.arange(10.0)[2:8:2],
     }
-    fabric_ckpt.io.save_file(tmp_path / "mixed.pt", state)
+    fabric_ckpt.formats.save_file(tmp_path / "mixed.pt", state)
     fabric_ckpt.convert(tmp_path / "mixed.pt", tmp_path / "mixed.safetensors")
     loaded = load_safetensors(str(tmp_path / "mixed.safetensors"))
     assert loaded.keys() == state.keys()

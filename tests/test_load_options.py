@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fabric_ckpt import CheckpointMismatchError
-from fabric_ckpt.state import apply_ignore_keys
+from fabric_ckpt.core.state import apply_ignore_keys
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 
 

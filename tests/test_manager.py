@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.core.timestamp import Timestamp
 from fabric_ckpt.manager import FORMAT_VARIABLES, CheckpointManager
-from fabric_ckpt.timestamp import Timestamp
 from tests.conftest import assert_same_state, snapshot
 
 BATCHES = 4

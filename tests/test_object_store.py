@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fabric_ckpt import CheckpointCorruptedError, CheckpointManager, Fabric
-from fabric_ckpt.io import save_file
-from fabric_ckpt.io.torch_format import LazyTensor
+from fabric_ckpt.formats import save_file
+from fabric_ckpt.formats.torch_format import LazyTensor
 from tests import dist_cases as cases
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 from tests.distributed import WorkerGroup
@@ -139,8 +139,8 @@ def _stage_generation(url: str, state: dict) -> tuple:
 
     import torch.distributed.checkpoint as dcp
 
-    from fabric_ckpt.io import sharded
-    from fabric_ckpt.io.paths import resolve
+    from fabric_ckpt.formats import sharded
+    from fabric_ckpt.storage.paths import resolve
 
     location = resolve(url)
     temporary = sharded.temporary_folder(location)
@@ -155,7 +155,7 @@ def _stage_generation(url: str, state: dict) -> tuple:
 def test_cleanup_of_a_failed_sharded_save_never_removes_the_committed_generation(bucket, fabric, committed):
     # A save can fail after rank 0 stored the manifest (another rank dies before agreeing): the generation the
     # manifest names is then the checkpoint, and the failed save's cleanup must leave it.
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     url = f"{bucket}/sharded.ckpt"
     old, new = {"w": torch.arange(6.0)}, {"w": torch.arange(6.0) * 2}

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from fabric_ckpt.io.retry import is_transient, with_retries
+from fabric_ckpt.storage.retry import is_transient, with_retries
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from fabric_ckpt.rng import RNGState
+from fabric_ckpt.core.rng import RNGState
 
 
 def draws() -> tuple[list[float], list[float], list[float]]:

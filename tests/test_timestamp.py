@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fabric_ckpt.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, parse_time
+from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, parse_time
 
 
 @pytest.mark.parametrize(

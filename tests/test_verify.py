@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 import fabric_ckpt
 from fabric_ckpt import CheckpointError, VerifyReport, verify
-from fabric_ckpt.io import save_file
+from fabric_ckpt.formats import save_file
 from tests.conftest import trained
 
 

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from fabric_ckpt.io.zip_archive import ALIGNMENT, ZipFormatError, ZipWriter, read_zip_directory
+from fabric_ckpt.formats.zip_archive import ALIGNMENT, ZipFormatError, ZipWriter, read_zip_directory
 
 
 def build(force_zip64=False, comment=b"note"):

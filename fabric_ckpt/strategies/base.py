@@ -17,12 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
-from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
-from fabric_ckpt.interop import adapt, adapt_raw
-from fabric_ckpt.io import open_checkpoint, save_file
-from fabric_ckpt.io.paths import PathLike
-from fabric_ckpt.restore import (
+from fabric_ckpt.core.restore import (
     RestorePlan,
     load_module_state,
     load_optimizer_state,
@@ -30,7 +25,8 @@ from fabric_ckpt.restore import (
     prepare_restore,
     validate_optimizer_state,
 )
-from fabric_ckpt.state import (
+from fabric_ckpt.core.staging import Stager
+from fabric_ckpt.core.state import (
     FilterFn,
     IgnoreKeys,
     apply_ignore_keys,
@@ -40,11 +36,25 @@ from fabric_ckpt.state import (
     optimizer_state_to_index,
     to_checkpoint,
 )
-from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
+from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.formats import open_checkpoint, save_file
+from fabric_ckpt.formats.interop import adapt, adapt_raw
+from fabric_ckpt.storage.paths import PathLike
 
-__all__ = ["DEFAULT_LOAD_OPTIONS", "DEFAULT_SAVE_OPTIONS", "CheckpointHook", "LoadOptions", "SaveOptions", "Strategy"]
+__all__ = [
+    "DEFAULT_LOAD_OPTIONS",
+    "DEFAULT_SAVE_OPTIONS",
+    "CheckpointHook",
+    "LoadOptions",
+    "SaveOptions",
+    "Strategy",
+    "WriteJob",
+]
 
 CheckpointHook = Callable[[dict[str, Any]], None]
+# Writes a staged checkpoint; run in the background by fabric.save_async.
+WriteJob = Callable[[], None]
 T = TypeVar("T")
 
 
@@ -272,22 +282,28 @@ class Strategy(ABC):
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         self.agree(lambda: save_file(path, checkpoint) if self.is_global_zero else None, f"Saving '{path}'")
 
-    def save_checkpoint_async(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
-    ) -> SaveHandle:
-        """Snapshot ``state`` into reused staging memory and write it in the background (global rank 0).
+    def stage_checkpoint(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, stager: Stager
+    ) -> WriteJob | None:
+        """Snapshot ``state`` into the ``stager``'s reused memory; return the job that writes it from this rank.
+
+        ``fabric.save_async`` calls this on every rank and runs the job in the background; ``None`` means this rank
+        writes nothing (here: every rank but global rank 0).
 
         Example:
-            >>> handle = strategy.save_checkpoint_async("ckpt.pt", {"model": model}, SaveOptions(), BackgroundSaver())
+            >>> write = strategy.stage_checkpoint("ckpt.pt", {"model": model}, SaveOptions(), Stager())
+            >>> write()  # the checkpoint is complete once this returns
         """
-        description = f"Saving '{path}'"
-        self.agree(saver.finish_previous, description)
-        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         if not self.is_global_zero:
-            return SaveHandle(str(path))
-        staged = saver.stager.stage(checkpoint)
+            return None
+        staged = stager.stage(checkpoint)
         del checkpoint
-        return saver.submit(str(path), lambda: save_file(path, staged))
+
+        def write() -> None:
+            save_file(path, staged)
+
+        return write
 
     def _build_checkpoint(self, state: Mapping[str, Any], options: SaveOptions) -> dict[str, Any]:
         checkpoint = to_checkpoint(

@@ -20,25 +20,34 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
+from torch.utils.serialization import config as serialization_config
 
-from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
-from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
-from fabric_ckpt.interop import adapt
-from fabric_ckpt.io import sharded
-from fabric_ckpt.io.paths import Location, PathLike, resolve
-from fabric_ckpt.restore import prepare_restore
-from fabric_ckpt.state import (
+from fabric_ckpt.core.restore import load_optimizer_state, prepare_restore
+from fabric_ckpt.core.staging import Stager
+from fabric_ckpt.core.state import (
     apply_ignore_keys,
     find_owner_module,
     is_fqn_keyed,
     optimizer_state_to_fqn,
     optimizer_state_to_index,
 )
-from fabric_ckpt.strategies.base import DEFAULT_LOAD_OPTIONS, DEFAULT_SAVE_OPTIONS, LoadOptions, SaveOptions
+from fabric_ckpt.core.wrappers import is_compiled, unwrap_module, unwrap_optimizer
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.formats import sharded
+from fabric_ckpt.formats.interop import adapt
+from fabric_ckpt.storage.paths import Location, PathLike, resolve
+from fabric_ckpt.strategies.base import (
+    DEFAULT_LOAD_OPTIONS,
+    DEFAULT_SAVE_OPTIONS,
+    LoadOptions,
+    SaveOptions,
+    WriteJob,
+)
 from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
-from fabric_ckpt.wrappers import is_compiled
 
 __all__ = ["FSDPStrategy"]
 
@@ -82,9 +91,6 @@ class FSDPStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ setup
     def setup_module(self, module: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
         target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
         if not isinstance(target, FSDPModule):
             mesh = init_device_mesh(self.root_device.type, (self.world_size,))
@@ -130,8 +136,6 @@ class FSDPStrategy(ParallelStrategy):
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
-        from torch.distributed.fsdp import FSDPModule
-
         target = getattr(module, "_forward_module", module)
         if not enabled or not isinstance(target, FSDPModule):
             yield
@@ -213,8 +217,6 @@ class FSDPStrategy(ParallelStrategy):
                 else value
                 for key, value in param_state.items()
             }
-        from fabric_ckpt.restore import load_optimizer_state
-
         load_optimizer_state(optimizer, {"state": state, "param_groups": state_dict["param_groups"]})
 
     # ------------------------------------------------------------------ sharded save
@@ -230,27 +232,24 @@ class FSDPStrategy(ParallelStrategy):
         temporary = self._staging_folder(location, description)
         self._write_sharded(checkpoint, temporary, location, description, group=None)
 
-    def save_checkpoint_async(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, saver: BackgroundSaver
-    ) -> SaveHandle:
-        """Snapshot every rank's shards, then write them in the background over a process group of their own.
+    def stage_checkpoint(
+        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, stager: Stager
+    ) -> WriteJob | None:
+        """Snapshot every rank's shards; the job writes them over a process group of their own (every rank writes).
 
         Example:
-            >>> handle = fabric.save_async("checkpoints/step-100", state)  # calls this on every rank
+            >>> write = strategy.stage_checkpoint("checkpoints/step-100", state, SaveOptions(), Stager())
         """
         if self.state_dict_type == "full":
-            return super().save_checkpoint_async(path, state, options, saver)
+            return super().stage_checkpoint(path, state, options, stager)
         location = resolve(path)
         description = f"Saving '{location.original}'"
-        self.agree(saver.finish_previous, description)
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
-        staged = saver.stager.stage(checkpoint)
+        staged = stager.stage(checkpoint)
         del checkpoint
         temporary = self._staging_folder(location, description)
         group = self.background_group()
-        return saver.submit(
-            location.original, lambda: self._write_sharded(staged, temporary, location, description, group=group)
-        )
+        return lambda: self._write_sharded(staged, temporary, location, description, group=group)
 
     def _staging_folder(self, location: Location, description: str) -> Location:
         name = self.agree(lambda: sharded.temporary_folder(location).name if self.is_global_zero else None, description)
@@ -417,19 +416,15 @@ class FSDPStrategy(ParallelStrategy):
 
 @contextmanager
 def _torch_item_crc(*, enabled: bool) -> Iterator[None]:
-    from torch.utils.serialization import config
-
-    previous = config.save.compute_crc32
-    config.save.compute_crc32 = enabled and previous
+    previous = serialization_config.save.compute_crc32
+    serialization_config.save.compute_crc32 = enabled and previous
     try:
         yield
     finally:
-        config.save.compute_crc32 = previous
+        serialization_config.save.compute_crc32 = previous
 
 
 def _key_of(obj: Any, state: Mapping[str, Any]) -> str:
-    from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
-
     for key, value in state.items():
         candidate = unwrap_module(value) if isinstance(value, nn.Module) else value
         candidate = unwrap_optimizer(candidate) if isinstance(candidate, Optimizer) else candidate
@@ -440,8 +435,6 @@ def _key_of(obj: Any, state: Mapping[str, Any]) -> str:
 
 def _reshard(module: nn.Module) -> None:
     """Put every FSDP unit back in its sharded form, so state dicts hold the sharded parameters."""
-    from torch.distributed.fsdp import FSDPModule
-
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()

@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.launcher import ClusterEnvironment, detect_environment, launch_local_processes
 from fabric_ckpt.strategies.base import Strategy
+from fabric_ckpt.strategies.launcher import ClusterEnvironment, detect_environment, launch_local_processes
 
 __all__ = ["DEFAULT_TIMEOUT", "ParallelStrategy"]
 
@@ -219,8 +220,6 @@ class ParallelStrategy(Strategy):
         if not dist.is_initialized():
             return tensor.unsqueeze(0)
         if sync_grads:
-            import torch.distributed.nn.functional as dist_fn
-
             return torch.stack(dist_fn.all_gather(tensor, group=group or dist.group.WORLD))
         gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, tensor.contiguous(), group=group)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fabric_ckpt.launcher import detect_environment
 from fabric_ckpt.strategies.base import Strategy
+from fabric_ckpt.strategies.ddp import DDPStrategy
+from fabric_ckpt.strategies.fsdp import FSDPStrategy
+from fabric_ckpt.strategies.launcher import detect_environment
+from fabric_ckpt.strategies.parallel import ParallelStrategy
 from fabric_ckpt.strategies.single import SingleDeviceStrategy
 
 __all__ = ["STRATEGY_NAMES", "resolve_accelerator", "resolve_devices", "select_strategy"]
@@ -95,18 +98,12 @@ def select_strategy(
     # Under torchrun the launcher decides how many processes there are.
     num_processes = None if launched is not None and devices in (1, "auto") else len(indices)
     if name == "ddp":
-        from fabric_ckpt.strategies.ddp import DDPStrategy
-
         return DDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
-    from fabric_ckpt.strategies.fsdp import FSDPStrategy
-
     return FSDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
 
 
 def _configure_instance(strategy: Strategy, accelerator: str, devices: int | str | list[int], num_nodes: int) -> None:
     """Give a strategy passed as an instance what it was built without; refuse arguments that contradict it."""
-    from fabric_ckpt.strategies.parallel import ParallelStrategy
-
     explicit = isinstance(accelerator, str) and accelerator.lower() != "auto"
     if isinstance(strategy, ParallelStrategy):
         kind = resolve_accelerator(accelerator)

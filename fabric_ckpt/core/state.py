@@ -1,6 +1,6 @@
 """Objects <-> checkpoint dicts: unwrapping, filters, strict key checks, and copies that own their memory.
 
-Nothing here knows about files: strategies call these rules and hand the result to ``fabric_ckpt.io``.
+Nothing here knows about files: strategies call these rules and hand the result to the formats.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointMismatchError
-from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
+from fabric_ckpt.types import AttributeDict
 
 __all__ = [
     "FilterFn",
@@ -122,8 +123,6 @@ def to_checkpoint(
 
 
 def _plain_containers(obj: Any) -> Any:
-    from fabric_ckpt.types import AttributeDict
-
     if isinstance(obj, AttributeDict):
         return {key: _plain_containers(value) for key, value in obj.items()}
     if type(obj) is dict:

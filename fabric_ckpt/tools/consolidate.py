@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from fabric_ckpt.core.progress import progress_bar
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.io import sharded
-from fabric_ckpt.io.paths import PathLike
-from fabric_ckpt.io.progress import progress_bar
-from fabric_ckpt.io.reading import existing_location
-from fabric_ckpt.io.torch_format import LazyTensor
+from fabric_ckpt.formats import sharded
+from fabric_ckpt.formats.reading import existing_location
+from fabric_ckpt.formats.torch_format import LazyTensor
+from fabric_ckpt.storage.paths import PathLike
 
 __all__ = ["consolidate"]
 
@@ -29,7 +29,7 @@ def consolidate(
     Example:
         >>> consolidate("checkpoints/step-1000", "checkpoints/step-1000.ckpt")
     """
-    from fabric_ckpt.io import save_file
+    from fabric_ckpt.formats import save_file
 
     location = existing_location(sharded_path)
     if not sharded.is_sharded(location):

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["Stager"]
 
@@ -62,8 +63,6 @@ class Stager:
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh"):
-            from torch.distributed.tensor import DTensor
-
             sharded = cast(DTensor, tensor)
             local = self._tensor(sharded.to_local())  # a sharded tensor: stage this rank's shard, keep its layout
             return DTensor.from_local(

@@ -29,8 +29,8 @@ import torch
 from typing_extensions import Buffer
 
 from fabric_ckpt._version import __version__
-from fabric_ckpt.io.checksum import crc32
-from fabric_ckpt.io.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
+from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.formats.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
     "MANIFEST_RECORD",

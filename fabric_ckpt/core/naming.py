@@ -8,7 +8,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from fabric_ckpt.timestamp import TIMESTAMP_FIELDS
+from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS
 
 __all__ = ["FORMAT_VARIABLES", "NamePattern", "escapes_folder", "split_folder"]
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from typing_extensions import Buffer
 
-from fabric_ckpt.io.checksum import crc32
+from fabric_ckpt.core.checksum import crc32
 
 __all__ = ["ALIGNMENT", "ZipEntry", "ZipFormatError", "ZipWriter", "read_zip_directory"]
 

@@ -9,13 +9,10 @@ checks, schedulers, hooks and state all see one and the same optimizer.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from torch import nn
 from torch.optim import Optimizer
-
-if TYPE_CHECKING:
-    from fabric_ckpt.strategies.base import Strategy
 
 __all__ = [
     "FabricModule",
@@ -35,11 +32,10 @@ class FabricModule(nn.Module):
         >>> model.state_dict().keys()  # the original keys, no "module." prefix
     """
 
-    def __init__(self, forward_module: nn.Module, original_module: nn.Module, strategy: Strategy) -> None:
+    def __init__(self, forward_module: nn.Module, original_module: nn.Module) -> None:
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original_module
-        self._strategy = strategy
         self._fabric_module_initialized = True
 
     @property
@@ -87,7 +83,6 @@ class FabricOptimizer:
     """Base of the optimizer classes ``fabric.setup`` creates; see :func:`wrap_optimizer`."""
 
     _fabric_original: Optimizer
-    _fabric_strategy: Strategy
 
     @property
     def optimizer(self) -> Optimizer:
@@ -95,7 +90,7 @@ class FabricOptimizer:
         return type(self)._fabric_original
 
 
-def wrap_optimizer(optimizer: Optimizer, strategy: Strategy) -> Optimizer:
+def wrap_optimizer(optimizer: Optimizer) -> Optimizer:
     """Return an optimizer of a subclass of ``type(optimizer)`` that shares all of its state.
 
     Sharing ``__dict__`` (not copying it) keeps both handles identical through ``load_state_dict``, LR-scheduler
@@ -106,7 +101,7 @@ def wrap_optimizer(optimizer: Optimizer, strategy: Strategy) -> Optimizer:
     cls = type(
         f"Fabric{type(optimizer).__name__}",
         (FabricOptimizer, type(optimizer)),
-        {"_fabric_original": optimizer, "_fabric_strategy": strategy, "__module__": __name__},
+        {"_fabric_original": optimizer, "__module__": __name__},
     )
     wrapped: Optimizer = object.__new__(cls)
     wrapped.__dict__ = optimizer.__dict__

@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fabric_ckpt._version import __version__
-from fabric_ckpt.compare import diff
-from fabric_ckpt.convert import FORMATS, convert
 from fabric_ckpt.errors import CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.inspection import describe, format_bytes
-from fabric_ckpt.io.consolidate import consolidate
-from fabric_ckpt.verify import verify
+from fabric_ckpt.tools.consolidate import consolidate
+from fabric_ckpt.tools.convert import FORMATS, convert
+from fabric_ckpt.tools.diff import diff
+from fabric_ckpt.tools.inspection import describe, format_bytes
+from fabric_ckpt.tools.verify import verify
 
 __all__ = ["EXIT_DIFFERENT", "EXIT_ERROR", "EXIT_OK", "build_parser", "main"]
 

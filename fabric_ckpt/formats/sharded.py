@@ -42,17 +42,17 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt._version import __version__
+from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.io.atomic import (
+from fabric_ckpt.formats.torch_format import LazyTensor
+from fabric_ckpt.storage.atomic import (
     TEMP_MARKER,
     WritebackFile,
     delete_in_background,
     fsync_folder,
     remove_stale_temporaries,
 )
-from fabric_ckpt.io.checksum import crc32
-from fabric_ckpt.io.paths import Location
-from fabric_ckpt.io.torch_format import LazyTensor
+from fabric_ckpt.storage.paths import Location
 
 __all__ = [
     "MANIFEST_NAME",
@@ -387,7 +387,7 @@ def commit(temporary: Location, final: Location, records: list[FileRecord], worl
         fsync_folder(temporary.path)
         _commit_local(temporary.path, final.path)
         return
-    from fabric_ckpt.io.atomic import atomic_write
+    from fabric_ckpt.storage.atomic import atomic_write
 
     with atomic_write(final.child(MANIFEST_NAME)) as sink:
         sink.write(manifest_bytes(records, world_size, generation=temporary.name))
@@ -807,8 +807,8 @@ def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:
 
 
 def _verify_chunk_archives(folder: ShardedFolder, share: tuple[int, int]) -> None:
-    from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
-    from fabric_ckpt.io.zip_archive import ZipFormatError
+    from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive
+    from fabric_ckpt.formats.zip_archive import ZipFormatError
 
     by_file: dict[str, list[tuple[str, int, int]]] = {}
     for index, info in folder.metadata.storage_data.items():

@@ -1,21 +1,17 @@
-"""How bytes reach storage: paths (local or fsspec), atomic commits, the file formats, and integrity checks.
-
-Strategies decide *what* goes where; this package decides *how* it is written and read.
-"""
+"""Writing a single-file checkpoint: our torch-zip archive, optionally compressed, committed atomically."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from fabric_ckpt.io.atomic import atomic_write
-from fabric_ckpt.io.compression import compression_for, write_compressed
-from fabric_ckpt.io.paths import PathLike, resolve
-from fabric_ckpt.io.reading import open_checkpoint
-from fabric_ckpt.io.retry import with_retries
-from fabric_ckpt.io.torch_format import ArchiveSummary, write_torch_archive
+from fabric_ckpt.formats.compression import compression_for, write_compressed
+from fabric_ckpt.formats.torch_format import ArchiveSummary, write_torch_archive
+from fabric_ckpt.storage.atomic import atomic_write
+from fabric_ckpt.storage.paths import PathLike, resolve
+from fabric_ckpt.storage.retry import with_retries
 
-__all__ = ["PathLike", "open_checkpoint", "save_file"]
+__all__ = ["save_file"]
 
 
 def save_file(

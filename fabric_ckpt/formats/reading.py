@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.io.compression import decompressed, sniff_compression
-from fabric_ckpt.io.paths import Location, PathLike, local_copy, resolve
-from fabric_ckpt.io.torch_format import read_archive_info, verify_archive_parallel
-from fabric_ckpt.io.zip_archive import ZipFormatError
+from fabric_ckpt.formats.compression import decompressed, sniff_compression
+from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
+from fabric_ckpt.formats.zip_archive import ZipFormatError
+from fabric_ckpt.storage.paths import Location, PathLike, local_copy, resolve
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "open_checkpoint", "sniff_format"]
 
@@ -79,21 +79,21 @@ def open_checkpoint(
     """Yield the object stored at ``path``; tensors may be views of a memory map.
 
     A sharded checkpoint folder is verified and consolidated in memory (full tensors). Copy what must outlive the
-    ``with`` block (see :func:`fabric_ckpt.state.materialize`).
+    ``with`` block (see :func:`fabric_ckpt.core.state.materialize`).
 
     Example:
         >>> with open_checkpoint("model.ckpt") as checkpoint:
         ...     model.load_state_dict(checkpoint["model"])
     """
     location = existing_location(path)
-    from fabric_ckpt.interop import find_hf_index, read_hf_sharded  # Hugging Face sharded safetensors
+    from fabric_ckpt.formats.interop import find_hf_index, read_hf_sharded  # Hugging Face sharded safetensors
 
     hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
     if hf_index is not None:
         yield read_hf_sharded(hf_index, verify=verify, progress=progress)
         return
     if location.isdir():
-        from fabric_ckpt.io import sharded
+        from fabric_ckpt.formats import sharded
 
         if not sharded.is_sharded(location):
             raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")

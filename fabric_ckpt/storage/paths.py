@@ -18,7 +18,7 @@ from typing import Any, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from fabric_ckpt.io.progress import progress_bar
+from fabric_ckpt.core.progress import progress_bar
 
 __all__ = ["OBJECT_STORE_PROTOCOLS", "Location", "PathLike", "local_copy", "resolve", "storage_options"]
 
@@ -159,7 +159,7 @@ def local_copy(location: Location, *, progress: bool | None = None) -> Iterator[
 
 
 def _download(location: Location, total: int, target: str, progress: bool | None) -> None:
-    from fabric_ckpt.io.retry import with_retries
+    from fabric_ckpt.storage.retry import with_retries
 
     with_retries(lambda: _download_once(location, total, target, progress), f"Downloading '{location.original}'")
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["RNGState"]
 
@@ -43,8 +44,6 @@ class RNGState:
         world_size = _world_size()
         if world_size == 1:
             return own
-        import torch.distributed as dist
-
         every_rank: list[Any] = [None] * world_size
         dist.all_gather_object(every_rank, own)
         return {"per_rank": every_rank}
@@ -79,14 +78,10 @@ class RNGState:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 

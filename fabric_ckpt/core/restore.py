@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.state import check_strict_keys, is_stateful, materialize
 from fabric_ckpt.errors import CheckpointMismatchError
-from fabric_ckpt.state import check_strict_keys, is_stateful, materialize
 
 __all__ = [
     "ModuleLoader",

@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 import torch
 
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.io.paths import Location, PathLike
-from fabric_ckpt.io.reading import unsafe_refusal
-from fabric_ckpt.io.torch_format import MANIFEST_RECORD, LazyTensor
+from fabric_ckpt.formats.reading import unsafe_refusal
+from fabric_ckpt.formats.torch_format import MANIFEST_RECORD, LazyTensor
+from fabric_ckpt.storage.paths import Location, PathLike
 
 __all__ = [
     "Description",
@@ -383,9 +383,8 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
     Example:
         >>> print(describe("checkpoints/last.ckpt").render())
     """
-    from fabric_ckpt import interop
-    from fabric_ckpt.io import sharded
-    from fabric_ckpt.io.reading import FORMAT_SAFETENSORS, FORMAT_ZIP, existing_location, sniff_format
+    from fabric_ckpt.formats import interop, sharded
+    from fabric_ckpt.formats.reading import FORMAT_SAFETENSORS, FORMAT_ZIP, existing_location, sniff_format
 
     location = existing_location(path)
     index = interop.find_hf_index(location)
@@ -412,7 +411,7 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
 
 
 def _source_notes(obj: Any) -> list[str]:
-    from fabric_ckpt import interop
+    from fabric_ckpt.formats import interop
 
     source = interop.detect(obj)
     if source in (interop.LIGHTNING_TRAINER, interop.COMPOSER):
@@ -422,7 +421,7 @@ def _source_notes(obj: Any) -> list[str]:
 
 def _describe_by_loading(location: Location, *, weights_only: bool) -> Description:
     """Compressed files are decompressed to a local file first; legacy torch pickles are loaded to be described."""
-    from fabric_ckpt.io.reading import FORMAT_ZIP, load_local_file, sniff_format
+    from fabric_ckpt.formats.reading import FORMAT_ZIP, load_local_file, sniff_format
 
     with ExitStack() as stack:
         local, compression = local_decompressed(location, stack)
@@ -451,8 +450,8 @@ def local_decompressed(
         >>> with ExitStack() as stack:
         ...     local, compression = local_decompressed(resolve("ep3.tar.gz"), stack)
     """
-    from fabric_ckpt.io.compression import decompressed, sniff_compression
-    from fabric_ckpt.io.paths import local_copy
+    from fabric_ckpt.formats.compression import decompressed, sniff_compression
+    from fabric_ckpt.storage.paths import local_copy
 
     local = stack.enter_context(local_copy(location, progress=progress))
     outer = None
@@ -467,7 +466,7 @@ def local_decompressed(
 
 
 def _describe_sharded(location: Location, *, weights_only: bool) -> Description:
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     folder = sharded.open_folder(location)
     tree = _as_infos(sharded.load_full(folder, weights_only=weights_only, tensors="meta"))
@@ -479,7 +478,7 @@ def _describe_sharded(location: Location, *, weights_only: bool) -> Description:
 
 
 def _describe_hf(index: Any) -> Description:
-    from fabric_ckpt import interop
+    from fabric_ckpt.formats import interop
 
     tree: dict[str, Any] = {}
     size = 0

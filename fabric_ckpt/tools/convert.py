@@ -1,8 +1,8 @@
 """Converting checkpoints between formats: our torch file, safetensors, sharded folders, and compressed files.
 
-Anything :func:`fabric_ckpt.io.open_checkpoint` reads is an input (torch files, safetensors, sharded and bare DCP
+Anything :func:`fabric_ckpt.formats.open_checkpoint` reads is an input (torch files, safetensors, sharded and bare DCP
 folders, Hugging Face indexes; local or remote), and Lightning Trainer and Composer checkpoints are put in our layout
-on the way (:func:`fabric_ckpt.interop.to_fabric`). The output format follows the output's name (or ``format``):
+on the way (:func:`fabric_ckpt.formats.interop.to_fabric`). The output format follows the output's name (or ``format``):
 
 | format | output name | what is written |
 |---|---|---|
@@ -14,7 +14,7 @@ on the way (:func:`fabric_ckpt.interop.to_fabric`). The output format follows th
 | ``tar`` | ``*.tar`` | the same, uncompressed |
 | ``zst`` | ``*.zst`` | our single file compressed with Zstandard (the ``zstd`` extra) |
 
-Compressed files are written by :func:`fabric_ckpt.io.save_file`, which picks the compression from the name.
+Compressed files are written by :func:`fabric_ckpt.formats.save_file`, which picks the compression from the name.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
+from fabric_ckpt.core.progress import ProgressBar, progress_bar
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.inspection import flatten
-from fabric_ckpt.io.paths import Location, PathLike, resolve
-from fabric_ckpt.io.progress import ProgressBar, progress_bar
-from fabric_ckpt.io.torch_format import LazyTensor
+from fabric_ckpt.formats.torch_format import LazyTensor
+from fabric_ckpt.storage.paths import Location, PathLike, resolve
+from fabric_ckpt.tools.inspection import flatten
 
 __all__ = ["COMPRESSED_FORMATS", "FORMATS", "ConvertResult", "convert", "output_format"]
 
-# Output format -> the compression fabric_ckpt.io.compression.compression_for reads from the name.
+# Output format -> the compression fabric_ckpt.formats.compression.compression_for reads from the name.
 COMPRESSED_FORMATS = {"tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz", "tar": "tar", "zst": "zst"}
 FORMATS = ("torch", "safetensors", "sharded", *COMPRESSED_FORMATS)
 _SAFETENSORS_DTYPES = {
@@ -87,7 +87,7 @@ def output_format(path: PathLike, format: str | None = None) -> str:
         >>> output_format("model.safetensors")
         'safetensors'
     """
-    from fabric_ckpt.io.compression import compression_for
+    from fabric_ckpt.formats.compression import compression_for
 
     text = os.fspath(path)
     compression = compression_for(text)
@@ -135,8 +135,8 @@ def convert(
         >>> convert("lightning_logs/version_0/checkpoints/last.ckpt", "model.safetensors")
         >>> convert("checkpoints/last.ckpt", "checkpoints/last-sharded/")
     """
-    from fabric_ckpt.compare import open_lazily
-    from fabric_ckpt.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_fabric
+    from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_fabric
+    from fabric_ckpt.tools.diff import open_lazily
 
     fmt = output_format(destination, format)
     location = resolve(os.fspath(destination).rstrip("/") if fmt == "sharded" else destination)
@@ -199,7 +199,7 @@ def _module_entry(checkpoint: Any, entry: str | None, display: str) -> Mapping[s
 
 # ---------------------------------------------------------------------------------------------- writers
 def _write_file(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
-    from fabric_ckpt.io import save_file
+    from fabric_ckpt.formats import save_file
 
     save_file(location.original, checkpoint, on_storage_written=bar.update)  # compresses by the name's extension
 
@@ -215,7 +215,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 
 def _write_safetensors(state_dict: Mapping[str, Any], location: Location, bar: ProgressBar) -> None:
     """Stream a safetensors file (header, then each tensor's bytes), one tensor in memory at a time."""
-    from fabric_ckpt.io.atomic import atomic_write
+    from fabric_ckpt.storage.atomic import atomic_write
 
     if sys.byteorder != "little":
         raise CheckpointError("safetensors files are little-endian; this machine is not")
@@ -258,7 +258,7 @@ def _write_sharded(checkpoint: Any, location: Location, bar: ProgressBar) -> Non
     """One process writes a sharded folder: DCP files into a temporary folder, checksummed, then committed."""
     import torch.distributed.checkpoint as dcp
 
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"a sharded folder holds a dict of entries, not a {type(checkpoint).__name__}")

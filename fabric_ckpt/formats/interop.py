@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.rng import RNGState
+from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Timestamp
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.io.paths import Location
-from fabric_ckpt.rng import RNGState
-from fabric_ckpt.timestamp import TIMESTAMP_FIELDS, Timestamp
+from fabric_ckpt.storage.paths import Location
 
 __all__ = [
     "COMPOSER",
@@ -417,7 +417,7 @@ def find_hf_index(location: Location) -> HFIndex | None:
     if location.path.endswith(".json") and location.isfile():
         return read_hf_index(location)
     if location.isdir():
-        from fabric_ckpt.io import sharded
+        from fabric_ckpt.formats import sharded
 
         index = location.child(HF_INDEX_NAME)
         if index.exists() and not sharded.is_sharded(location):
@@ -468,8 +468,8 @@ def read_hf_sharded(index: HFIndex, *, verify: bool = True, progress: bool | Non
     Example:
         >>> model.load_state_dict(read_hf_sharded(find_hf_index(resolve("llama-7b/"))))
     """
-    from fabric_ckpt.io.paths import local_copy
-    from fabric_ckpt.io.reading import load_local_file
+    from fabric_ckpt.formats.reading import load_local_file
+    from fabric_ckpt.storage.paths import local_copy
 
     loaded: dict[str, torch.Tensor] = {}
     for shard, keys in index.shards.items():

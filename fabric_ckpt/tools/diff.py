@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from fabric_ckpt.inspection import flatten
-from fabric_ckpt.io.paths import PathLike
-from fabric_ckpt.io.progress import progress_bar
-from fabric_ckpt.io.torch_format import LazyTensor
+from fabric_ckpt.core.progress import progress_bar
+from fabric_ckpt.formats.torch_format import LazyTensor
+from fabric_ckpt.storage.paths import PathLike
+from fabric_ckpt.tools.inspection import flatten
 
 __all__ = ["Change", "CheckpointDiff", "diff", "open_lazily"]
 
@@ -108,15 +108,15 @@ def _finite_or_text(value: float | None) -> float | str | None:
 def open_lazily(path: PathLike, *, weights_only: bool = True, verify: bool = True) -> Iterator[Any]:
     """Yield the checkpoint at ``path`` without holding all its tensors in memory.
 
-    Sharded folders yield :class:`~fabric_ckpt.io.torch_format.LazyTensor` placeholders (read one at a time); files
-    come from :func:`~fabric_ckpt.io.open_checkpoint` (memory-mapped when local).
+    Sharded folders yield :class:`~fabric_ckpt.formats.torch_format.LazyTensor` placeholders (read one at a time); files
+    come from :func:`~fabric_ckpt.formats.open_checkpoint` (memory-mapped when local).
 
     Example:
         >>> with open_lazily("checkpoints/step-1000") as checkpoint:
         ...     weight = checkpoint["model"]["fc1.weight"].load()
     """
-    from fabric_ckpt.io import open_checkpoint, sharded
-    from fabric_ckpt.io.reading import existing_location
+    from fabric_ckpt.formats import open_checkpoint, sharded
+    from fabric_ckpt.formats.reading import existing_location
 
     location = existing_location(path)
     if location.isdir() and sharded.is_sharded(location):

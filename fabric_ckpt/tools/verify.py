@@ -15,11 +15,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.core.progress import ProgressBar, progress_bar
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.inspection import format_bytes, local_decompressed, read_zip_skeleton
-from fabric_ckpt.io.checksum import crc32
-from fabric_ckpt.io.paths import Location, PathLike
-from fabric_ckpt.io.progress import ProgressBar, progress_bar
+from fabric_ckpt.storage.paths import Location, PathLike
+from fabric_ckpt.tools.inspection import format_bytes, local_decompressed, read_zip_skeleton
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -104,9 +104,8 @@ def verify(path: PathLike, *, progress: bool | None = None) -> VerifyReport:
         >>> if not report.ok:
         ...     print("\\n".join(report.problems))
     """
-    from fabric_ckpt import interop
-    from fabric_ckpt.io import sharded
-    from fabric_ckpt.io.reading import existing_location
+    from fabric_ckpt.formats import interop, sharded
+    from fabric_ckpt.formats.reading import existing_location
 
     location = existing_location(path)
     index = interop.find_hf_index(location)
@@ -121,8 +120,8 @@ def verify(path: PathLike, *, progress: bool | None = None) -> VerifyReport:
 
 # ---------------------------------------------------------------------------------------------- single files
 def _verify_file(location: Location, progress: bool | None) -> VerifyReport:
-    from fabric_ckpt.io.compression import sniff_compression
-    from fabric_ckpt.io.reading import FORMAT_SAFETENSORS, sniff_format
+    from fabric_ckpt.formats.compression import sniff_compression
+    from fabric_ckpt.formats.reading import FORMAT_SAFETENSORS, sniff_format
 
     size = location.size()
     if size == 0:
@@ -150,7 +149,7 @@ def _verify_file(location: Location, progress: bool | None) -> VerifyReport:
 
 
 def _verify_local(location: Location, local: str) -> VerifyReport:
-    from fabric_ckpt.io.reading import FORMAT_LEGACY, FORMAT_ZIP, sniff_format
+    from fabric_ckpt.formats.reading import FORMAT_LEGACY, FORMAT_ZIP, sniff_format
 
     size = os.path.getsize(local)
     with open(local, "rb") as f:
@@ -172,8 +171,8 @@ def _open(location: Location) -> Any:
 
 
 def _verify_zip(location: Location, local: str) -> VerifyReport:
-    from fabric_ckpt.io.torch_format import read_archive_info, verify_archive
-    from fabric_ckpt.io.zip_archive import ZipFormatError
+    from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive
+    from fabric_ckpt.formats.zip_archive import ZipFormatError
 
     report = VerifyReport(location.original, "torch", "file", files=1, bytes=os.path.getsize(local))
     with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
@@ -226,7 +225,7 @@ def _verify_safetensors(location: Location, size: int) -> VerifyReport:
 
 def _check_safetensors(report: VerifyReport, location: Location, size: int, name: str) -> dict[str, Any]:
     """Header, byte ranges and file size agree; returns the header's tensors (empty when it is unreadable)."""
-    from fabric_ckpt import interop
+    from fabric_ckpt.formats import interop
 
     try:
         entries, _ = interop.read_safetensors_header(location)
@@ -256,7 +255,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _verify_by_loading(report: VerifyReport, local: str) -> None:
     """Formats without checksums or index (legacy pickles, compressed files): they must load."""
-    from fabric_ckpt.io.reading import load_local_file
+    from fabric_ckpt.formats.reading import load_local_file
 
     report.bytes = os.path.getsize(local)
     try:
@@ -294,7 +293,7 @@ def _verify_hf(index: Any) -> VerifyReport:
 
 # ---------------------------------------------------------------------------------------------- sharded folders
 def _verify_sharded(location: Location, progress: bool | None) -> VerifyReport:
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     report = VerifyReport(location.original, "sharded", "folder")
     try:
@@ -319,7 +318,7 @@ def _verify_sharded(location: Location, progress: bool | None) -> VerifyReport:
 
 
 def _has_manifest_file(location: Location) -> bool:
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     return location.child(sharded.MANIFEST_NAME).exists()
 
@@ -337,7 +336,7 @@ def _data_location(location: Location, manifest: dict[str, Any] | None, report: 
 
 def _entry_names(data: Location, location: Location, report: VerifyReport) -> dict[str, str]:
     """DCP's flattened keys -> our ``/``-joined entry paths, from ``.metadata`` (empty when it is unreadable)."""
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     try:
         metadata = sharded.read_metadata(data, display=location.original)
@@ -411,7 +410,7 @@ def _file_bytes(location: Location) -> Iterator[memoryview]:
 
 def _check_bare_dcp(data: Location, location: Location, report: VerifyReport) -> None:
     """No manifest: every chunk ``.metadata`` lists must lie inside an existing file."""
-    from fabric_ckpt.io import sharded
+    from fabric_ckpt.formats import sharded
 
     metadata = sharded.read_metadata(data, display=location.original)
     planner_data = metadata.planner_data or {}

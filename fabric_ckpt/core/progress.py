@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
+from tqdm.auto import tqdm
+
 __all__ = ["AUTO_THRESHOLD_BYTES", "ProgressBar", "progress_bar", "progress_enabled"]
 
 AUTO_THRESHOLD_BYTES = 64 << 20
@@ -41,7 +43,5 @@ def progress_bar(total: int, description: str, *, enabled: bool | None = None) -
     if not progress_enabled(total, enabled):
         yield _Silent()
         return
-    from tqdm.auto import tqdm
-
     with tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         yield bar

@@ -9,6 +9,7 @@ temporary is removed and the previous checkpoint is untouched.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import io
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from fabric_ckpt.io.paths import Location
+from fabric_ckpt.storage.paths import Location
 
 __all__ = ["TEMP_MARKER", "atomic_write", "is_temporary_name", "remove_stale_temporaries", "temporary_name"]
 
@@ -220,8 +221,6 @@ _WRITEBACK_WINDOW = 8  # chunks being written back at once (256 MiB of dirty pag
 
 def _load_sync_file_range() -> Any:
     try:
-        import ctypes
-
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None

@@ -1,0 +1,1 @@
+"""The tools behind the ``fabric-ckpt`` command: inspect, verify, diff, convert, consolidate."""
