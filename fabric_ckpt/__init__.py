@@ -20,6 +20,7 @@ from fabric_ckpt.errors import (
 )
 from fabric_ckpt.fabric import Fabric
 from fabric_ckpt.manager import CheckpointManager
+from fabric_ckpt.storage import StorageOptions
 from fabric_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from fabric_ckpt.tools.consolidate import consolidate
 from fabric_ckpt.tools.convert import convert
@@ -41,6 +42,7 @@ __all__ = [
     "SaveHandle",
     "SingleDeviceStrategy",
     "Stateful",
+    "StorageOptions",
     "Strategy",
     "Time",
     "TimeUnit",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
 from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.core.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
-from fabric_ckpt.storage.paths import PathLike
+from fabric_ckpt.storage import PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
 from fabric_ckpt.training import (
@@ -52,6 +52,8 @@ class Fabric:
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
         loggers: objects with ``log_metrics(metrics, step)`` (Lightning's logger API) that :meth:`log` feeds.
+        storage_options: how checkpoints reach storage (retries, download cache, progress bars, endpoint,
+            filesystem settings); by default from the environment (:class:`~fabric_ckpt.StorageOptions`).
 
     Example:
         >>> fabric = Fabric()
@@ -69,6 +71,7 @@ class Fabric:
         plugins: Any = None,
         callbacks: Any | list[Any] | None = None,
         loggers: Any | list[Any] | None = None,
+        storage_options: StorageOptions | None = None,
     ) -> None:
         if plugins:
             raise ValueError("plugins are not supported; precision and strategies are chosen by their arguments")
@@ -78,8 +81,19 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._launched = False
         self._background = BackgroundSaver()
+        if storage_options is not None and not isinstance(storage_options, StorageOptions):
+            raise TypeError(
+                f"storage_options must be a StorageOptions, got {type(storage_options).__name__}; "
+                "put fsspec settings in StorageOptions(filesystem_options={...})"
+            )
+        self._storage_options = storage_options or StorageOptions.from_environment()
 
     # ------------------------------------------------------------------ topology
+    @property
+    def storage_options(self) -> StorageOptions:
+        """How this Fabric's checkpoints reach storage (see :class:`~fabric_ckpt.StorageOptions`)."""
+        return self._storage_options
+
     @property
     def strategy(self) -> Strategy:
         """The :class:`~fabric_ckpt.strategies.Strategy` this Fabric runs on."""
@@ -414,8 +428,10 @@ class Fabric:
         self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
-        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
-        self._strategy.save_checkpoint(path, objects, SaveOptions(filter=filter, on_save=self._save_hooks(objects)))
+        location = resolve(path, self._storage_options)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{location}'")
+        options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
+        self._strategy.save_checkpoint(location, objects, options)
 
     def save_async(
         self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None
@@ -436,9 +452,10 @@ class Fabric:
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
         options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
-        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
-        write = self._strategy.stage_checkpoint(path, objects, options, self._background.stager)
-        return SaveHandle(str(path)) if write is None else self._background.submit(str(path), write)
+        location = resolve(path, self._storage_options)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{location}'")
+        write = self._strategy.stage_checkpoint(location, objects, options, self._background.stager)
+        return SaveHandle(str(location)) if write is None else self._background.submit(str(location), write)
 
     def wait_for_saves(self) -> None:
         """Block until the asynchronous save in flight (if any) is complete; raise if it failed, on every rank.
@@ -483,7 +500,8 @@ class Fabric:
         if state is not None and not isinstance(state, MutableMapping):
             raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
         objects = unwrap_objects(state) if state else None
-        self._strategy.agree(self._background.finish_previous, f"Loading '{path}'")
+        location = resolve(path, self._storage_options)
+        self._strategy.agree(self._background.finish_previous, f"Loading '{location}'")
         options = LoadOptions(
             strict=strict,
             weights_only=weights_only,
@@ -492,7 +510,7 @@ class Fabric:
             load_weights_only=load_weights_only,
             on_load=self._load_hooks(objects or {}),
         )
-        remainder = self._strategy.load_checkpoint(path, objects, options)
+        remainder = self._strategy.load_checkpoint(location, objects, options)
         if state and objects is not None:
             for key, value in objects.items():
                 if not isinstance(state[key], (nn.Module, Optimizer)) and value is not state[key]:
@@ -515,7 +533,8 @@ class Fabric:
             >>> fabric.load_raw("pretrained.pt", model)
         """
         self._ensure_launched()
-        self._strategy.load_raw(path, obj, strict=strict, weights_only=weights_only, verify=verify)
+        location = resolve(path, self._storage_options)
+        self._strategy.load_raw(location, obj, strict=strict, weights_only=weights_only, verify=verify)
         self.barrier("load_raw")
 
     @staticmethod

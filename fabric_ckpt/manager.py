@@ -12,7 +12,6 @@ import json
 import os
 import posixpath
 import secrets
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -27,14 +26,8 @@ from fabric_ckpt.core.state import IgnoreKeys, apply_ignore_keys
 from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, check_timestamp_state, parse_time
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.storage.atomic import (
-    atomic_write,
-    fsync_folder,
-    is_temporary_name,
-    remove_stale_temporaries,
-    temporary_name,
-)
-from fabric_ckpt.storage.paths import resolve
+from fabric_ckpt.storage import resolve
+from fabric_ckpt.storage.temporaries import is_temporary_name
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 
@@ -114,7 +107,7 @@ class CheckpointManager:
 
         root, rest = split_folder(NamePattern(os.fspath(folder), "folder"))
         self.folder = root.format(self._run_values) or "."
-        self._root = resolve(self.folder)
+        self._root = resolve(self.folder, fabric.storage_options, absolute=True)
         self._checkpoint = NamePattern(posixpath.join(rest, NamePattern(filename, "filename").text), "filename")
         self._latest = NamePattern(
             posixpath.join(rest, NamePattern(latest_filename, "latest_filename").text), "latest_filename"
@@ -226,9 +219,10 @@ class CheckpointManager:
     def _point_latest(self, name: str) -> None:
         latest = self._name(self._latest)
         target = posixpath.relpath(name, posixpath.dirname(latest) or ".")
-        if self._root.is_local and _replace_symlink(target, self._url(latest)):
+        location = self._root.child(latest)
+        if location.storage.symlink(target, location.path):
             return
-        with atomic_write(resolve(self._url(latest))) as sink:
+        with location.atomic_write() as sink:
             sink.write(json.dumps({"format": _POINTER_FORMAT, "checkpoint": target}).encode())
 
     def _prune(self, saved: str) -> None:
@@ -247,12 +241,7 @@ class CheckpointManager:
     def _delete(self, name: str) -> None:
         path = self._url(name)
         try:
-            if not self._root.is_local:
-                self._root.fs.rm(self._fs_path(name), recursive=True)
-            elif os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+            self._root.child(name).remove()
         except Exception as err:  # object-store clients raise their own connection errors, not only OSError
             # The new checkpoint is safe; a leftover old one must not stop training.
             warnings.warn(f"CheckpointManager could not delete the old checkpoint {path}: {err}", stacklevel=2)
@@ -344,10 +333,16 @@ class CheckpointManager:
     def _latest_target(self) -> tuple[str | None, str]:
         """The name ``latest`` points at (relative to the folder), or ``None`` and why."""
         latest = self._name(self._latest)
-        path = self._url(latest)
-        if self._root.is_local and os.path.islink(path):
-            target = os.path.join(os.path.dirname(path), os.readlink(path))
-            return os.path.relpath(os.path.normpath(target), self._root.path).replace(os.sep, "/"), ""
+        location = self._root.child(latest)
+        link = location.storage.readlink(location.path)
+        if link is not None:
+            if os.path.isabs(link):
+                target = os.path.relpath(os.path.normpath(link), self._root.path).replace(os.sep, "/")
+            else:
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(latest), link.replace(os.sep, "/")))
+            if escapes_folder(target):
+                return None, f"is a symlink to {link!r}, outside the folder"
+            return target, ""
         if not self._exists(latest):
             return None, "does not exist"
         try:
@@ -389,13 +384,7 @@ class CheckpointManager:
         return [name for _, name in sorted(found, reverse=True)]
 
     def _walk(self, depth: int) -> Iterator[str]:
-        if self._root.is_local:
-            yield from _walk_local(self._root.path, depth)
-            return
-        base = self._root.path.rstrip("/")
-        for path in self._root.fs.find(base, maxdepth=depth, withdirs=True):
-            if path.startswith(base + "/"):
-                yield path[len(base) + 1 :]
+        return self._root.storage.walk(self._root.path, depth)
 
     def _name(self, pattern: NamePattern) -> str:
         values = {**self._run_values, **{field: int(getattr(self.timestamp, field)) for field in TIMESTAMP_FIELDS}}
@@ -408,20 +397,13 @@ class CheckpointManager:
         return name
 
     def _url(self, name: str) -> str:
-        if self._root.is_local:
-            return os.path.normpath(os.path.join(self._root.path, name))
-        return f"{self.folder.rstrip('/')}/{name}"
-
-    def _fs_path(self, name: str) -> str:
-        return f"{self._root.path.rstrip('/')}/{name}"
+        return self._root.child(name).original
 
     def _open(self, name: str) -> Any:
-        return open(self._url(name), "rb") if self._root.is_local else self._root.fs.open(self._fs_path(name), "rb")
+        return self._root.child(name).open()
 
     def _exists(self, name: str) -> bool:
-        if self._root.is_local:
-            return os.path.lexists(self._url(name))
-        return bool(self._root.fs.exists(self._fs_path(name)))
+        return self._root.child(name).exists()
 
     # ------------------------------------------------------------------ construction helpers
     def _default_run_name(self) -> str:
@@ -483,35 +465,3 @@ def _checking_extras(ignore_keys: IgnoreKeys) -> Callable[[dict[str, Any]], None
             raise CheckpointError(f"the checkpoint's manager entries are malformed: {err}") from None
 
     return edit
-
-
-def _replace_symlink(target: str, path: str) -> bool:
-    """Atomically make ``path`` a symlink to ``target``; ``False`` where symlinks cannot be created."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(resolve(path))  # a temporary link left by a killed earlier save
-    temporary = os.path.join(folder, temporary_name(os.path.basename(path)))
-    try:
-        os.symlink(target, temporary)
-    except (OSError, NotImplementedError):  # e.g. Windows without the symlink privilege: use a pointer file
-        return False
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    fsync_folder(folder)
-    return True
-
-
-def _walk_local(root: str, depth: int, prefix: str = "") -> Iterator[str]:
-    try:
-        entries = list(os.scandir(os.path.join(root, prefix)))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        if entry.is_symlink():  # `latest`, or a link we did not write: never a checkpoint to delete
-            continue
-        yield prefix + entry.name
-        if depth > 1 and entry.is_dir(follow_symlinks=False):
-            yield from _walk_local(root, depth - 1, f"{prefix}{entry.name}/")

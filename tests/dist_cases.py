@@ -5,6 +5,7 @@ They return plain data (full CPU tensors, flags, messages) that the test in the 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fabric_ckpt import CheckpointError, DDPStrategy, Fabric, FSDPStrategy
+from tests.sharded_files import live_generation
 
 
 class Block(nn.Module):
@@ -185,16 +187,17 @@ def save_failing(kind: str, path: str, failing_rank: int, phase: str) -> dict[st
 
 def list_files_and_chunks(path: str) -> dict[str, Any]:
     """What each file of a sharded checkpoint holds (read on one rank; the answer is the same everywhere)."""
-    from fabric_ckpt.formats.sharded import read_metadata
-    from fabric_ckpt.storage.paths import resolve
+    from fabric_ckpt.formats.dcp import read_metadata
+    from fabric_ckpt.storage import resolve
 
+    path = live_generation(path)
     metadata = read_metadata(resolve(path))
     chunks: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         for chunk in getattr(md, "chunks", []):
             info = metadata.storage_data[_storage_index(metadata, fqn, chunk.offsets)]
             chunks.setdefault(info.relative_path, []).append((fqn, tuple(chunk.offsets), tuple(chunk.sizes)))
-    return {"files": sorted(os.listdir(path)), "chunks": chunks}
+    return {"files": sorted(os.listdir(path)), "chunks": chunks}  # the live generation's files
 
 
 def _storage_index(metadata: Any, fqn: str, offsets: Any) -> Any:
@@ -255,10 +258,9 @@ def memory_url_round_trip(kind: str) -> dict[str, Any]:
     fabric.save("memory://runs/sharded.ckpt", {"model": model, "optimizer": optimizer, "step": 2})  # overwrite
     memory = fsspec.filesystem("memory")
     files = sorted(p.rsplit("/", 1)[-1] for p in memory.ls("/runs/sharded.ckpt", detail=False))
-    generations = [name for name in files if name.startswith(".gen-")]
-    shards = sorted(
-        p.rsplit("/", 1)[-1] for g in generations for p in memory.ls(f"/runs/sharded.ckpt/{g}", detail=False)
-    )
+    manifest = json.loads(memory.cat_file("/runs/sharded.ckpt/fabric_ckpt.json"))["manifest"]
+    live = manifest["generation"]
+    shards = sorted(p.rsplit("/", 1)[-1] for p in memory.ls(f"/runs/sharded.ckpt/{live}", detail=False))
     fresh, fresh_optimizer = build(fabric, 4)
     state = {"model": fresh, "optimizer": fresh_optimizer, "step": 0}
     fabric.load("memory://runs/sharded.ckpt", state)

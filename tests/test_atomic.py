@@ -13,6 +13,7 @@ import torch
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from fabric_ckpt import Fabric
+from fabric_ckpt.storage.temporaries import wait_for_deletions
 from tests.conftest import assert_same_state, make_net, snapshot
 
 
@@ -130,6 +131,7 @@ def test_concurrent_savers_never_share_a_temporary_file(tmp_path):
         list(pool.map(lambda i: fabric.save(tmp_path / "c.ckpt", {"i": i, "w": torch.full((50_000,), i)}), range(8)))
     loaded = fabric.load(tmp_path / "c.ckpt")
     assert torch.equal(loaded["w"], torch.full((50_000,), loaded["i"]))
+    wait_for_deletions()  # each save frees the checkpoint it replaced in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
 
 
@@ -162,5 +164,6 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path, fabric):
     assert len(leftovers) == 1 and leftovers[0].startswith(".c.ckpt.fabric-tmp-")
     assert fabric.load(path) == {"step": 1}
     fabric.save(path, {"step": 3})
+    wait_for_deletions()  # the save frees the checkpoint it replaced in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
     assert fabric.load(path) == {"step": 3}

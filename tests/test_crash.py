@@ -9,6 +9,8 @@ reliability`` sets) raises the kills to 100 per local scenario and 40 per S3 one
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from tests.crash_campaign import KILL_POINTS, SCENARIOS, default_kills, run_subprocess
@@ -89,3 +91,13 @@ def test_the_latest_temporary_of_a_killed_save_is_removed(campaign):
 )
 def test_s3_manager_retention_stays_within_its_bound(campaign):
     assert campaign["s3-manager"]["known_bugs"].get("s3 retention exceeded", 0) == 0
+
+
+@pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: p.name)
+def test_every_kill_point_names_a_function_that_exists(point):
+    """A refactor that renames a seam must fail here, not silently disarm its kill point."""
+    module_name, _, attr_path = point.target.partition(":")
+    owner = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        owner = getattr(owner, attr)
+    assert callable(owner), point.target

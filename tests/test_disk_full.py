@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fabric_ckpt import Fabric
-from fabric_ckpt.storage.atomic import TEMP_MARKER
+from fabric_ckpt.storage.temporaries import TEMP_MARKER
 from tests import hostile_cases
 from tests.conftest import assert_same_state, make_net, snapshot
 from tests.distributed import WorkerGroup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from fabric_ckpt import CheckpointCorruptedError, Fabric, consolidate
 from tests import dist_cases as cases
 from tests.distributed import WorkerGroup
+from tests.sharded_files import live_generation, tree_bytes
 from tests.test_ddp import assert_states_equal
 
 
@@ -45,7 +47,7 @@ def test_sharded_round_trip_restores_every_shard(group, saved):
 def test_every_rank_writes_only_its_own_shards(group, saved):
     path, _ = saved
     layout = group.run(cases.list_files_and_chunks, path)[0]
-    assert layout["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "fabric_ckpt.json"]
+    assert layout["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     local = group.run(cases.local_shapes, "fsdp")
     for rank in range(2):
         shard_file = f"__{rank}_0.distcp"
@@ -57,7 +59,7 @@ def test_every_rank_writes_only_its_own_shards(group, saved):
         mine = {(fqn, offsets) for fqn, offsets, _ in layout["chunks"][shard_file]}
         theirs = {(fqn, offsets) for fqn, offsets, _ in layout["chunks"][other]}
         assert not mine & theirs  # no chunk is written twice
-    sizes = [os.path.getsize(os.path.join(path, f"__{rank}_0.distcp")) for rank in range(2)]
+    sizes = [os.path.getsize(os.path.join(live_generation(path), f"__{rank}_0.distcp")) for rank in range(2)]
     assert 0.3 < sizes[0] / sum(sizes) < 0.7  # each rank holds about half, nobody the whole model
 
 
@@ -126,13 +128,13 @@ def test_resumed_training_matches_the_uninterrupted_run(group, tmp_path):
 def test_interrupted_sharded_save_keeps_the_previous_checkpoint(group, tmp_path, phase):
     path = tmp_path / "sharded.ckpt"
     previous = group.run(cases.save_trained, "fsdp", str(path))
-    files_before = {p.name: p.read_bytes() for p in path.iterdir()}
+    files_before = tree_bytes(path)
     outcomes = group.run(cases.save_failing, "fsdp", str(path), 1, phase)
     for outcome in outcomes:
         assert outcome["is_checkpoint_error"], outcome
         assert outcome["seconds"] < 60
     assert "rank 1" in outcomes[0]["message"]
-    assert {p.name: p.read_bytes() for p in path.iterdir()} == files_before
+    assert tree_bytes(path) == files_before  # the failed save's generation is gone, the committed one untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.ckpt"]  # no temporary folder left
     loaded = group.run(cases.load_fresh, "fsdp", str(path))
     for rank in range(2):
@@ -168,7 +170,7 @@ def test_strict_and_remainder_on_sharded_loads(group, saved):
 def test_corrupted_shard_is_detected_before_anything_changes(group, tmp_path):
     path = tmp_path / "sharded.ckpt"
     group.run(cases.save_trained, "fsdp", str(path))
-    shard = path / "__1_0.distcp"
+    shard = Path(live_generation(path)) / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

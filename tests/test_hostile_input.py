@@ -40,6 +40,7 @@ from tests import hostile_cases
 from tests.conftest import assert_same_state, snapshot, trained
 from tests.distributed import WorkerGroup
 from tests.reliability_figures import full_campaign, record
+from tests.sharded_files import live_generation, to_bare_dcp
 
 SCALE = 10 if full_campaign() else 1
 COUNTS: Counter[str] = Counter()  # examples tried, by kind: the figures of docs/reliability.md
@@ -370,10 +371,15 @@ def put_manifest(path: Path, body: Any) -> None:
     (path / "fabric_ckpt.json").write_text(json.dumps({"manifest": body, "crc32": crc32(encoded.encode())}))
 
 
+def shards(path: Path) -> Path:
+    """The folder holding the shard files of the sharded checkpoint at ``path`` (its live generation)."""
+    return Path(live_generation(path))
+
+
 def reseal(path: Path, name: str) -> None:
     """Forge the manifest's size and CRC-32 of file ``name`` to match its current bytes."""
     body = manifest_of(path)
-    data = (path / name).read_bytes()
+    data = (shards(path) / name).read_bytes()
     body["files"][name].update(size=len(data), crc32=crc32(data), items=[])
     put_manifest(path, body)
 
@@ -385,7 +391,7 @@ def test_sharded_reference_loads(sharded, tmp_path):
 @pytest.mark.parametrize("missing", ["__1_0.distcp", "__0_0.distcp", ".metadata"])
 def test_sharded_folder_with_a_missing_file_is_refused(sharded, tmp_path, missing):
     path = copy_of(sharded, tmp_path)
-    (path / missing).unlink()
+    (shards(path) / missing).unlink()
     with pytest.raises(CheckpointCorruptedError, match=rf"'{missing}' is missing"):
         Fabric(accelerator="cpu").load(path)
     assert load_sharded_hostile(path, sharded) == "refused"
@@ -394,7 +400,7 @@ def test_sharded_folder_with_a_missing_file_is_refused(sharded, tmp_path, missin
 
 def test_sharded_folder_without_its_manifest_loads_as_a_bare_dcp_folder(sharded, tmp_path):
     path = copy_of(sharded, tmp_path)
-    (path / "fabric_ckpt.json").unlink()
+    to_bare_dcp(path)
     assert load_sharded_hostile(path, sharded) == "loaded"
 
 
@@ -417,12 +423,12 @@ def test_damaged_manifest_is_refused(sharded, tmp_path, data):
 def test_damaged_metadata_or_shard_is_caught_by_the_manifest(sharded, tmp_path, data):
     path = copy_of(sharded, tmp_path)
     name = data.draw(st.sampled_from([".metadata", "__0_0.distcp", "__1_0.distcp"]), label="file")
-    original = (path / name).read_bytes()
+    original = (shards(path) / name).read_bytes()
     raw = bytearray(original)
     for _ in range(data.draw(st.integers(1, 3), label="flips")):
         raw[data.draw(st.integers(0, len(raw) - 1), label="offset")] ^= data.draw(st.integers(1, 255), label="mask")
     assume(raw != original)  # two flips of one byte may cancel out
-    (path / name).write_bytes(bytes(raw))
+    (shards(path) / name).write_bytes(bytes(raw))
     COUNTS["sharded byte flips"] += 1
     with pytest.raises(CheckpointCorruptedError, match=rf"'{name}'"):
         Fabric(accelerator="cpu").load(path)
@@ -444,7 +450,7 @@ JSON = st.recursive(
 def test_forged_manifest_with_a_valid_crc_is_refused(sharded, tmp_path, body):
     path = copy_of(sharded, tmp_path)
     if isinstance(body, dict) and body.get("files") == {".metadata": {"size": 0, "crc32": 0, "items": 5}}:
-        body["files"][".metadata"]["size"] = (path / ".metadata").stat().st_size  # reach the CRC check
+        body["files"][".metadata"]["size"] = (shards(path) / ".metadata").stat().st_size  # reach the CRC check
     put_manifest(path, body)
     COUNTS["forged manifests"] += 1
     load_sharded_hostile(path, sharded)
@@ -455,13 +461,13 @@ def test_forged_manifest_with_a_valid_crc_is_refused(sharded, tmp_path, body):
 @example(flips=[], rename=True)  # deterministic: every TensorStorageMetadata loses its `size` field
 def test_damaged_metadata_of_a_folder_without_manifest_is_refused(sharded, tmp_path, flips, rename):
     path = copy_of(sharded, tmp_path)
-    (path / "fabric_ckpt.json").unlink()
-    raw = bytearray((path / ".metadata").read_bytes())
+    to_bare_dcp(path)
+    raw = bytearray((shards(path) / ".metadata").read_bytes())
     if rename:
         raw = bytearray(bytes(raw).replace(b"\x8c\x04size", b"\x8c\x04sizf", 1))
     for offset, mask in flips:
         raw[offset % len(raw)] ^= mask
-    (path / ".metadata").write_bytes(bytes(raw))
+    (shards(path) / ".metadata").write_bytes(bytes(raw))
     COUNTS["bare metadata damage"] += 1
     load_sharded_hostile(path, sharded, exact=False)
 
@@ -475,11 +481,11 @@ def test_forged_paths_in_metadata_of_a_folder_without_manifest_are_refused(shard
     # Found by the full campaign: a step of a flattened key's path that is not a key or a list index reached the
     # rebuild of the nested state dict (TypeError there; a huge index would allocate a huge list).
     path = copy_of(sharded, tmp_path)
-    (path / "fabric_ckpt.json").unlink()
-    metadata = pickle.loads((path / ".metadata").read_bytes())  # our own file: trusted here
+    to_bare_dcp(path)
+    metadata = pickle.loads((shards(path) / ".metadata").read_bytes())  # our own file: trusted here
     fqn = next(iter(metadata.planner_data))
     metadata.planner_data[fqn] = (*metadata.planner_data[fqn][:-1], forged_step, "weight")
-    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    (shards(path) / ".metadata").write_bytes(pickle.dumps(metadata))
     model, _ = trained(seed=3)
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=r"the metadata is malformed \(the path of"):
@@ -489,8 +495,8 @@ def test_forged_paths_in_metadata_of_a_folder_without_manifest_are_refused(shard
 
 def test_bare_dcp_folder_with_a_damaged_shard_raises_a_checkpoint_error(sharded, tmp_path):
     path = copy_of(sharded, tmp_path)
-    (path / "fabric_ckpt.json").unlink()
-    shard = path / "__1_0.distcp"
+    to_bare_dcp(path)
+    shard = shards(path) / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     try:
         load_sharded_hostile(path, sharded)
@@ -511,19 +517,19 @@ def test_damaged_tensor_bytes_of_a_folder_written_by_dcp_are_detected(sharded, t
     dcp.save(full, checkpoint_id=str(path), no_dist=True)  # torch's per-chunk CRC-32s on, as DCP writes them
     storage = next(iter(read_dcp_items(path)))
     fqn, file_name, offset, length = storage
-    shard = bytearray((path / file_name).read_bytes())
+    shard = bytearray((shards(path) / file_name).read_bytes())
     chunk = bytes(shard[offset : offset + length])
     record = next(e for n, e in read_zip_directory(chunk).entries.items() if "/data/" in n)
     shard[offset + record.data_offset + 1] ^= 0x40
-    (path / file_name).write_bytes(bytes(shard))
+    (shards(path) / file_name).write_bytes(bytes(shard))
     assert fqn.startswith("model.")
     assert load_sharded_hostile(path, sharded) == "refused"
 
 
 def read_dcp_items(path: Path) -> list[tuple[str, str, int, int]]:
     """``(fqn, file, offset, length)`` of every tensor chunk of a DCP folder, model entries first."""
-    from fabric_ckpt.formats.sharded import read_metadata
-    from fabric_ckpt.storage.paths import resolve
+    from fabric_ckpt.formats.dcp import read_metadata
+    from fabric_ckpt.storage import resolve
 
     metadata = read_metadata(resolve(path))
     items = [
@@ -539,11 +545,11 @@ def read_dcp_items(path: Path) -> list[tuple[str, str, int, int]]:
 def test_malicious_sharded_metadata_never_runs(sharded, tmp_path, payload, manifest):
     marker = tmp_path / "pwned"
     path = copy_of(sharded, tmp_path)
-    (path / ".metadata").write_bytes(pickle.dumps(payload(str(marker))))
+    (shards(path) / ".metadata").write_bytes(pickle.dumps(payload(str(marker))))
     if manifest == "forged":
         reseal(path, ".metadata")
     else:
-        (path / "fabric_ckpt.json").unlink()
+        to_bare_dcp(path)
     with pytest.raises(UnsafeCheckpointError, match="not a checkpoint metadata type"):
         Fabric(accelerator="cpu").load(path)
     assert load_sharded_hostile(path, sharded) == "refused"
@@ -554,7 +560,7 @@ def test_malicious_sharded_metadata_never_runs(sharded, tmp_path, payload, manif
 def test_malicious_sharded_metadata_never_runs_on_fsdp_ranks(group, sharded, tmp_path):
     marker = tmp_path / "pwned"
     path = copy_of(sharded, tmp_path)
-    (path / ".metadata").write_bytes(pickle.dumps(hostile_cases.OpenPayload(str(marker))))
+    (shards(path) / ".metadata").write_bytes(pickle.dumps(hostile_cases.OpenPayload(str(marker))))
     reseal(path, ".metadata")
     for result in group.run(hostile_cases.load_into_fresh, "fsdp", str(path), ["step"]):
         assert "UnsafeCheckpointError" in result["error"]["mro"], result["error"]

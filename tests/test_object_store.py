@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import fsspec
 import pytest
 import torch
 
-from fabric_ckpt import CheckpointCorruptedError, CheckpointManager, Fabric
+from fabric_ckpt import CheckpointCorruptedError, CheckpointManager, Fabric, StorageOptions
 from fabric_ckpt.formats import save_file
 from fabric_ckpt.formats.torch_format import LazyTensor
 from tests import dist_cases as cases
@@ -58,11 +59,12 @@ def test_failed_upload_leaves_the_previous_object_and_no_pending_upload(bucket, 
     assert fs.list_multipart_uploads(bucket[5:]) == []  # the aborted upload holds no parts
 
 
-def test_s3_endpoint_url_variable_is_honoured(bucket, fabric, monkeypatch):
+def test_s3_endpoint_url_variable_is_honoured(bucket, monkeypatch):
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)  # Composer's name for S3-compatible stores
     fsspec.filesystem("s3").clear_instance_cache()
+    fabric = Fabric(accelerator="cpu")  # the environment's settings are read when a Fabric is made
     try:
         fabric.save(f"{bucket}/via-s3-endpoint.ckpt", {"step": 3})
         assert fabric.load(f"{bucket}/via-s3-endpoint.ckpt") == {"step": 3}
@@ -70,10 +72,11 @@ def test_s3_endpoint_url_variable_is_honoured(bucket, fabric, monkeypatch):
         fsspec.filesystem("s3").clear_instance_cache()
 
 
-def test_downloads_are_cached_when_asked(bucket, fabric, tmp_path, monkeypatch):
+def test_downloads_are_cached_when_asked(bucket, tmp_path, monkeypatch):
     url = f"{bucket}/cached.ckpt"
-    fabric.save(url, {"w": torch.arange(5.0)})
     monkeypatch.setenv("FABRIC_CKPT_CACHE_DIR", str(tmp_path / "cache"))
+    fabric = Fabric(accelerator="cpu")
+    fabric.save(url, {"w": torch.arange(5.0)})
     assert torch.equal(fabric.load(url)["w"], torch.arange(5.0))
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(cached) == 1
@@ -82,6 +85,19 @@ def test_downloads_are_cached_when_asked(bucket, fabric, tmp_path, monkeypatch):
     assert [p.stat().st_ino for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [first_inode]
     fabric.save(url, {"w": torch.arange(6.0)})  # a new version is downloaded again
     assert torch.equal(fabric.load(url)["w"], torch.arange(6.0))
+
+
+def test_two_fabrics_in_one_process_keep_their_own_storage_options(bucket, tmp_path, monkeypatch):
+    url = f"{bucket}/two.ckpt"
+    monkeypatch.delenv("FABRIC_CKPT_CACHE_DIR", raising=False)
+    cached = Fabric(accelerator="cpu", storage_options=StorageOptions(cache_dir=str(tmp_path / "cache")))
+    plain = Fabric(accelerator="cpu")
+    plain.save(url, {"w": torch.arange(4.0)})
+    assert torch.equal(plain.load(url)["w"], torch.arange(4.0))
+    assert not (tmp_path / "cache").exists()
+    assert torch.equal(cached.load(url)["w"], torch.arange(4.0))
+    assert len([p for p in (tmp_path / "cache").rglob("*") if p.is_file()]) == 1
+    assert plain.storage_options.cache_dir is None
 
 
 def test_corrupted_object_is_detected(bucket, fabric):
@@ -128,7 +144,10 @@ def test_sharded_fsdp_on_two_ranks(bucket):
     fs = s3()
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/sharded.ckpt", detail=False))
-    assert len(names) == 2 and names[0].startswith(".gen-") and names[1] == "fabric_ckpt.json"
+    live = json.loads(fs.cat_file(f"{bucket}/sharded.ckpt/fabric_ckpt.json"))["manifest"]["generation"]
+    generations = [name for name in names if name.startswith(".gen-")]
+    # The manifest and its generation; the generation the second save replaced stays for its grace period.
+    assert names == sorted(["fabric_ckpt.json", *generations]) and live in generations and len(generations) <= 2
     consolidated = Fabric(accelerator="cpu").load(f"{bucket}/sharded.ckpt")
     assert all(torch.equal(consolidated["model"][k], v) for k, v in results[0]["saved"]["model"].items())
 
@@ -139,16 +158,17 @@ def _stage_generation(url: str, state: dict) -> tuple:
 
     import torch.distributed.checkpoint as dcp
 
+    from fabric_ckpt.formats import dcp as dcp_format
     from fabric_ckpt.formats import sharded
-    from fabric_ckpt.storage.paths import resolve
+    from fabric_ckpt.storage import resolve
 
     location = resolve(url)
-    temporary = sharded.temporary_folder(location)
+    generation = sharded.new_generation(location)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=sharded.writer_for(temporary), no_dist=True)
-    names = [*sharded.own_files(temporary, 0), sharded.METADATA_NAME]
-    return location, temporary, sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
+        dcp.save(state, storage_writer=dcp_format.writer_for(generation), no_dist=True)
+    names = [*sharded.own_files(generation, 0), dcp_format.METADATA_NAME]
+    return location, generation, sharded.file_checksums(generation, names, dcp_format.read_metadata(generation))
 
 
 @pytest.mark.parametrize("committed", [False, True], ids=["failed-before-commit", "failed-after-commit"])
@@ -168,4 +188,6 @@ def test_cleanup_of_a_failed_sharded_save_never_removes_the_committed_generation
     assert torch.equal(fabric.load(url)["w"], (new if committed else old)["w"])
     fs = s3()
     fs.invalidate_cache()
-    assert len([p for p in fs.ls(url, detail=False) if ".gen-" in p]) == 1
+    generations = [p for p in fs.ls(url, detail=False) if ".gen-" in p]
+    # After a commit, the generation it replaced stays for its grace period (listed as retired in the manifest).
+    assert len(generations) == (2 if committed else 1)

@@ -39,8 +39,8 @@ def test_load_at_another_world_size(saved_on_two_ranks, world_size):
     if world_size == 1:
         assert_states_equal(memory["loaded"], memory["saved"])
         assert memory["step"] == 2
-        # No rename on this filesystem: the manifest names the live generation; the overwrite removed the old one.
-        assert len(memory["files"]) == 2 and memory["files"][0].startswith(".gen-")
-        assert memory["files"][1] == "fabric_ckpt.json"
+        # The manifest names the live generation; the one the overwrite replaced stays for its grace period.
+        generations = [name for name in memory["files"] if name.startswith(".gen-")]
+        assert memory["files"] == [*generations, "fabric_ckpt.json"] and 1 <= len(generations) <= 2
         assert memory["shards"] == [".metadata", "__0_0.distcp"]
         assert memory["folder"] == ["sharded.ckpt"]

@@ -37,8 +37,7 @@ def test_cause_chains_are_followed():
         assert is_transient(outer)
 
 
-def test_transient_failures_are_retried_until_success(monkeypatch):
-    monkeypatch.setenv("FABRIC_CKPT_RETRIES", "4")
+def test_transient_failures_are_retried_until_success():
     calls = []
 
     def flaky():
@@ -48,12 +47,11 @@ def test_transient_failures_are_retried_until_success(monkeypatch):
         return "done"
 
     with pytest.warns(UserWarning, match=r"retrying in"):
-        assert with_retries(flaky, "upload", base_delay=0.001) == "done"
+        assert with_retries(flaky, "upload", attempts=4, base_delay=0.001) == "done"
     assert len(calls) == 3
 
 
-def test_permanent_failures_and_exhausted_retries_raise(monkeypatch):
-    monkeypatch.setenv("FABRIC_CKPT_RETRIES", "3")
+def test_permanent_failures_and_exhausted_retries_raise():
     calls = []
 
     def denied():
@@ -61,7 +59,7 @@ def test_permanent_failures_and_exhausted_retries_raise(monkeypatch):
         raise PermissionError("Access Denied")
 
     with pytest.raises(PermissionError):
-        with_retries(denied, "upload", base_delay=0.001)
+        with_retries(denied, "upload", attempts=3, base_delay=0.001)
     assert len(calls) == 1
     calls.clear()
 
@@ -70,5 +68,5 @@ def test_permanent_failures_and_exhausted_retries_raise(monkeypatch):
         raise ConnectionResetError("reset")
 
     with pytest.warns(UserWarning), pytest.raises(ConnectionResetError):
-        with_retries(always_reset, "upload", base_delay=0.001)
+        with_retries(always_reset, "upload", attempts=3, base_delay=0.001)
     assert len(calls) == 3

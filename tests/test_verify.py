@@ -7,6 +7,7 @@ import os
 import struct
 import warnings
 import zipfile
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -17,6 +18,7 @@ import fabric_ckpt
 from fabric_ckpt import CheckpointError, VerifyReport, verify
 from fabric_ckpt.formats import save_file
 from tests.conftest import trained
+from tests.sharded_files import live_generation
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ def test_sharded_folder_names_the_damaged_file_and_entry(tmp_path, checkpoint):
     assert (report.ok, report.format, report.layout, report.files) == (True, "sharded", "folder", 2)
     manifest = json.loads((folder / "fabric_ckpt.json").read_bytes())["manifest"]
     fqn, offset, _length, _crc = next(i for i in manifest["files"]["__0_0.distcp"]["items"] if "fc2.weight" in i[0])
-    flip_byte(folder / "__0_0.distcp", offset + 40)
+    flip_byte(Path(live_generation(folder)) / "__0_0.distcp", offset + 40)
     report = verify(folder)
     assert fqn == "model.fc2.weight"
     assert len(report.problems) == 1
@@ -142,7 +144,7 @@ def test_sharded_folder_names_the_damaged_file_and_entry(tmp_path, checkpoint):
 
 def test_sharded_folder_missing_file_and_damaged_manifest(tmp_path, checkpoint):
     folder = sharded_folder(tmp_path, checkpoint)
-    (folder / "__0_0.distcp").unlink()
+    (Path(live_generation(folder)) / "__0_0.distcp").unlink()
     assert verify(folder).problems == ["file '__0_0.distcp': missing"]
     manifest = folder / "fabric_ckpt.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"world_size":1', b'"world_size":2'))

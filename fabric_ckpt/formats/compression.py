@@ -9,6 +9,8 @@ name, and members with absolute or ``..`` paths are refused.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import lzma
 import os
 import shutil
@@ -149,8 +151,6 @@ def _is_tarball(local: str) -> bool:
 
 
 def _copy_stream(local: str, target: str, display: str) -> None:
-    import bz2
-    import gzip
 
     with open(local, "rb") as head_file:
         kind = sniff_compression(head_file.read(300))

@@ -1,21 +1,16 @@
-"""Other tools' checkpoints as fabric_ckpt checkpoint dicts: Lightning Trainer, Composer, Hugging Face safetensors.
+"""Other tools' checkpoint layouts as fabric_ckpt checkpoint dicts: Lightning Trainer, Composer, plain state dicts.
 
 Readers recognise a foreign checkpoint by its structure (never by its file name) and map it onto our layout:
 entries ``model``, ``optimizer``, ``scheduler``, ``timestamp`` and ``rng`` beside everything else the tool saved.
 :func:`adapt` then gives those entries the names of the objects a ``fabric.load`` asks for, when that mapping is
-unambiguous (one module, one optimizer, ...). Everything here is pure except the Hugging Face readers, which read
-``model.safetensors.index.json`` and its shard files.
+unambiguous (one module, one optimizer, ...). Everything here is pure: the files are read by the formats.
 
 Lightning Fabric checkpoints are plain dicts and bare DCP folders are read by ``open_checkpoint``; they need nothing.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,32 +19,21 @@ from torch.optim import Optimizer
 
 from fabric_ckpt.core.rng import RNGState
 from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Timestamp
-from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.storage.paths import Location
 
 __all__ = [
     "COMPOSER",
-    "HF_INDEX_NAME",
     "LIGHTNING_TRAINER",
     "STATE_DICT",
-    "HFIndex",
     "adapt",
     "adapt_raw",
     "detect",
-    "find_hf_index",
-    "read_hf_index",
-    "read_hf_sharded",
-    "read_safetensors_header",
     "to_fabric",
 ]
 
 LIGHTNING_TRAINER = "lightning-trainer"
 COMPOSER = "composer"
 STATE_DICT = "state-dict"
-HF_INDEX_NAME = "model.safetensors.index.json"
 _TRAINER_MARKERS = ("pytorch-lightning_version", "optimizer_states", "global_step", "loops")
-_MAX_INDEX_BYTES = 64 << 20
-_MAX_HEADER_BYTES = 100 << 20
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint dicts
@@ -299,192 +283,3 @@ def adapt_raw(loaded: Any, target: nn.Module | Optimizer) -> Any:
     converted = to_fabric(loaded)
     name = "model" if isinstance(target, nn.Module) else "optimizer"
     return converted.get(name, loaded)
-
-
-# ---------------------------------------------------------------------------------------------- safetensors
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-}
-
-
-@dataclass(frozen=True)
-class SafetensorsEntry:
-    """One tensor of a safetensors file, known from the header alone.
-
-    Example:
-        >>> read_safetensors_header(resolve("model.safetensors"))[0]["lm_head.weight"].shape
-        (32000, 4096)
-    """
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offsets: tuple[int, int]
-
-
-def read_safetensors_header(location: Location) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
-    """The tensors (dtype, shape, byte range) and metadata of a safetensors file, reading only its header.
-
-    Raises:
-        CheckpointError: the header is missing, too large, not JSON, or names an unknown dtype.
-
-    Example:
-        >>> tensors, metadata = read_safetensors_header(resolve("model.safetensors"))
-    """
-    with _open(location) as stream:
-        head = stream.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"Safetensors file '{location.original}' is truncated (no header)")
-        (length,) = struct.unpack("<Q", head)
-        if not 0 < length <= _MAX_HEADER_BYTES:
-            raise CheckpointError(f"Safetensors file '{location.original}' has an invalid header length {length}")
-        raw = stream.read(length)
-    try:
-        header = json.loads(raw)
-        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-        entries = {
-            name: SafetensorsEntry(
-                _SAFETENSORS_DTYPES[info["dtype"]],
-                tuple(int(size) for size in info["shape"]),
-                (int(info["data_offsets"][0]), int(info["data_offsets"][1])),
-            )
-            for name, info in header.items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"Safetensors file '{location.original}' has a damaged header ({err!r})") from None
-    return entries, metadata
-
-
-def _open(location: Location) -> Any:
-    return open(location.path, "rb") if location.is_local else location.fs.open(location.path, "rb")
-
-
-# ---------------------------------------------------------------------------------------------- Hugging Face index
-@dataclass(frozen=True)
-class HFIndex:
-    """A Hugging Face sharded-safetensors index: where it is, and each tensor's shard file (relative to it).
-
-    Example:
-        >>> read_hf_index(resolve("llama/model.safetensors.index.json")).weight_map["lm_head.weight"]
-        'model-00002-of-00002.safetensors'
-    """
-
-    location: Location
-    weight_map: dict[str, str]
-    metadata: dict[str, Any]
-
-    @property
-    def shards(self) -> dict[str, list[str]]:
-        """Each shard file and the tensors it holds, in index order."""
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in self.weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
-        return by_shard
-
-    def shard_location(self, shard: str) -> Location:
-        folder = self.location.parent
-        if self.location.is_local:
-            path = os.path.join(folder, shard)
-            return Location(path, path)
-        path = f"{folder}/{shard}" if folder else shard
-        return Location(self.location.url_of(path), path, self.location.fs)
-
-
-def find_hf_index(location: Location) -> HFIndex | None:
-    """The Hugging Face index at ``location``, ``None`` when there is none.
-
-    ``location`` is a ``.json`` index file, or a folder holding ``model.safetensors.index.json`` (and no sharded
-    checkpoint of ours, which wins).
-
-    Example:
-        >>> find_hf_index(resolve("llama-7b/")).shards
-        {'model-00001-of-00002.safetensors': [...], ...}
-    """
-    if location.path.endswith(".json") and location.isfile():
-        return read_hf_index(location)
-    if location.isdir():
-        from fabric_ckpt.formats import sharded
-
-        index = location.child(HF_INDEX_NAME)
-        if index.exists() and not sharded.is_sharded(location):
-            return read_hf_index(index)
-    return None
-
-
-def read_hf_index(location: Location) -> HFIndex:
-    """Parse and check an index file: a ``weight_map`` of tensor names to shard files beside it.
-
-    Raises:
-        CheckpointError: not JSON, no ``weight_map``, or a shard name that leaves the index's folder.
-
-    Example:
-        >>> list(read_hf_index(resolve("llama/model.safetensors.index.json")).shards)
-        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
-    """
-    if location.size() > _MAX_INDEX_BYTES:
-        raise CheckpointError(f"'{location.original}' is not a checkpoint: a JSON file too large for an index")
-    with _open(location) as stream:
-        raw = stream.read()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise CheckpointError(
-            f"'{location.original}' is not a checkpoint: a .json file that is not valid JSON"
-        ) from None
-    weight_map = body.get("weight_map") if isinstance(body, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(
-            f"'{location.original}' is not a checkpoint: a JSON file without the 'weight_map' of a Hugging Face index"
-        )
-    for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
-            raise CheckpointError(
-                f"Hugging Face index '{location.original}' maps '{key}' to {shard!r}, which is not a file beside it"
-            )
-    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    return HFIndex(location, {str(k): v for k, v in weight_map.items()}, metadata)
-
-
-def read_hf_sharded(index: HFIndex, *, verify: bool = True, progress: bool | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face sharded checkpoint, in index order (remote shards are downloaded one at a time).
-
-    Raises:
-        CheckpointError: a shard is missing, unreadable, or lacks a tensor the index places in it.
-
-    Example:
-        >>> model.load_state_dict(read_hf_sharded(find_hf_index(resolve("llama-7b/"))))
-    """
-    from fabric_ckpt.formats.reading import load_local_file
-    from fabric_ckpt.storage.paths import local_copy
-
-    loaded: dict[str, torch.Tensor] = {}
-    for shard, keys in index.shards.items():
-        location = index.shard_location(shard)
-        if not location.isfile():
-            raise CheckpointError(
-                f"Hugging Face index '{index.location.original}' names the shard '{shard}', which does not exist"
-            )
-        with local_copy(location, progress=progress) as local:
-            tensors = load_local_file(local, location.original, weights_only=True, verify=verify)
-        missing = [key for key in keys if not isinstance(tensors, Mapping) or key not in tensors]
-        if missing:
-            raise CheckpointError(
-                f"Hugging Face shard '{location.original}' lacks {missing[:5]}, which the index places in it"
-            )
-        for key in keys:
-            loaded[key] = tensors[key]
-    return {key: loaded[key] for key in index.weight_map}

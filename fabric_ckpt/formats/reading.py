@@ -16,16 +16,20 @@ import pickle
 import struct
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.compression import decompressed, sniff_compression
+from fabric_ckpt.formats.hf_index import find_hf_index, read_hf_sharded
+from fabric_ckpt.formats.safetensors import load_safetensors
 from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
 from fabric_ckpt.formats.zip_archive import ZipFormatError
-from fabric_ckpt.storage.paths import Location, PathLike, local_copy, resolve
+from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "open_checkpoint", "sniff_format"]
 
@@ -56,15 +60,15 @@ def sniff_format(head: bytes, size: int) -> str | None:
     return None
 
 
-def existing_location(path: PathLike) -> Location:
+def existing_location(path: PathLike | Location, options: StorageOptions | None = None) -> Location:
     """Resolve ``path`` and check that something is there, with the error a user expects."""
-    location = resolve(path)
+    location = resolve(path, options)
     if not location.exists():
         raise FileNotFoundError(errno.ENOENT, "Checkpoint not found", location.original)
     return location
 
 
-def existing_file(path: PathLike) -> Location:
+def existing_file(path: PathLike | Location) -> Location:
     """Resolve ``path`` and check that it names a file."""
     location = existing_location(path)
     if location.isdir():
@@ -74,9 +78,11 @@ def existing_file(path: PathLike) -> Location:
 
 @contextmanager
 def open_checkpoint(
-    path: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
+    path: PathLike | Location, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
 ) -> Iterator[Any]:
     """Yield the object stored at ``path``; tensors may be views of a memory map.
+
+    ``progress`` forces the download's progress bar on or off (default: the location's storage options).
 
     A sharded checkpoint folder is verified and consolidated in memory (full tensors). Copy what must outlive the
     ``with`` block (see :func:`fabric_ckpt.core.state.materialize`).
@@ -86,20 +92,18 @@ def open_checkpoint(
         ...     model.load_state_dict(checkpoint["model"])
     """
     location = existing_location(path)
-    from fabric_ckpt.formats.interop import find_hf_index, read_hf_sharded  # Hugging Face sharded safetensors
-
+    if progress is not None:
+        location = resolve(location, location.storage.options.replace(progress=progress))
     hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
     if hf_index is not None:
-        yield read_hf_sharded(hf_index, verify=verify, progress=progress)
+        yield read_hf_sharded(hf_index, verify=verify)
         return
     if location.isdir():
-        from fabric_ckpt.formats import sharded
-
         if not sharded.is_sharded(location):
             raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
         yield sharded.read_consolidated(location, weights_only=weights_only, verify=verify)
         return
-    with local_copy(location, progress=progress) as local, ExitStack() as stack:
+    with location.local_file() as local, ExitStack() as stack:
         for _ in range(2):  # e.g. a zstd stream, or a gzip of a tarball of the checkpoint
             kind = _compression_of(local)
             if kind is None:
@@ -125,7 +129,7 @@ def load_local_file(local: str, display: str, *, weights_only: bool, verify: boo
     if kind == FORMAT_LEGACY:
         return _torch_load(local, display, weights_only=weights_only, mmap=False)
     if kind == FORMAT_SAFETENSORS:
-        return _load_safetensors(local, display)
+        return load_safetensors(local, display)
     raise CheckpointError(
         f"'{display}' is not a checkpoint: its first bytes {head[:8]!r} match no known format "
         "(torch zip archive, legacy torch pickle, safetensors)"
@@ -138,7 +142,6 @@ def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool)
     The checks run in parallel with ``torch.load``'s unpickling, so verification costs little wall time; every
     error is raised only after the mapping is closed (a traceback holding views of it would block the close).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     damage = None
     problems: list[Any] = []
@@ -198,16 +201,3 @@ def unsafe_refusal(error: BaseException, display: str) -> UnsafeCheckpointError 
         f"Checkpoint '{display}' holds objects that only arbitrary unpickling can rebuild, which the safe "
         f"default weights_only=True refuses ({detail}). If you trust this file, pass weights_only=False."
     )
-
-
-def _load_safetensors(local: str, display: str) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise CheckpointError(
-            f"'{display}' is a safetensors file; install the extra to read it: pip install 'fabric-ckpt[safetensors]'"
-        ) from None
-    try:
-        return dict(load_file(local, device="cpu"))
-    except Exception as err:  # safetensors raises its own SafetensorError and OSError variants
-        raise CheckpointError(f"Safetensors file '{display}' could not be read: {err}") from err

@@ -7,15 +7,13 @@ from typing import Any
 
 from fabric_ckpt.formats.compression import compression_for, write_compressed
 from fabric_ckpt.formats.torch_format import ArchiveSummary, write_torch_archive
-from fabric_ckpt.storage.atomic import atomic_write
-from fabric_ckpt.storage.paths import PathLike, resolve
-from fabric_ckpt.storage.retry import with_retries
+from fabric_ckpt.storage import Location, PathLike, resolve
 
 __all__ = ["save_file"]
 
 
 def save_file(
-    path: PathLike,
+    path: PathLike | Location,
     obj: Any,
     *,
     force_zip64: bool = False,
@@ -28,11 +26,11 @@ def save_file(
     Example:
         >>> save_file("memory://ckpt/model.pt", {"model": model.state_dict()})
     """
-    location = resolve(path)
+    location = path if isinstance(path, Location) else resolve(path)
     compression = compression_for(location.name)
 
     def write() -> ArchiveSummary:
-        with atomic_write(location) as sink:
+        with location.atomic_write() as sink:
             if compression is None:
                 return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
             summaries: list[ArchiveSummary] = []
@@ -43,6 +41,4 @@ def save_file(
             )
             return summaries[0]
 
-    if location.is_local:
-        return write()
-    return with_retries(write, f"Saving '{location.original}'")
+    return location.storage.retrying(write, f"Saving '{location.original}'")

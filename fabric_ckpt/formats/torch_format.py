@@ -22,6 +22,7 @@ import secrets
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,7 +302,6 @@ def verify_archive_parallel(data: Buffer, info: ArchiveInfo, workers: int = 2) -
     Contiguous parts, each read front to back, keep the kernel's readahead working on a cold page cache; records
     dealt out by size instead would have each thread jump across the file.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     records = sorted(info.records.items(), key=lambda item: item[1].data_offset)
     total = sum(entry.size for _, entry in records)

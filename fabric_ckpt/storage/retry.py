@@ -9,7 +9,6 @@ errors that will not go away (no credentials, no bucket, a bug) are raised at on
 from __future__ import annotations
 
 import errno
-import os
 import random
 import time
 import warnings
@@ -67,21 +66,13 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-def attempts() -> int:
-    """How many times a transfer is tried: ``FABRIC_CKPT_RETRIES`` (default 4)."""
-    try:
-        return max(1, int(os.environ.get("FABRIC_CKPT_RETRIES", "4")))
-    except ValueError:
-        return 4
-
-
-def with_retries(operation: Callable[[], T], description: str, *, base_delay: float = 0.5) -> T:
-    """Run ``operation``; on a transient error try again, waiting 0.5 s, 1 s, 2 s, ... (with jitter) in between.
+def with_retries(operation: Callable[[], T], description: str, *, attempts: int = 4, base_delay: float = 0.5) -> T:
+    """Run ``operation`` up to ``attempts`` times: after a transient error, wait 0.5 s, 1 s, 2 s, ... (with jitter).
 
     Example:
         >>> with_retries(lambda: upload(path), "upload of s3://bucket/ckpt")
     """
-    tries = attempts()
+    tries = max(1, attempts)
     for attempt in range(tries):
         try:
             return operation()

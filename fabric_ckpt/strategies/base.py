@@ -40,7 +40,7 @@ from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.formats import open_checkpoint, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
-from fabric_ckpt.storage.paths import PathLike
+from fabric_ckpt.storage import Location, PathLike
 
 __all__ = [
     "DEFAULT_LOAD_OPTIONS",
@@ -270,7 +270,7 @@ class Strategy(ABC):
         load_optimizer_state(optimizer, state_dict)
 
     def save_checkpoint(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
+        self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
     ) -> None:
         """Every rank builds its checkpoint dict (errors anywhere stop the save everywhere); global rank 0 writes it.
 
@@ -283,7 +283,7 @@ class Strategy(ABC):
         self.agree(lambda: save_file(path, checkpoint) if self.is_global_zero else None, f"Saving '{path}'")
 
     def stage_checkpoint(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, stager: Stager
+        self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions, stager: Stager
     ) -> WriteJob | None:
         """Snapshot ``state`` into the ``stager``'s reused memory; return the job that writes it from this rank.
 
@@ -314,7 +314,10 @@ class Strategy(ABC):
         return checkpoint
 
     def load_checkpoint(
-        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = DEFAULT_LOAD_OPTIONS
+        self,
+        path: PathLike | Location,
+        state: dict[str, Any] | None = None,
+        options: LoadOptions = DEFAULT_LOAD_OPTIONS,
     ) -> dict[str, Any]:
         """Every rank reads ``path`` (memory-mapped) and validates; only if all succeed does any rank restore.
 
@@ -369,7 +372,7 @@ class Strategy(ABC):
 
     def load_raw(
         self,
-        path: PathLike,
+        path: PathLike | Location,
         obj: nn.Module | Optimizer,
         *,
         strict: bool = True,

@@ -37,9 +37,10 @@ from fabric_ckpt.core.state import (
 )
 from fabric_ckpt.core.wrappers import is_compiled, unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.formats import dcp as dcp_format
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.interop import adapt
-from fabric_ckpt.storage.paths import Location, PathLike, resolve
+from fabric_ckpt.storage import Location, PathLike, resolve
 from fabric_ckpt.strategies.base import (
     DEFAULT_LOAD_OPTIONS,
     DEFAULT_SAVE_OPTIONS,
@@ -221,7 +222,7 @@ class FSDPStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ sharded save
     def save_checkpoint(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
+        self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
     ) -> None:
         if self.state_dict_type == "full":
             super().save_checkpoint(path, state, options)
@@ -233,7 +234,7 @@ class FSDPStrategy(ParallelStrategy):
         self._write_sharded(checkpoint, temporary, location, description, group=None)
 
     def stage_checkpoint(
-        self, path: PathLike, state: Mapping[str, Any], options: SaveOptions, stager: Stager
+        self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions, stager: Stager
     ) -> WriteJob | None:
         """Snapshot every rank's shards; the job writes them over a process group of their own (every rank writes).
 
@@ -252,8 +253,9 @@ class FSDPStrategy(ParallelStrategy):
         return lambda: self._write_sharded(staged, temporary, location, description, group=group)
 
     def _staging_folder(self, location: Location, description: str) -> Location:
-        name = self.agree(lambda: sharded.temporary_folder(location).name if self.is_global_zero else None, description)
-        return sharded.staging(location, self.broadcast(name))
+        """The new generation this save writes into: created by rank 0, reached by name on the others."""
+        name = self.agree(lambda: sharded.new_generation(location).name if self.is_global_zero else None, description)
+        return location.child(self.broadcast(name))
 
     def _write_sharded(
         self, checkpoint: dict[str, Any], temporary: Location, location: Location, description: str, group: Any
@@ -261,14 +263,14 @@ class FSDPStrategy(ParallelStrategy):
         """DCP writes every rank's shards into ``temporary``; rank 0 adds the manifest and commits."""
         try:
             try:
-                writer = sharded.writer_for(temporary, thread_count=self._writer_threads)
+                writer = dcp_format.writer_for(temporary, thread_count=self._writer_threads)
                 # Our manifest checksums every item; torch's own per-item CRC (which it never checks) is extra
                 # work. The switch is process-wide, so it is flipped only while the caller waits (not in the
                 # background, where user code keeps running).
                 with _torch_item_crc(enabled=group is not None):
                     dcp.save(checkpoint, storage_writer=writer, process_group=group)
             except CheckpointException as err:
-                raise sharded.translate_dcp_error(err, f"{description} while writing the shards") from err
+                raise dcp_format.translate_dcp_error(err, f"{description} while writing the shards") from err
             records = self.agree(lambda: self._checksum_own_files(temporary), description, group)
             every_record = [record for per_rank in self.gather_objects(records, group) for record in per_rank]
             self.agree(
@@ -284,15 +286,18 @@ class FSDPStrategy(ParallelStrategy):
     def _checksum_own_files(self, temporary: Location) -> list[sharded.FileRecord]:
         names = sharded.own_files(temporary, self.global_rank)
         if self.is_global_zero:
-            names.append(sharded.METADATA_NAME)
-        return sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
+            names.append(dcp_format.METADATA_NAME)
+        return sharded.file_checksums(temporary, names, dcp_format.read_metadata(temporary))
 
     def _commit(self, temporary: Location, location: Location, records: list[sharded.FileRecord]) -> None:
         sharded.commit(temporary, location, records, self.world_size)
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(
-        self, path: PathLike, state: dict[str, Any] | None = None, options: LoadOptions = DEFAULT_LOAD_OPTIONS
+        self,
+        path: PathLike | Location,
+        state: dict[str, Any] | None = None,
+        options: LoadOptions = DEFAULT_LOAD_OPTIONS,
     ) -> dict[str, Any]:
         location = resolve(path)
         if location.isdir() and sharded.is_sharded(location):
@@ -300,12 +305,34 @@ class FSDPStrategy(ParallelStrategy):
         return super().load_checkpoint(path, state, options)
 
     def _load_sharded(self, location: Location, state: dict[str, Any] | None, options: LoadOptions) -> dict[str, Any]:
+        """Every rank reads the generation rank 0 resolved; if a save replaced it meanwhile, all start over."""
         description = f"Loading '{location.original}'"
-        folder = self.agree(lambda: sharded.open_folder(location), description)
+        for attempt in range(sharded.READ_ATTEMPTS):
+            generation = self.broadcast(self.agree(lambda: self._live_generation(location), description))
+            try:
+                return self._load_generation(location, generation, state, options)
+            except (CheckpointError, OSError):
+                live = self.broadcast(self.agree(lambda: self._live_generation(location), description))
+                if attempt == sharded.READ_ATTEMPTS - 1 or live == generation:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _live_generation(self, location: Location) -> str | None:
+        if not self.is_global_zero:
+            return None
+        return (sharded.read_manifest(location) or {}).get("generation")
+
+    def _load_generation(
+        self, location: Location, generation: str | None, state: dict[str, Any] | None, options: LoadOptions
+    ) -> dict[str, Any]:
+        description = f"Loading '{location.original}'"
+        folder = self.agree(lambda: sharded.open_folder(location, generation), description)
         share = (self.global_rank, self.world_size)
         self.agree(lambda: sharded.verify_folder(folder, checksums=options.verify, share=share), description)
         if not state:
-            checkpoint = self.agree(lambda: sharded.load_full(folder, weights_only=options.weights_only), description)
+            checkpoint = self.agree(
+                lambda: dcp_format.load_full(folder, weights_only=options.weights_only), description
+            )
             if options.on_load is not None:
                 options.on_load(checkpoint)
             apply_ignore_keys(checkpoint, options.ignore_keys)
@@ -319,8 +346,8 @@ class FSDPStrategy(ParallelStrategy):
         light = set(folder.top_level_keys) - heavy
 
         def read_view() -> dict[str, Any]:
-            view = sharded.load_full(folder, light, weights_only=options.weights_only)
-            view.update(sharded.load_full(folder, heavy, weights_only=options.weights_only, tensors="meta"))
+            view = dcp_format.load_full(folder, light, weights_only=options.weights_only)
+            view.update(dcp_format.load_full(folder, heavy, weights_only=options.weights_only, tensors="meta"))
             return {key: view[key] for key in folder.top_level_keys if key in view}
 
         view = self.agree(read_view, description)
@@ -329,7 +356,9 @@ class FSDPStrategy(ParallelStrategy):
         by_index = {key for key in heavy if isinstance(state[key], Optimizer) and not is_fqn_keyed(view.get(key))}
         if by_index:
             view.update(
-                self.agree(lambda: sharded.load_full(folder, by_index, weights_only=options.weights_only), description)
+                self.agree(
+                    lambda: dcp_format.load_full(folder, by_index, weights_only=options.weights_only), description
+                )
             )
         if options.on_load is not None:
             options.on_load(view)
@@ -365,7 +394,7 @@ class FSDPStrategy(ParallelStrategy):
         return self.agree(plan.finish, description)
 
     def _sharded_module_loader(
-        self, folder: sharded.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
     ) -> Callable[[nn.Module, Mapping[str, Any], bool], None]:
         def load(module: nn.Module, view: Mapping[str, Any], strict: bool) -> None:
             key = _key_of(module, state)
@@ -377,7 +406,7 @@ class FSDPStrategy(ParallelStrategy):
         return load
 
     def _sharded_optimizer_loader(
-        self, folder: sharded.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
     ) -> Callable[[Optimizer, Mapping[str, Any]], None]:
         def load(optimizer: Optimizer, view: Mapping[str, Any]) -> None:
             key = _key_of(optimizer, state)
@@ -401,12 +430,12 @@ class FSDPStrategy(ParallelStrategy):
 
         return load
 
-    def _dcp_load(self, folder: sharded.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
-        planner = sharded.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
+    def _dcp_load(self, folder: dcp_format.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
+        planner = dcp_format.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
         try:
-            dcp.load(targets, storage_reader=sharded.reader_for(folder.data), planner=planner)
+            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data), planner=planner)
         except CheckpointException as err:
-            raise sharded.translate_dcp_error(
+            raise dcp_format.translate_dcp_error(
                 err, f"Loading '{folder.location.original}' while reading the shards"
             ) from err
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fabric_ckpt.core.progress import progress_bar
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.formats import sharded
+from fabric_ckpt.formats import save_file, sharded
+from fabric_ckpt.formats.dcp import ShardedFolder, load_full
 from fabric_ckpt.formats.reading import existing_location
 from fabric_ckpt.formats.torch_format import LazyTensor
-from fabric_ckpt.storage.paths import PathLike
+from fabric_ckpt.storage import PathLike
 
 __all__ = ["consolidate"]
 
@@ -29,14 +32,16 @@ def consolidate(
     Example:
         >>> consolidate("checkpoints/step-1000", "checkpoints/step-1000.ckpt")
     """
-    from fabric_ckpt.formats import save_file
 
     location = existing_location(sharded_path)
     if not sharded.is_sharded(location):
         raise CheckpointError(f"'{location.original}' is not a sharded checkpoint folder")
-    folder = sharded.open_folder(location)
-    sharded.verify_folder(folder, checksums=verify)
-    nested = sharded.load_full(folder, weights_only=weights_only, tensors="lazy")
+
+    def read(folder: ShardedFolder) -> dict[str, Any]:
+        sharded.verify_folder(folder, checksums=verify)
+        return load_full(folder, weights_only=weights_only, tensors="lazy")
+
+    nested = sharded.with_consistent_generation(location, read)
     total = sum(value.numel * value.dtype.itemsize for value in _leaves(nested) if isinstance(value, LazyTensor))
     with progress_bar(total, f"consolidate {location.name}", enabled=progress) as bar:
         save_file(output_file, nested, on_storage_written=bar.update)

@@ -23,7 +23,6 @@ import ctypes
 import json
 import os
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +31,13 @@ import torch
 
 from fabric_ckpt.core.progress import ProgressBar, progress_bar
 from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.formats import save_file, sharded
+from fabric_ckpt.formats.compression import compression_for
+from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_fabric
+from fabric_ckpt.formats.safetensors import NAMES_OF_DTYPES
 from fabric_ckpt.formats.torch_format import LazyTensor
-from fabric_ckpt.storage.paths import Location, PathLike, resolve
+from fabric_ckpt.storage import Location, PathLike, resolve
+from fabric_ckpt.tools.diff import open_lazily
 from fabric_ckpt.tools.inspection import flatten
 
 __all__ = ["COMPRESSED_FORMATS", "FORMATS", "ConvertResult", "convert", "output_format"]
@@ -41,24 +45,6 @@ __all__ = ["COMPRESSED_FORMATS", "FORMATS", "ConvertResult", "convert", "output_
 # Output format -> the compression fabric_ckpt.formats.compression.compression_for reads from the name.
 COMPRESSED_FORMATS = {"tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz", "tar": "tar", "zst": "zst"}
 FORMATS = ("torch", "safetensors", "sharded", *COMPRESSED_FORMATS)
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-}
 
 
 @dataclass(frozen=True)
@@ -87,7 +73,6 @@ def output_format(path: PathLike, format: str | None = None) -> str:
         >>> output_format("model.safetensors")
         'safetensors'
     """
-    from fabric_ckpt.formats.compression import compression_for
 
     text = os.fspath(path)
     compression = compression_for(text)
@@ -135,8 +120,6 @@ def convert(
         >>> convert("lightning_logs/version_0/checkpoints/last.ckpt", "model.safetensors")
         >>> convert("checkpoints/last.ckpt", "checkpoints/last-sharded/")
     """
-    from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_fabric
-    from fabric_ckpt.tools.diff import open_lazily
 
     fmt = output_format(destination, format)
     location = resolve(os.fspath(destination).rstrip("/") if fmt == "sharded" else destination)
@@ -199,7 +182,6 @@ def _module_entry(checkpoint: Any, entry: str | None, display: str) -> Mapping[s
 
 # ---------------------------------------------------------------------------------------------- writers
 def _write_file(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
-    from fabric_ckpt.formats import save_file
 
     save_file(location.original, checkpoint, on_storage_written=bar.update)  # compresses by the name's extension
 
@@ -215,25 +197,23 @@ def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 
 def _write_safetensors(state_dict: Mapping[str, Any], location: Location, bar: ProgressBar) -> None:
     """Stream a safetensors file (header, then each tensor's bytes), one tensor in memory at a time."""
-    from fabric_ckpt.storage.atomic import atomic_write
-
     if sys.byteorder != "little":
         raise CheckpointError("safetensors files are little-endian; this machine is not")
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in state_dict.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
+        if tensor.dtype not in NAMES_OF_DTYPES:
             raise ValueError(f"'{name}' has dtype {tensor.dtype}, which safetensors cannot store")
         size = _nbytes(tensor)
         header[str(name)] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": NAMES_OF_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-    with atomic_write(location) as sink:
+    with location.atomic_write() as sink:
         sink.write(len(encoded).to_bytes(8, "little"))
         sink.write(encoded)
         for tensor in state_dict.values():
@@ -255,23 +235,9 @@ def _materialized(obj: Any) -> Any:
 
 
 def _write_sharded(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
-    """One process writes a sharded folder: DCP files into a temporary folder, checksummed, then committed."""
-    import torch.distributed.checkpoint as dcp
-
-    from fabric_ckpt.formats import sharded
-
+    """One process writes a sharded folder: DCP files into a new generation, checksummed, then committed."""
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"a sharded folder holds a dict of entries, not a {type(checkpoint).__name__}")
     state = _materialized(checkpoint)
-    temporary = sharded.temporary_folder(location)
-    try:
-        with warnings.catch_warnings():  # writing from one process is the point here, not an accident
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(dict(state), storage_writer=sharded.writer_for(temporary), no_dist=True)
-        names = [*sharded.own_files(temporary, 0), sharded.METADATA_NAME]
-        records = sharded.file_checksums(temporary, names, sharded.read_metadata(temporary))
-        sharded.commit(temporary, location, records, world_size=1)
-    except BaseException:
-        sharded.discard(temporary, location)
-        raise
+    sharded.write_in_one_process(dict(state), location)
     bar.update(sum(_nbytes(t) for t in flatten(state).values() if isinstance(t, torch.Tensor)))

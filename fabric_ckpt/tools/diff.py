@@ -16,8 +16,11 @@ from typing import Any
 import torch
 
 from fabric_ckpt.core.progress import progress_bar
+from fabric_ckpt.formats import open_checkpoint, sharded
+from fabric_ckpt.formats.dcp import ShardedFolder, load_full
+from fabric_ckpt.formats.reading import existing_location
 from fabric_ckpt.formats.torch_format import LazyTensor
-from fabric_ckpt.storage.paths import PathLike
+from fabric_ckpt.storage import PathLike
 from fabric_ckpt.tools.inspection import flatten
 
 __all__ = ["Change", "CheckpointDiff", "diff", "open_lazily"]
@@ -115,14 +118,15 @@ def open_lazily(path: PathLike, *, weights_only: bool = True, verify: bool = Tru
         >>> with open_lazily("checkpoints/step-1000") as checkpoint:
         ...     weight = checkpoint["model"]["fc1.weight"].load()
     """
-    from fabric_ckpt.formats import open_checkpoint, sharded
-    from fabric_ckpt.formats.reading import existing_location
 
     location = existing_location(path)
     if location.isdir() and sharded.is_sharded(location):
-        folder = sharded.open_folder(location)
-        sharded.verify_folder(folder, checksums=verify)
-        yield sharded.load_full(folder, weights_only=weights_only, tensors="lazy")
+
+        def read(folder: ShardedFolder) -> dict[str, Any]:
+            sharded.verify_folder(folder, checksums=verify)
+            return load_full(folder, weights_only=weights_only, tensors="lazy")
+
+        yield sharded.with_consistent_generation(location, read)
         return
     with open_checkpoint(path, weights_only=weights_only, verify=verify) as checkpoint:
         yield checkpoint

@@ -15,17 +15,27 @@ import pickle
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import torch
 
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.formats.reading import unsafe_refusal
+from fabric_ckpt.formats import hf_index, interop, safetensors, sharded
+from fabric_ckpt.formats.compression import decompressed, sniff_compression
+from fabric_ckpt.formats.dcp import load_full
+from fabric_ckpt.formats.reading import (
+    FORMAT_SAFETENSORS,
+    FORMAT_ZIP,
+    existing_location,
+    load_local_file,
+    sniff_format,
+    unsafe_refusal,
+)
 from fabric_ckpt.formats.torch_format import MANIFEST_RECORD, LazyTensor
-from fabric_ckpt.storage.paths import Location, PathLike
+from fabric_ckpt.storage import Location, PathLike, resolve
 
 __all__ = [
     "Description",
@@ -302,16 +312,6 @@ def _unpickle(data: bytes, storages: dict[str, int], *, weights_only: bool) -> A
         return unpickler.load()
 
 
-@contextmanager
-def _open_stream(location: Location) -> Iterator[BinaryIO]:
-    if location.is_local:
-        with open(location.path, "rb") as stream:
-            yield stream
-    else:
-        with location.fs.open(location.path, "rb") as stream:
-            yield stream
-
-
 def _read_stored(stream: BinaryIO, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     """A record's bytes, without zipfile's CRC check (``torch.save`` may write CRC 0), which callers verify."""
     if info.compress_type != zipfile.ZIP_STORED:
@@ -341,7 +341,7 @@ def read_zip_skeleton(location: Location, *, weights_only: bool = True, display:
     """
     display = display or location.original
     try:
-        with _open_stream(location) as stream, zipfile.ZipFile(stream) as archive:
+        with location.open() as stream, zipfile.ZipFile(stream) as archive:
             infos = archive.infolist()
             prefix = infos[0].filename.split("/", 1)[0] if infos and "/" in infos[0].filename else ""
             strip = len(prefix) + 1 if prefix else 0
@@ -367,7 +367,7 @@ def read_zip_skeleton(location: Location, *, weights_only: bool = True, display:
 
 # ---------------------------------------------------------------------------------------------- describe
 def _head(location: Location, count: int = 16) -> bytes:
-    with _open_stream(location) as stream:
+    with location.open() as stream:
         return stream.read(count)
 
 
@@ -383,11 +383,9 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
     Example:
         >>> print(describe("checkpoints/last.ckpt").render())
     """
-    from fabric_ckpt.formats import interop, sharded
-    from fabric_ckpt.formats.reading import FORMAT_SAFETENSORS, FORMAT_ZIP, existing_location, sniff_format
 
     location = existing_location(path)
-    index = interop.find_hf_index(location)
+    index = hf_index.find_hf_index(location)
     if index is not None:
         return _describe_hf(index)
     if location.isdir():
@@ -403,7 +401,7 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
         fmt = "fabric_ckpt" if skeleton.has_manifest else "torch"
         return Description(location.original, fmt, _as_infos(skeleton.obj), size, _source_notes(skeleton.obj))
     if kind == FORMAT_SAFETENSORS:
-        entries, metadata = interop.read_safetensors_header(location)
+        entries, metadata = safetensors.read_safetensors_header(location)
         tree = {name: TensorInfo(entry.shape, entry.dtype) for name, entry in entries.items()}
         notes = [f"metadata: {metadata}"] if metadata else []
         return Description(location.original, "safetensors", tree, size, notes)
@@ -411,7 +409,6 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
 
 
 def _source_notes(obj: Any) -> list[str]:
-    from fabric_ckpt.formats import interop
 
     source = interop.detect(obj)
     if source in (interop.LIGHTNING_TRAINER, interop.COMPOSER):
@@ -421,7 +418,6 @@ def _source_notes(obj: Any) -> list[str]:
 
 def _describe_by_loading(location: Location, *, weights_only: bool) -> Description:
     """Compressed files are decompressed to a local file first; legacy torch pickles are loaded to be described."""
-    from fabric_ckpt.formats.reading import FORMAT_ZIP, load_local_file, sniff_format
 
     with ExitStack() as stack:
         local, compression = local_decompressed(location, stack)
@@ -430,7 +426,7 @@ def _describe_by_loading(location: Location, *, weights_only: bool) -> Descripti
             kind = sniff_format(f.read(16), size)
         fmt = "torch-legacy" if compression is None else f"compressed ({compression})"
         if kind == FORMAT_ZIP:
-            skeleton = read_zip_skeleton(Location(local, local), weights_only=weights_only, display=location.original)
+            skeleton = read_zip_skeleton(resolve(local), weights_only=weights_only, display=location.original)
             inner = "fabric_ckpt" if skeleton.has_manifest else "torch"
             return Description(location.original, f"{inner} ({compression})", _as_infos(skeleton.obj), location.size())
         checkpoint = load_local_file(local, location.original, weights_only=weights_only, verify=True)
@@ -450,10 +446,10 @@ def local_decompressed(
         >>> with ExitStack() as stack:
         ...     local, compression = local_decompressed(resolve("ep3.tar.gz"), stack)
     """
-    from fabric_ckpt.formats.compression import decompressed, sniff_compression
-    from fabric_ckpt.storage.paths import local_copy
 
-    local = stack.enter_context(local_copy(location, progress=progress))
+    if progress is not None:
+        location = resolve(location, location.storage.options.replace(progress=progress))
+    local = stack.enter_context(location.local_file())
     outer = None
     for _ in range(2):  # e.g. a zstd stream, or a gzip of a tarball of the checkpoint
         with open(local, "rb") as f:
@@ -466,10 +462,9 @@ def local_decompressed(
 
 
 def _describe_sharded(location: Location, *, weights_only: bool) -> Description:
-    from fabric_ckpt.formats import sharded
 
     folder = sharded.open_folder(location)
-    tree = _as_infos(sharded.load_full(folder, weights_only=weights_only, tensors="meta"))
+    tree = _as_infos(load_full(folder, weights_only=weights_only, tensors="meta"))
     if folder.manifest is None:
         return Description(location.original, "dcp", tree, None, ["a bare DCP folder (no fabric_ckpt manifest)"])
     size = sum(int(info.get("size", 0)) for info in folder.manifest.get("files", {}).values())
@@ -478,7 +473,6 @@ def _describe_sharded(location: Location, *, weights_only: bool) -> Description:
 
 
 def _describe_hf(index: Any) -> Description:
-    from fabric_ckpt.formats import interop
 
     tree: dict[str, Any] = {}
     size = 0
@@ -488,7 +482,7 @@ def _describe_hf(index: Any) -> Description:
             raise CheckpointError(
                 f"Hugging Face index '{index.location.original}' names the shard '{shard}', which does not exist"
             )
-        entries, _ = interop.read_safetensors_header(shard_location)
+        entries, _ = safetensors.read_safetensors_header(shard_location)
         size += shard_location.size()
         tree.update({name: TensorInfo(entry.shape, entry.dtype) for name, entry in entries.items()})
     ordered = {key: tree.get(key, "(missing from its shard)") for key in index.weight_map}

@@ -18,7 +18,20 @@ from typing import Any
 from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.progress import ProgressBar, progress_bar
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
-from fabric_ckpt.storage.paths import Location, PathLike
+from fabric_ckpt.formats import dcp as dcp_format
+from fabric_ckpt.formats import hf_index, safetensors, sharded
+from fabric_ckpt.formats.compression import sniff_compression
+from fabric_ckpt.formats.reading import (
+    FORMAT_LEGACY,
+    FORMAT_SAFETENSORS,
+    FORMAT_ZIP,
+    existing_location,
+    load_local_file,
+    sniff_format,
+)
+from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive
+from fabric_ckpt.formats.zip_archive import ZipFormatError
+from fabric_ckpt.storage import Location, PathLike, resolve
 from fabric_ckpt.tools.inspection import format_bytes, local_decompressed, read_zip_skeleton
 
 __all__ = ["VerifyReport", "verify"]
@@ -104,11 +117,9 @@ def verify(path: PathLike, *, progress: bool | None = None) -> VerifyReport:
         >>> if not report.ok:
         ...     print("\\n".join(report.problems))
     """
-    from fabric_ckpt.formats import interop, sharded
-    from fabric_ckpt.formats.reading import existing_location
 
     location = existing_location(path)
-    index = interop.find_hf_index(location)
+    index = hf_index.find_hf_index(location)
     if index is not None:
         return _verify_hf(index)
     if location.isdir():
@@ -120,13 +131,11 @@ def verify(path: PathLike, *, progress: bool | None = None) -> VerifyReport:
 
 # ---------------------------------------------------------------------------------------------- single files
 def _verify_file(location: Location, progress: bool | None) -> VerifyReport:
-    from fabric_ckpt.formats.compression import sniff_compression
-    from fabric_ckpt.formats.reading import FORMAT_SAFETENSORS, sniff_format
 
     size = location.size()
     if size == 0:
         raise CheckpointError(f"Checkpoint '{location.original}' is empty (0 bytes)")
-    with _open(location) as f:
+    with location.open() as f:
         head = f.read(300)
     kind = sniff_format(head[:16], size)
     if kind == FORMAT_SAFETENSORS:  # header and sizes only: nothing to download
@@ -149,7 +158,6 @@ def _verify_file(location: Location, progress: bool | None) -> VerifyReport:
 
 
 def _verify_local(location: Location, local: str) -> VerifyReport:
-    from fabric_ckpt.formats.reading import FORMAT_LEGACY, FORMAT_ZIP, sniff_format
 
     size = os.path.getsize(local)
     with open(local, "rb") as f:
@@ -166,13 +174,7 @@ def _verify_local(location: Location, local: str) -> VerifyReport:
     return report
 
 
-def _open(location: Location) -> Any:
-    return open(location.path, "rb") if location.is_local else location.fs.open(location.path, "rb")
-
-
 def _verify_zip(location: Location, local: str) -> VerifyReport:
-    from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive
-    from fabric_ckpt.formats.zip_archive import ZipFormatError
 
     report = VerifyReport(location.original, "torch", "file", files=1, bytes=os.path.getsize(local))
     with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
@@ -199,7 +201,7 @@ def _verify_zip(location: Location, local: str) -> VerifyReport:
 def _check_structure(report: VerifyReport, location: Location, local: str) -> None:
     """Every storage data.pkl refers to has its record, at least as large as the tensor needs."""
     try:
-        skeleton = read_zip_skeleton(Location(local, local), weights_only=True, display=location.original)
+        skeleton = read_zip_skeleton(resolve(local), weights_only=True, display=location.original)
     except UnsafeCheckpointError:
         report.unchecked.append("data.pkl needs weights_only=False to be read: the structure of its objects")
         return
@@ -225,14 +227,13 @@ def _verify_safetensors(location: Location, size: int) -> VerifyReport:
 
 def _check_safetensors(report: VerifyReport, location: Location, size: int, name: str) -> dict[str, Any]:
     """Header, byte ranges and file size agree; returns the header's tensors (empty when it is unreadable)."""
-    from fabric_ckpt.formats import interop
 
     try:
-        entries, _ = interop.read_safetensors_header(location)
+        entries, _ = safetensors.read_safetensors_header(location)
     except CheckpointError as err:
         report.problems.append(f"file '{name}': {err}")
         return {}
-    with _open(location) as f:
+    with location.open() as f:
         header_len = int.from_bytes(f.read(8), "little")
     data_size = size - 8 - header_len
     position = 0
@@ -255,7 +256,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _verify_by_loading(report: VerifyReport, local: str) -> None:
     """Formats without checksums or index (legacy pickles, compressed files): they must load."""
-    from fabric_ckpt.formats.reading import load_local_file
 
     report.bytes = os.path.getsize(local)
     try:
@@ -293,7 +293,6 @@ def _verify_hf(index: Any) -> VerifyReport:
 
 # ---------------------------------------------------------------------------------------------- sharded folders
 def _verify_sharded(location: Location, progress: bool | None) -> VerifyReport:
-    from fabric_ckpt.formats import sharded
 
     report = VerifyReport(location.original, "sharded", "folder")
     try:
@@ -318,7 +317,6 @@ def _verify_sharded(location: Location, progress: bool | None) -> VerifyReport:
 
 
 def _has_manifest_file(location: Location) -> bool:
-    from fabric_ckpt.formats import sharded
 
     return location.child(sharded.MANIFEST_NAME).exists()
 
@@ -336,12 +334,11 @@ def _data_location(location: Location, manifest: dict[str, Any] | None, report: 
 
 def _entry_names(data: Location, location: Location, report: VerifyReport) -> dict[str, str]:
     """DCP's flattened keys -> our ``/``-joined entry paths, from ``.metadata`` (empty when it is unreadable)."""
-    from fabric_ckpt.formats import sharded
 
     try:
-        metadata = sharded.read_metadata(data, display=location.original)
+        metadata = dcp_format.read_metadata(data, display=location.original)
     except (CheckpointError, OSError) as err:
-        report.problems.append(f"file '{sharded.METADATA_NAME}': unreadable ({err})")
+        report.problems.append(f"file '{dcp_format.METADATA_NAME}': unreadable ({err})")
         return {}
     planner_data = metadata.planner_data or {}
     report.records = len(metadata.storage_data)
@@ -388,31 +385,19 @@ def _crc_in_chunks(view: memoryview, bar: ProgressBar) -> int:
 
 @contextmanager
 def _file_bytes(location: Location) -> Iterator[memoryview]:
-    """A file's bytes: memory-mapped when local, read whole when remote."""
-    if not location.is_local:
-        view = memoryview(location.fs.cat_file(location.path))
+    """A file's bytes: memory-mapped where the storage can, read whole otherwise."""
+    with location.view() as data:
+        view = memoryview(data)
         try:
             yield view
         finally:
             view.release()
-        return
-    with open(location.path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            yield memoryview(b"")
-            return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                yield view
-            finally:
-                view.release()
 
 
 def _check_bare_dcp(data: Location, location: Location, report: VerifyReport) -> None:
     """No manifest: every chunk ``.metadata`` lists must lie inside an existing file."""
-    from fabric_ckpt.formats import sharded
 
-    metadata = sharded.read_metadata(data, display=location.original)
+    metadata = dcp_format.read_metadata(data, display=location.original)
     planner_data = metadata.planner_data or {}
     sizes: dict[str, int | None] = {}
     for index, info in metadata.storage_data.items():

@@ -1,0 +1,473 @@
+"""Folders written by ``torch.distributed.checkpoint`` (DCP): read safely, through our storage, in one process.
+
+DCP's ``.metadata`` is a pickle: it is read with an unpickler that refuses every global that is not a metadata type,
+and checked field by field before anything trusts it (chunk files confined to the folder, chunks inside their tensor,
+paths that rebuild the state dict). Non-tensor entries are unpickled with ``weights_only`` unless the caller opts out.
+DCP reads and writes files through :class:`StorageFileSystem`, so every backend of :mod:`fabric_ckpt.storage` serves
+sharded checkpoints too. Our own sharded layout (manifest, generations) is :mod:`fabric_ckpt.formats.sharded`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import os
+import pickle
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
+from fabric_ckpt.formats.zip_archive import ZipFormatError
+from fabric_ckpt.storage import Location, Storage
+
+__all__ = [
+    "METADATA_NAME",
+    "SafeLoadPlanner",
+    "ShardedFolder",
+    "StorageFileSystem",
+    "check_metadata",
+    "load_full",
+    "read_metadata",
+    "read_tensor",
+    "reader_for",
+    "translate_dcp_error",
+    "unflatten",
+    "verify_chunk_archives",
+    "writer_for",
+]
+
+METADATA_NAME = ".metadata"
+
+_SAFE_GLOBALS: dict[str, set[str]] = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
+    "copyreg": {"_reconstructor"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` while refusing every global that is not a metadata type."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _SAFE_GLOBALS.get(module, ()) or (
+            module == "torch"
+            and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the metadata refers to {module}.{name}, which is not a checkpoint metadata type")
+
+
+def read_metadata_safely(stream: BinaryIO, display: str) -> Metadata:
+    """Unpickle a DCP ``.metadata`` file without running code from it."""
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"Sharded checkpoint '{display}': {err}") from None
+    except Exception as err:  # truncated or garbage bytes raise a zoo of types from pickle
+        raise CheckpointError(f"Sharded checkpoint '{display}': the metadata file is damaged ({err})") from err
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"Sharded checkpoint '{display}': '.metadata' does not hold DCP metadata")
+    return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled with ``weights_only`` (safe by default)."""
+
+    def __init__(self, *, weights_only: bool = True, display: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._weights_only = weights_only
+        self._display = display
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=self._weights_only)
+        except pickle.UnpicklingError as err:
+            detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"Sharded checkpoint '{self._display}': entry '{fqn}' holds objects that only arbitrary unpickling "
+                f"can rebuild ({detail}). If you trust this checkpoint, pass weights_only=False."
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            # The planner's own ``state_dict`` is a copy here; the caller's dict is the original.
+            self.original_state_dict[fqn] = obj
+
+
+def translate_dcp_error(error: BaseException, description: str) -> BaseException:
+    """DCP's ``CheckpointException`` (a ``BaseException``, collected from every rank) as our documented errors.
+
+    An unsafe entry anywhere stays an :class:`UnsafeCheckpointError`; failures that are all ``OSError`` (a full disk,
+    a lost connection) stay an ``OSError`` with their errno; anything else is a :class:`CheckpointError`. Each names
+    the failing ranks.
+    """
+    failures = getattr(error, "failures", None) or {}
+    originals = [exception for exception, _trace in failures.values()]
+    detail = "; ".join(
+        f"on rank {rank}: {type(exception).__name__}: {exception}" for rank, (exception, _) in sorted(failures.items())
+    ) or str(error)
+    unsafe = [exception for exception in originals if isinstance(exception, UnsafeCheckpointError)]
+    if unsafe:
+        return UnsafeCheckpointError(str(unsafe[0]))
+    if originals and all(isinstance(exception, OSError) for exception in originals):
+        first = originals[0]
+        return type(first)(first.errno, f"{description} failed {detail}", getattr(first, "filename", None))
+    return CheckpointError(f"{description} failed {detail}")
+
+
+class StorageFileSystem(FileSystemBase):
+    """DCP's file operations on one of our storages: DCP writes and reads shards wherever a checkpoint may live.
+
+    Written files are durable when closed (the storage's ``open_write``), so DCP's own fsync is not needed.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+        opener = self.storage.open_write if "w" in mode else self.storage.open
+        with opener(os.fspath(path)) as stream:
+            yield cast(io.IOBase, stream)
+
+    def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
+        return self.storage.join(os.fspath(path), suffix)
+
+    def init_path(self, path: str | os.PathLike[str]) -> str:
+        return os.fspath(path)
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        self.storage.rename(os.fspath(path), os.fspath(new_path))
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        self.storage.makedirs(os.fspath(path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        return self.storage.exists(os.fspath(path))
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        self.storage.remove(os.fspath(path))
+
+    def ls(self, path: str | os.PathLike[str]) -> list[str]:
+        folder = os.fspath(path)
+        return [self.storage.join(folder, name) for name in self.storage.listdir(folder)]
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler."""
+
+    def __init__(self, location: Location) -> None:
+        super().__init__(location.path)
+        self.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
+        self.path = location.path
+        self._display = location.original
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA_NAME), "rb") as stream:
+            metadata = read_metadata_safely(cast(BinaryIO, stream), self._display)
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+def reader_for(location: Location) -> FileSystemReader:
+    """A DCP storage reader for the folder at ``location`` (its ``.metadata`` read safely)."""
+    return _SafeReader(location)
+
+
+def writer_for(location: Location, *, thread_count: int = 1) -> FileSystemWriter:
+    """A DCP storage writer into the (uncommitted) folder at ``location``; files are durable once written."""
+    writer = FileSystemWriter(location.path, sync_files=False, thread_count=thread_count, overwrite=True)
+    writer.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
+    writer.path = location.path
+    return writer
+
+
+def read_metadata(folder: Location, display: str | None = None) -> Metadata:
+    """The ``.metadata`` of the DCP folder at ``folder``, unpickled safely."""
+    with folder.child(METADATA_NAME).open() as stream:
+        return read_metadata_safely(stream, display or folder.original)
+
+
+@dataclass
+class ShardedFolder:
+    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata."""
+
+    location: Location
+    manifest: dict[str, Any] | None
+    metadata: Metadata
+    data: Location  # where the shard files and .metadata are: the folder itself, or its live generation
+
+    @functools.cached_property
+    def chunks(self) -> dict[str, list[tuple[Any, Any]]]:
+        """Each tensor's chunks: ``fqn -> [(MetadataIndex, storage info), ...]``."""
+        by_fqn: dict[str, list[tuple[Any, Any]]] = {}
+        for index, info in self.metadata.storage_data.items():
+            by_fqn.setdefault(index.fqn, []).append((index, info))
+        return by_fqn
+
+    @functools.cached_property
+    def top_level_keys(self) -> list[str]:
+        """The checkpoint's entries (the first component of every flattened key), in order."""
+        keys: dict[str, None] = {}
+        for fqn in self.metadata.state_dict_metadata:
+            keys.setdefault(str(self._path_of(fqn)[0]), None)
+        return list(keys)
+
+    def _path_of(self, fqn: str) -> tuple[Any, ...]:
+        planner_data = self.metadata.planner_data or {}
+        return tuple(planner_data.get(fqn, (fqn,)))
+
+    def entries(self, keys: set[str] | None = None) -> dict[str, tuple[Any, ...]]:
+        """Flattened key -> path, for the entries under the given top-level keys (all when ``None``)."""
+        return {
+            fqn: self._path_of(fqn)
+            for fqn in self.metadata.state_dict_metadata
+            if keys is None or str(self._path_of(fqn)[0]) in keys
+        }
+
+    def tensor_shape(self, path: tuple[Any, ...]) -> torch.Size | None:
+        """The global shape of the tensor stored at ``path``, ``None`` if no tensor is there."""
+        for fqn, entry_path in self.entries({str(path[0])}).items():
+            if entry_path == path:
+                md = self.metadata.state_dict_metadata[fqn]
+                return md.size if isinstance(md, TensorStorageMetadata) else None
+        return None
+
+
+def check_metadata(metadata: Metadata) -> None:
+    """Raise ``TypeError``/``ValueError`` unless every field later code reads has the type DCP writes.
+
+    Chunk files must be plain names inside the folder: a hostile ``.metadata`` must not point reads elsewhere.
+    """
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        raise TypeError("state_dict_metadata and storage_data must be dicts")
+    for fqn, md in metadata.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise TypeError(f"key {fqn!r} is not a string")
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            raise TypeError(f"'{fqn}' has an entry of type {type(md).__name__}")
+        if not isinstance(md.size, torch.Size) or not isinstance(md.properties.dtype, torch.dtype):
+            raise TypeError(f"'{fqn}' has no valid size or dtype")
+        for chunk in md.chunks:
+            if len(chunk.offsets) != len(md.size) or len(chunk.sizes) != len(md.size):
+                raise ValueError(f"'{fqn}' has a chunk of the wrong rank")
+            if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, md.size, strict=True)):
+                raise ValueError(f"'{fqn}' has a chunk outside the tensor")
+    for index, info in metadata.storage_data.items():
+        name = info.relative_path
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"'{index.fqn}' is stored in {name!r}, which is not a file of the folder")
+        if not isinstance(info.offset, int) or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
+            raise ValueError(f"'{index.fqn}' has an invalid offset or length")
+    if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
+        raise TypeError("planner_data must be a dict")
+    entries = len(metadata.state_dict_metadata)
+    for fqn, path in (metadata.planner_data or {}).items():
+        # Paths rebuild the nested state dict: every step a key (str) or a list index, and no list can be longer
+        # than the number of entries (a forged index must not make the rebuild allocate a huge list).
+        if not isinstance(path, (tuple, list)) or not path:
+            raise TypeError(f"the path of '{fqn}' is not a non-empty sequence")
+        if not all(isinstance(step, str) or (type(step) is int and 0 <= step < max(entries, 1)) for step in path):
+            raise TypeError(f"the path of '{fqn}' has a step that is neither a key nor a list index")
+
+
+def load_full(
+    folder: ShardedFolder,
+    keys: set[str] | None = None,
+    *,
+    weights_only: bool = True,
+    tensors: str = "read",
+) -> dict[str, Any]:
+    """Read the entries under ``keys`` (all when ``None``) as full tensors and plain values, in this process alone.
+
+    This is the consolidation of a sharded checkpoint: each tensor is assembled from every rank's chunks.
+    ``tensors="meta"`` does not read tensors: they come back as meta tensors of their global shape and dtype (a view
+    for validating before loading in place); ``tensors="lazy"`` returns :class:`LazyTensor` placeholders that read
+    one tensor when asked (for streaming consolidation). Plain values are always read.
+    """
+    entries = folder.entries(keys)
+    values: dict[str, Any] = {}
+    to_read: dict[str, Any] = {}
+    for fqn in entries:
+        md = folder.metadata.state_dict_metadata[fqn]
+        if isinstance(md, TensorStorageMetadata):
+            if tensors == "lazy":
+                values[fqn] = LazyTensor(
+                    tuple(md.size), md.properties.dtype, functools.partial(read_tensor, folder, fqn)
+                )
+            else:
+                device = "meta" if tensors == "meta" else "cpu"
+                values[fqn] = torch.empty(md.size, dtype=md.properties.dtype, device=device)
+                if tensors == "read":
+                    to_read[fqn] = values[fqn]
+        elif isinstance(md, BytesStorageMetadata):
+            values[fqn] = to_read[fqn] = None
+    if to_read:
+        planner = SafeLoadPlanner(weights_only=weights_only, display=folder.location.original, flatten_state_dict=False)
+        with warnings.catch_warnings():  # reading in one process is the point here, not an accident
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
+            except CheckpointException as err:
+                raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
+        values.update(to_read)
+    return unflatten(values, entries)
+
+
+def unflatten(flat: dict[str, Any], paths: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """Rebuild nested dicts and lists from DCP's flattened keys and their paths."""
+    root: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = paths.get(fqn, (fqn,))
+        node: Any = root
+        for step, following in itertools.pairwise(path):
+            container: Any = [] if isinstance(following, int) else {}
+            if isinstance(node, list):
+                while len(node) <= step:
+                    node.append(None)
+                if node[step] is None:
+                    node[step] = container
+                node = node[step]
+            else:
+                node = node.setdefault(step, container)
+        last = path[-1]
+        if isinstance(node, list):
+            while len(node) <= last:
+                node.append(None)
+        node[last] = value
+    return root
+
+
+def read_tensor(folder: ShardedFolder, fqn: str) -> torch.Tensor:
+    """Assemble one full tensor from its chunks (for streaming consolidation: one tensor in memory at a time).
+
+    A tensor stored as one chunk is returned as loaded; otherwise chunks are read one by one into the full tensor.
+    """
+    md = folder.metadata.state_dict_metadata[fqn]
+    if not isinstance(md, TensorStorageMetadata):
+        raise CheckpointError(f"Sharded checkpoint '{folder.location.original}': '{fqn}' is not a tensor")
+    chunks = _chunks_of(folder, fqn)
+    full: torch.Tensor | None = None
+    for index, info in chunks:
+        if info.transform_descriptors:
+            raise CheckpointError(
+                f"Sharded checkpoint '{folder.location.original}': '{fqn}' uses storage transforms "
+                f"{list(info.transform_descriptors)}, which consolidation does not support"
+            )
+        with folder.data.child(info.relative_path).open() as stream:
+            view = cast(BinaryIO, _FileView(stream, info.offset, info.length))
+            chunk = torch.load(view, map_location="cpu", weights_only=True)
+        if len(chunks) == 1 and tuple(chunk.shape) == tuple(md.size):
+            return chunk
+        if full is None:
+            full = torch.empty(md.size, dtype=md.properties.dtype)
+        target = full
+        for dim, (start, length) in enumerate(zip(index.offset, chunk.shape, strict=True)):
+            target = target.narrow(dim, start, length)
+        target.copy_(chunk)
+        del chunk
+    return full if full is not None else torch.empty(md.size, dtype=md.properties.dtype)
+
+
+class _FileView(io.RawIOBase):
+    """The bytes ``[offset, offset + length)`` of a file, as a seekable file of their own (no copy)."""
+
+    def __init__(self, stream: BinaryIO, offset: int, length: int) -> None:
+        super().__init__()
+        self._stream, self._offset, self._length, self._position = stream, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = min(max(base + position, 0), self._length)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = min(view.nbytes, self._length - self._position)
+        if count <= 0:
+            return 0
+        self._stream.seek(self._offset + self._position)
+        read = self._stream.readinto(view[:count])  # type: ignore[attr-defined]
+        self._position += read or 0
+        return read or 0
+
+
+def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:
+    return folder.chunks.get(fqn, [])
+
+
+def verify_chunk_archives(folder: ShardedFolder, share: tuple[int, int]) -> None:
+    by_file: dict[str, list[tuple[str, int, int]]] = {}
+    for index, info in folder.metadata.storage_data.items():
+        md = folder.metadata.state_dict_metadata.get(index.fqn)
+        if isinstance(md, TensorStorageMetadata) and not info.transform_descriptors:
+            by_file.setdefault(info.relative_path, []).append((index.fqn, info.offset, info.length))
+    rank, world_size = share
+    display = folder.location.original
+    for name in sorted(by_file)[rank::world_size]:
+        problem = None
+        try:
+            with folder.data.child(name).view() as data:
+                view = memoryview(data)
+                for fqn, offset, length in by_file[name]:
+                    chunk = view[offset : offset + length]
+                    try:
+                        found = verify_archive(chunk, read_archive_info(chunk), first_only=True)
+                    except ZipFormatError as err:
+                        found = [str(err)]  # type: ignore[list-item]
+                    chunk.release()
+                    if found:
+                        problem = f"file '{name}' (entry '{fqn}'): {found[0]}"
+                        break
+                view.release()
+        except FileNotFoundError:
+            problem = f"file '{name}' is missing"
+        if problem:
+            raise CheckpointCorruptedError(f"Sharded checkpoint '{display}' is corrupted: {problem}")

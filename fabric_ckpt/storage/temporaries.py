@@ -1,0 +1,135 @@
+"""Hidden temporaries of saves in progress: their names, sweeping what crashed saves left, deleting in background.
+
+A temporary's name carries the writer's PID, so the next save can tell a crashed writer's leftovers (PID gone) from a
+live writer's work in progress and removes only the former.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import shutil
+import threading
+import uuid
+from contextlib import suppress
+
+__all__ = [
+    "TEMP_MARKER",
+    "delete_in_background",
+    "is_temporary_name",
+    "remove_tree_or_file",
+    "sweep_temporaries",
+    "temporary_name",
+    "wait_for_deletions",
+]
+
+TEMP_MARKER = ".fabric-tmp-"
+
+
+def temporary_name(final_name: str) -> str:
+    """A hidden name beside ``final_name`` that no other writer (process or thread) picks."""
+    return f".{final_name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`temporary_name`'s."""
+    return name.startswith(".") and TEMP_MARKER in name
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the process that created this temporary name is gone (names carry the writer's PID)."""
+    tail = name.split(TEMP_MARKER, 1)[1]
+    if tail.startswith("old-"):
+        return True  # a retired previous checkpoint whose removal was interrupted
+    try:
+        pid = int(tail.split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_temporaries(folder: str, final_name: str) -> list[str]:
+    """Remove the temporaries crashed saves of ``final_name`` left in ``folder``; live writers' are left alone."""
+    prefix = f".{final_name}{TEMP_MARKER}"
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for name in names:
+        if name.startswith(prefix) and _writer_is_dead(name):
+            path = os.path.join(folder, name)
+            remove_tree_or_file(path)
+            removed.append(path)
+    return removed
+
+
+def remove_tree_or_file(path: str) -> None:
+    """Remove a file, symlink or folder tree; one that is already gone is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+_deletions: queue.Queue[str] = queue.Queue()
+_deleter_lock = threading.Lock()
+_deleter: threading.Thread | None = None
+
+
+def delete_in_background(path: str) -> None:
+    """Remove a file or folder on a background thread (started on first use, never at import)."""
+    global _deleter
+    _deletions.put(path)
+    with _deleter_lock:
+        if _deleter is None or not _deleter.is_alive():
+            if _deleter is None:
+                atexit.register(_delete_pending)  # a script ending right after a save leaves nothing behind
+            _deleter = threading.Thread(target=_delete_forever, name="fabric_ckpt-deleter", daemon=True)
+            _deleter.start()
+
+
+def _delete(path: str) -> None:
+    with suppress(OSError):
+        remove_tree_or_file(path)
+
+
+def _delete_forever() -> None:
+    while True:
+        path = _deletions.get()
+        try:
+            _delete(path)
+        finally:
+            _deletions.task_done()
+
+
+def _delete_pending() -> None:
+    while True:
+        try:
+            path = _deletions.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            _delete(path)
+        finally:
+            _deletions.task_done()
+
+
+def wait_for_deletions() -> None:
+    """Block until every removal handed to :func:`delete_in_background` so far is done.
+
+    Example:
+        >>> fabric.save("ckpt.pt", state)
+        >>> wait_for_deletions()  # the replaced checkpoint's blocks are freed
+    """
+    _deletions.join()
