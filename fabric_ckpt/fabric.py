@@ -154,7 +154,8 @@ class Fabric:
         if move_to_device:
             self._strategy.module_to_device(_uncompiled(module))
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
-        wrapped = FabricModule(forward_module, module, self._strategy)
+        redirect = self._strategy.wraps_modules or forward_module is not module
+        wrapped = FabricModule(forward_module, module, redirect_methods=redirect)
         if not optimizers:
             return wrapped
         return (wrapped, *[wrap_optimizer(optimizer, self._strategy) for optimizer in prepared])

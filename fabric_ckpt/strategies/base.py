@@ -130,6 +130,13 @@ class Strategy(ABC):
         """
 
     # ------------------------------------------------------------------ objects
+    @property
+    def wraps_modules(self) -> bool:
+        """Whether :meth:`setup_module` wraps modules or hooks their forward (DDP, FSDP), so that calls which run a
+        set-up module's submodules must go through its forward; ``fabric.setup`` then routes ``training_step`` & co
+        (and methods marked with ``mark_forward_method``) through it."""
+        return False
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Return the module that ``forward`` should run through (e.g. a DDP wrapper).
 

@@ -81,6 +81,11 @@ class FSDPStrategy(ParallelStrategy):
         self._modules: list[nn.Module] = []
 
     # ------------------------------------------------------------------ setup
+    @property
+    def wraps_modules(self) -> bool:
+        """True: ``fully_shard`` returns the module itself, but its forward hooks unshard the parameters."""
+        return True
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
