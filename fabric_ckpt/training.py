@@ -1,11 +1,10 @@
-"""The training-loop helpers Lightning Fabric users call: data loaders, gradient clipping, precision, moving data.
+"""The training-loop helpers Lightning Fabric users call: data loaders, gradient clipping, moving data.
 
 ``Fabric`` delegates to these, so a loop written for Lightning Fabric keeps working when only the import changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -16,45 +15,12 @@ from torch.optim import Optimizer
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 __all__ = [
-    "PRECISIONS",
     "FabricDataLoader",
     "apply_to_tensors",
-    "autocast",
-    "check_precision",
     "clip_gradients",
     "distribute",
     "move_to",
 ]
-
-# Precision names as Lightning spells them; "-mixed" runs forward passes under autocast.
-PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16}
-
-
-def check_precision(precision: str | int) -> str:
-    """Validate a precision setting; ``16-mixed`` needs loss scaling, which this library does not do for you."""
-    name = str(precision)
-    if name not in PRECISIONS:
-        raise ValueError(
-            f"precision={precision!r} is not supported; choose one of {sorted(PRECISIONS)} (for float16, use "
-            "'bf16-mixed', or torch.autocast with a torch.amp.GradScaler yourself)"
-        )
-    return name
-
-
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """Mixed precision for the forward pass when ``precision`` asks for it; otherwise nothing changes.
-
-    Example:
-        >>> with autocast("bf16-mixed", torch.device("cpu")):
-        ...     out = model(inputs)
-    """
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
 
 
 def move_to(obj: Any, device: torch.device) -> Any:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.precision import Precision
+
 if TYPE_CHECKING:
     from fabric_ckpt.strategies.base import Strategy
 
@@ -42,6 +44,8 @@ class FabricModule(nn.Module):
     Args:
         forward_module: what ``forward`` calls: the strategy's wrapper (e.g. DDP), or the module itself.
         original_module: the user's module, as passed to ``fabric.setup``.
+        precision: what every forward runs under: inputs converted, the call in its forward context (autocast),
+            outputs converted back.
         redirect_methods: the strategy wrapped the module or hooked its forward (DDP, FSDP): step methods and
             methods marked with :meth:`mark_forward_method` then run through ``forward_module``, and other methods
             that run a submodule are refused, since they would bypass the strategy.
@@ -52,11 +56,17 @@ class FabricModule(nn.Module):
     """
 
     def __init__(
-        self, forward_module: nn.Module, original_module: nn.Module, *, redirect_methods: bool = False
+        self,
+        forward_module: nn.Module,
+        original_module: nn.Module,
+        precision: Precision | None = None,
+        *,
+        redirect_methods: bool = False,
     ) -> None:
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original_module
+        self._fabric_precision = precision if precision is not None else Precision()
         self._fabric_redirects = redirect_methods
         self._fabric_forward_methods = set(STEP_METHODS)
         self._fabric_module_initialized = True
@@ -67,7 +77,11 @@ class FabricModule(nn.Module):
         return self._original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forward_module(*args, **kwargs)
+        precision = self._fabric_precision
+        args, kwargs = precision.convert_input((args, kwargs))
+        with precision.forward_context():
+            output = self._forward_module(*args, **kwargs)
+        return precision.convert_output(output)
 
     def mark_forward_method(self, method: MethodType | str) -> None:
         """Run the module's method ``method`` (a name or the bound method) through the strategy's wrapper, as
@@ -207,6 +221,7 @@ class FabricOptimizer:
 
     _fabric_original: Optimizer
     _fabric_strategy: Strategy
+    _fabric_in_step = False
 
     @property
     def optimizer(self) -> Optimizer:
@@ -218,18 +233,69 @@ def wrap_optimizer(optimizer: Optimizer, strategy: Strategy) -> Optimizer:
     """Return an optimizer of a subclass of ``type(optimizer)`` that shares all of its state.
 
     Sharing ``__dict__`` (not copying it) keeps both handles identical through ``load_state_dict``, LR-scheduler
-    patches and hooks, which replace attributes rather than mutate them.
+    patches and hooks, which replace attributes rather than mutate them. Where the strategy's precision scales the
+    loss (``"16-mixed"``), ``step`` goes through its gradient scaler.
     """
     if isinstance(optimizer, FabricOptimizer):
         return optimizer
-    cls = type(
-        f"Fabric{type(optimizer).__name__}",
-        (FabricOptimizer, type(optimizer)),
-        {"_fabric_original": optimizer, "_fabric_strategy": strategy, "__module__": __name__},
-    )
+    namespace: dict[str, Any] = {"_fabric_original": optimizer, "_fabric_strategy": strategy, "__module__": __name__}
+    if getattr(strategy.precision, "scaler", None) is not None:
+        namespace["step"] = _StepThroughPrecision()
+    cls = type(f"Fabric{type(optimizer).__name__}", (FabricOptimizer, type(optimizer)), namespace)
     wrapped: Optimizer = object.__new__(cls)
     wrapped.__dict__ = optimizer.__dict__
     return wrapped
+
+
+def _step_through_precision(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+    """The set-up optimizer's step: the precision's (a gradient scaler's), which calls the optimizer's own step."""
+    cls = type(optimizer)
+    original = cls._fabric_original
+    if cls._fabric_in_step:  # called back by the scaler (through an LR scheduler's wrapper): the real step
+        return type(original).step(original, *args, **kwargs)
+    cls._fabric_in_step = True
+    try:
+        return cls._fabric_strategy.precision.optimizer_step(original, *args, **kwargs)
+    finally:
+        cls._fabric_in_step = False
+
+
+class _StepThroughPrecision:
+    """``step`` of a set-up optimizer whose precision scales gradients.
+
+    An LR scheduler replaces ``optimizer.step`` on the instance with a wrapper that records the call, and the set-up
+    optimizer shares the instance ``__dict__`` with the user's. A data descriptor on the class still wins over that
+    instance attribute, so the scaler is never bypassed; the scheduler's wrapper is kept, and runs when the scaler
+    calls the user's optimizer's ``step``.
+    """
+
+    def __get__(self, optimizer: Any, owner: type | None = None) -> Any:
+        return self if optimizer is None else _BoundStep(optimizer)
+
+    def __set__(self, optimizer: Any, value: Any) -> None:
+        optimizer.__dict__["step"] = value
+
+    def __delete__(self, optimizer: Any) -> None:
+        optimizer.__dict__.pop("step", None)
+
+
+class _BoundStep:
+    """A bound ``step`` that LR schedulers can inspect and wrap as they do a method (``__func__``, ``__self__``)."""
+
+    __func__ = staticmethod(_step_through_precision)
+
+    def __init__(self, optimizer: Any) -> None:
+        self.__self__ = optimizer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _step_through_precision(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # The marker an LR scheduler checks to know it already wrapped this optimizer's step.
+        patched = self.__self__.__dict__.get("step")
+        if name == "_wrapped_by_lr_sched" and patched is not None:
+            return getattr(patched, name)
+        raise AttributeError(name)
 
 
 def is_compiled(module: nn.Module) -> bool:

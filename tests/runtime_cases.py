@@ -41,7 +41,7 @@ class StepModel(nn.Module):
         return f"{sum(p.numel() for p in self.parameters())} parameters"
 
 
-def make_fabric(kind: str) -> Fabric:
+def make_fabric(kind: str, precision: str = "32-true") -> Fabric:
     if kind == "ddp":
         strategy: Any = DDPStrategy(accelerator="cpu")
     elif kind == "fsdp":
@@ -49,7 +49,7 @@ def make_fabric(kind: str) -> Fabric:
         strategy = FSDPStrategy(accelerator="cpu", auto_wrap_policy={nn.Sequential})
     else:
         raise ValueError(kind)
-    fabric = Fabric(strategy=strategy)
+    fabric = Fabric(strategy=strategy, precision=precision)
     fabric.launch()
     return fabric
 
@@ -59,13 +59,13 @@ def step_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 4, generator=generator), torch.randn(6, 1, generator=generator)
 
 
-def train_with(kind: str, call: str, steps: int = 4) -> dict[str, Any]:
+def train_with(kind: str, call: str, steps: int = 4, precision: str = "32-true") -> dict[str, Any]:
     """Train from the same start with different data per rank, the loss computed by ``call``:
 
     ``"forward"`` (``model(x)`` in the loop), ``"training_step"``, ``"custom_step"`` marked by name, or
     ``"custom_step_bound"`` marked with the bound method.
     """
-    fabric = make_fabric(kind)
+    fabric = make_fabric(kind, precision)
     torch.manual_seed(0)
     module = StepModel()
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -74,6 +74,7 @@ def train_with(kind: str, call: str, steps: int = 4) -> dict[str, Any]:
         model.mark_forward_method("custom_step")
     elif call == "custom_step_bound":
         model.mark_forward_method(module.custom_step)
+    losses = []
     for step in range(steps):
         batch = step_batch(step, fabric.global_rank)
         if call == "forward":
@@ -85,7 +86,8 @@ def train_with(kind: str, call: str, steps: int = 4) -> dict[str, Any]:
         optimizer.zero_grad()
         fabric.backward(loss)
         optimizer.step()
-    return {"params": parameters(model), "forward_patched": "forward" in vars(module)}
+        losses.append(loss.detach())
+    return {"params": parameters(model), "losses": losses, "forward_patched": "forward" in vars(module)}
 
 
 def parameters(model: nn.Module) -> dict[str, torch.Tensor]:

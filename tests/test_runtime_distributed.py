@@ -34,6 +34,22 @@ def test_training_step_runs_through_the_strategy_wrapper(group, kind):
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_redirected_steps_run_in_the_precision(group, kind):
+    """Under bf16-mixed, ``training_step`` runs under autocast with its batch converted, as in Lightning."""
+    stepped = group.run(cases.train_with, kind, "training_step", precision="bf16-mixed")
+    full_precision = group.run(cases.train_with, kind, "training_step")
+    assert_same_params(stepped[0]["params"], stepped[1]["params"])
+    for rank in range(2):
+        torch.manual_seed(0)
+        module = cases.StepModel()  # the same start as every rank's
+        inputs, targets = cases.step_batch(0, rank)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = module.training_step((inputs.bfloat16(), targets.bfloat16()))
+        assert torch.equal(stepped[rank]["losses"][0], expected.float())
+        assert not torch.equal(stepped[rank]["params"]["head.weight"], full_precision[rank]["params"]["head.weight"])
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 @pytest.mark.parametrize("call", ["custom_step", "custom_step_bound"])
 def test_marked_methods_run_through_the_strategy_wrapper(group, kind, call):
     reference = group.run(cases.train_with, kind, "forward")

@@ -22,6 +22,7 @@ from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.interop import adapt, adapt_raw
 from fabric_ckpt.io import open_checkpoint, save_file
 from fabric_ckpt.io.paths import PathLike
+from fabric_ckpt.precision import Precision
 from fabric_ckpt.restore import (
     RestorePlan,
     load_module_state,
@@ -129,6 +130,24 @@ class Strategy(ABC):
             >>> fabric.strategy.teardown()  # e.g. leave the process group before the process ends
         """
 
+    # ------------------------------------------------------------------ precision
+    _precision: Precision = Precision()  # full precision until Fabric(precision=...) sets one
+
+    @property
+    def precision(self) -> Precision:
+        """How forward passes, inputs, modules, backward passes and optimizer steps treat dtypes (set by
+        ``Fabric(precision=...)``)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: Precision) -> None:
+        self._precision = precision
+
+    @property
+    def unsupported_precisions(self) -> Mapping[str, str]:
+        """Precision names this strategy cannot run, each with the reason ``Fabric(precision=...)`` refuses it."""
+        return {}
+
     # ------------------------------------------------------------------ objects
     @property
     def wraps_modules(self) -> bool:
@@ -162,12 +181,12 @@ class Strategy(ABC):
         return optimizer
 
     def backward(self, tensor: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
-        """Run ``tensor.backward(*args, **kwargs)`` (``fabric.backward`` calls this).
+        """Run ``tensor.backward(*args, **kwargs)`` through the precision (``fabric.backward`` calls this).
 
         Example:
             >>> strategy.backward(loss, model)
         """
-        tensor.backward(*args, **kwargs)
+        self.precision.backward(tensor, module, *args, **kwargs)
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
