@@ -19,12 +19,13 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
+from fabric_ckpt.data import distribute
 from fabric_ckpt.io.paths import PathLike
 from fabric_ckpt.precision import select_precision
 from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
-from fabric_ckpt.training import FabricDataLoader, apply_to_tensors, clip_gradients, distribute, move_to
+from fabric_ckpt.training import FabricDataLoader, apply_to_tensors, clip_gradients, move_to
 from fabric_ckpt.wrappers import (
     FabricModule,
     FabricOptimizer,

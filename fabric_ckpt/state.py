@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fabric_ckpt.errors import CheckpointMismatchError
+from fabric_ckpt.training import FabricDataLoader, no_state_message
 from fabric_ckpt.wrappers import unwrap_module, unwrap_optimizer
 
 __all__ = [
@@ -49,7 +50,11 @@ def is_stateful(obj: Any) -> bool:
 
 
 def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped."""
+    """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped.
+
+    Set-up data loaders stay (they save and restore the wrapped loader's state); one over a loader that keeps no
+    state is refused, since the wrapper itself is never pickled into a checkpoint.
+    """
     if not isinstance(state, Mapping):
         raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
     unwrapped: dict[str, Any] = {}
@@ -58,6 +63,8 @@ def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
             obj = unwrap_module(obj)
         elif isinstance(obj, Optimizer):
             obj = unwrap_optimizer(obj)
+        elif isinstance(obj, FabricDataLoader) and not obj.has_state:
+            raise TypeError(no_state_message(obj.loader, key))
         unwrapped[key] = obj
     return unwrapped
 

@@ -5,20 +5,19 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 __all__ = [
     "FabricDataLoader",
     "apply_to_tensors",
+    "no_state_message",
     "clip_gradients",
-    "distribute",
     "move_to",
 ]
 
@@ -60,46 +59,18 @@ def clip_gradients(
     )
 
 
-def distribute(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
-    """The same loader, but each of ``world_size`` processes reading its own part (a ``DistributedSampler``).
-
-    The sampler shuffles when the original did (a ``RandomSampler``); loaders over iterable datasets, or with a
-    custom batch sampler, are returned unchanged (they decide themselves what each process reads).
-    """
-    if world_size <= 1 or isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
-        return loader
-    if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
-        warnings.warn(
-            "this DataLoader has a custom batch sampler; it is used as is, so make sure each process reads its own "
-            "part of the data",
-            stacklevel=3,
-        )
-        return loader
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        loader.dataset, num_replicas=world_size, rank=rank, shuffle=isinstance(loader.sampler, RandomSampler)
-    )
-    settings: dict[str, Any] = {
-        "batch_size": loader.batch_size,
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "drop_last": loader.drop_last,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "persistent_workers": loader.persistent_workers,
-    }
-    if loader.num_workers > 0:
-        settings["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, sampler=sampler, **settings)
-
-
 class FabricDataLoader:
     """Iterates a dataloader, moving batches to the device and telling a distributed sampler the epoch.
 
     Each pass over it is an epoch: ``DistributedSampler.set_epoch`` is called with the pass number, so shuffling
     differs from epoch to epoch but agrees across processes (as Lightning Fabric's loader does).
+
+    It is never pickled into a checkpoint: ``fabric.save`` stores its :meth:`state_dict`, which is the wrapped
+    loader's (e.g. torchdata's ``StatefulDataLoader``), and refuses a loader that keeps no state.
+
+    Example:
+        >>> loader = fabric.setup_dataloaders(StatefulDataLoader(dataset, batch_size=8, shuffle=True))
+        >>> fabric.save("ckpt.pt", {"model": model, "loader": loader})  # where the loader stands
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | None) -> None:
@@ -111,6 +82,41 @@ class FabricDataLoader:
     def loader(self) -> DataLoader:
         """The wrapped ``DataLoader``."""
         return self._loader
+
+    @property
+    def has_state(self) -> bool:
+        """Whether :meth:`state_dict`/:meth:`load_state_dict` work: the wrapped loader has them."""
+        return callable(getattr(self._loader, "state_dict", None)) and callable(
+            getattr(self._loader, "load_state_dict", None)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: the wrapped loader's ``state_dict()``.
+
+        Raises:
+            TypeError: the wrapped loader keeps no state.
+
+        Example:
+            >>> state = loader.state_dict()  # e.g. after 3 batches of a StatefulDataLoader
+        """
+        self._require_state()
+        return dict(self._loader.state_dict())  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume where :meth:`state_dict` stood: the next pass continues with the batch that would have come next.
+
+        Raises:
+            TypeError: the wrapped loader keeps no state.
+
+        Example:
+            >>> loader.load_state_dict(state)
+        """
+        self._require_state()
+        self._loader.load_state_dict(state_dict)  # type: ignore[attr-defined]
+
+    def _require_state(self) -> None:
+        if not self.has_state:
+            raise TypeError(no_state_message(self._loader))
 
     def __len__(self) -> int:
         return len(self._loader)
@@ -125,6 +131,17 @@ class FabricDataLoader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
+
+
+def no_state_message(loader: Any, key: str | None = None) -> str:
+    """Why a set-up loader over ``loader`` cannot be saved or restored, and what to do instead."""
+    where = f"State entry {key!r}" if key is not None else "This loader"
+    return (
+        f"{where} is a data loader from fabric.setup_dataloaders over a {type(loader).__name__}, which keeps no state "
+        "(no state_dict()/load_state_dict()), so where it stands cannot be saved or restored. Use a stateful loader "
+        "(e.g. torchdata.stateful_dataloader.StatefulDataLoader), or leave the loader out of the state and save "
+        "what you need to resume (e.g. the epoch and the batch index) as plain values"
+    )
 
 
 def apply_to_tensors(data: Any, fn: Any) -> Any:

@@ -72,3 +72,24 @@ def test_unmarked_methods_that_run_submodules_are_refused(group, kind):
         assert result["attribute"]["error"] == "AttributeError"  # a submodule, not a method
         assert isinstance(result["after"]["value"], float)
         assert not result["forward_patched"] and result["unchanged"]
+
+
+def test_a_stateful_loader_subclass_keeps_its_class_and_state_on_2_ranks(group):
+    results = group.run(cases.stateful_loader_resumes, "ddp")
+    for result in results:
+        assert result["class"] == "TaggedLoader" and result["same_class"]
+        assert result["tag"] == "train" and result["batch_size"] == 2 and result["snapshot_every_n_steps"] == 2
+        assert result["sampler"] == "DistributedSampler" and result["shuffles"]
+        assert result["batch_sampler"] == "torchdata.stateful_dataloader.sampler.BatchSampler"  # made by the loader
+        assert "_num_yielded" in result["state_keys"]
+        assert result["resumed"] == result["expected"]
+        assert len(result["consumed"]) + len(result["expected"]) == 6  # 24 items, 2 ranks, batches of 2
+    everything = [x for result in results for batch in result["consumed"] + result["expected"] for x in batch]
+    assert sorted(everything) == [float(i) for i in range(24)]  # each rank reads its own half
+
+
+def test_a_stateful_loader_position_round_trips_through_fabric_save(group, tmp_path):
+    path = str(tmp_path / "loader.ckpt")
+    for result in group.run(cases.stateful_loader_checkpoint, "ddp", path):
+        assert result["step"] == 2
+        assert len(result["expected"]) == 4 and result["resumed"] == result["expected"]
