@@ -19,20 +19,23 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
+from fabric_ckpt.core.collections import apply_to_tensors, move_to
+from fabric_ckpt.core.loader import FabricDataLoader
+from fabric_ckpt.core.precision import select_precision
 from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
-from fabric_ckpt.core.wrappers import FabricModule, FabricOptimizer, is_compiled, unwrap_module, wrap_optimizer
+from fabric_ckpt.core.wrappers import (
+    FabricModule,
+    FabricOptimizer,
+    is_compiled,
+    unwrap_module,
+    unwrap_optimizer,
+    wrap_optimizer,
+)
+from fabric_ckpt.data import distribute
 from fabric_ckpt.storage import PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
-from fabric_ckpt.training import (
-    FabricDataLoader,
-    apply_to_tensors,
-    autocast,
-    check_precision,
-    clip_gradients,
-    distribute,
-    move_to,
-)
+from fabric_ckpt.training import clip_gradients
 
 __all__ = ["Fabric"]
 
@@ -47,7 +50,9 @@ class Fabric:
         strategy: ``"auto"``, ``"single"``, or a :class:`~fabric_ckpt.strategies.Strategy` instance.
         devices: devices per node: a count, a list of indices, or ``"auto"``.
         num_nodes: number of machines.
-        precision: ``"32-true"`` (default) or ``"bf16-mixed"`` (forward passes under :meth:`autocast`).
+        precision: Lightning's names: ``"32-true"`` (the default, also ``None``, ``32``), ``"bf16-mixed"``,
+            ``"16-mixed"`` (forward passes under autocast), ``"bf16-true"``, ``"16-true"``, ``"64-true"`` (weights and
+            inputs in that dtype); see ``fabric.strategy.precision``.
         plugins: not supported (only ``None``); kept so Lightning Fabric calls work unchanged.
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
@@ -67,7 +72,7 @@ class Fabric:
         strategy: str | Strategy = "auto",
         devices: int | str | list[int] = 1,
         num_nodes: int = 1,
-        precision: str | int = "32-true",
+        precision: str | int | None = "32-true",
         plugins: Any = None,
         callbacks: Any | list[Any] | None = None,
         loggers: Any | list[Any] | None = None,
@@ -76,7 +81,9 @@ class Fabric:
         if plugins:
             raise ValueError("plugins are not supported; precision and strategies are chosen by their arguments")
         self._strategy = select_strategy(strategy, accelerator, devices, num_nodes)
-        self._precision = check_precision(precision)
+        self._strategy.precision = select_precision(
+            precision, self._strategy.root_device, self._strategy.unsupported_precisions
+        )
         self._callbacks = _as_list(callbacks)
         self._loggers = _as_list(loggers)
         self._launched = False
@@ -165,13 +172,16 @@ class Fabric:
         for optimizer in optimizers:
             self._check_setup_optimizer(optimizer)
         self._ensure_launched()
+        precision = self._strategy.precision
+        precision.convert_module(_uncompiled(module))  # in place, so optimizers keep their parameters
         if move_to_device:
             self._strategy.module_to_device(_uncompiled(module))
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
-        wrapped = FabricModule(forward_module, module)
+        redirect = self._strategy.wraps_modules or forward_module is not module
+        wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
         if not optimizers:
             return wrapped
-        return (wrapped, *[wrap_optimizer(optimizer) for optimizer in prepared])
+        return (wrapped, *[wrap_optimizer(optimizer, precision) for optimizer in prepared])
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
@@ -209,7 +219,7 @@ class Fabric:
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._check_setup_optimizer(optimizer)
         self._ensure_launched()
-        return wrap_optimizer(self._strategy.setup_optimizer(optimizer))
+        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy.precision)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -286,17 +296,19 @@ class Fabric:
             >>> fabric.clip_gradients(model, optimizer, max_norm=1.0)
             >>> optimizer.step()
         """
+        self._strategy.precision.unscale_gradients(unwrap_optimizer(optimizer))
         return clip_gradients(module, optimizer, clip_val, max_norm, norm_type, error_if_nonfinite)
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
-        """Run the block in the mixed precision ``Fabric(precision=...)`` asks for (nothing for ``"32-true"``).
+        """Run the block as forward passes of set-up modules run: under autocast for ``"-mixed"`` precisions, with the
+        default dtype set for ``"-true"`` ones (nothing for ``"32-true"``).
 
         Example:
             >>> with fabric.autocast():
             ...     loss = model(inputs).sum()
         """
-        with autocast(self._precision, self.device):
+        with self._strategy.precision.forward_context():
             yield
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
@@ -324,13 +336,13 @@ class Fabric:
 
     @contextmanager
     def init_module(self) -> Iterator[None]:
-        """Create the module's tensors directly on this process's device.
+        """Create the module's tensors directly on this process's device, in the dtype of a ``"-true"`` precision.
 
         Example:
             >>> with fabric.init_module():
             ...     model = torch.nn.Linear(4, 2)
         """
-        with self.device:
+        with self.device, self._strategy.precision.module_init_context():
             yield
 
     def print(self, *args: Any, **kwargs: Any) -> None:

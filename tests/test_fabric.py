@@ -209,8 +209,8 @@ def test_precision_and_autocast():
         assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
     with Fabric(accelerator="cpu").autocast():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
-    with pytest.raises(ValueError, match=r"precision='16-mixed' is not supported"):
-        Fabric(accelerator="cpu", precision="16-mixed")
+    with pytest.raises(ValueError, match=r"precision='8-mixed' is not supported"):
+        Fabric(accelerator="cpu", precision="8-mixed")
     with pytest.raises(ValueError, match="plugins are not supported"):
         Fabric(accelerator="cpu", plugins=["something"])
 

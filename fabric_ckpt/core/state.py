@@ -1,6 +1,6 @@
 """Objects <-> checkpoint dicts: unwrapping, filters, strict key checks, and copies that own their memory.
 
-Nothing here knows about files: strategies call these rules and hand the result to the formats.
+Nothing here knows about files: strategies call these rules and hand the result to ``fabric_ckpt.io``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.loader import FabricDataLoader, no_state_message
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointMismatchError
 from fabric_ckpt.types import AttributeDict
@@ -50,7 +51,11 @@ def is_stateful(obj: Any) -> bool:
 
 
 def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped."""
+    """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped.
+
+    Set-up data loaders stay (they save and restore the wrapped loader's state); one over a loader that keeps no
+    state is refused, since the wrapper itself is never pickled into a checkpoint.
+    """
     if not isinstance(state, Mapping):
         raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
     unwrapped: dict[str, Any] = {}
@@ -59,6 +64,8 @@ def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
             obj = unwrap_module(obj)
         elif isinstance(obj, Optimizer):
             obj = unwrap_optimizer(obj)
+        elif isinstance(obj, FabricDataLoader) and not obj.has_state:
+            raise TypeError(no_state_message(obj.loader, key))
         unwrapped[key] = obj
     return unwrapped
 

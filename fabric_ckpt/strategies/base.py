@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.precision import Precision
 from fabric_ckpt.core.restore import (
     RestorePlan,
     load_module_state,
@@ -139,7 +140,32 @@ class Strategy(ABC):
             >>> fabric.strategy.teardown()  # e.g. leave the process group before the process ends
         """
 
+    # ------------------------------------------------------------------ precision
+    _precision: Precision = Precision()  # full precision until Fabric(precision=...) sets one
+
+    @property
+    def precision(self) -> Precision:
+        """How forward passes, inputs, modules, backward passes and optimizer steps treat dtypes (set by
+        ``Fabric(precision=...)``)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: Precision) -> None:
+        self._precision = precision
+
+    @property
+    def unsupported_precisions(self) -> Mapping[str, str]:
+        """Precision names this strategy cannot run, each with the reason ``Fabric(precision=...)`` refuses it."""
+        return {}
+
     # ------------------------------------------------------------------ objects
+    @property
+    def wraps_modules(self) -> bool:
+        """Whether :meth:`setup_module` wraps modules or hooks their forward (DDP, FSDP), so that calls which run a
+        set-up module's submodules must go through its forward; ``fabric.setup`` then routes ``training_step`` & co
+        (and methods marked with ``mark_forward_method``) through it."""
+        return False
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Return the module that ``forward`` should run through (e.g. a DDP wrapper).
 
@@ -165,12 +191,12 @@ class Strategy(ABC):
         return optimizer
 
     def backward(self, tensor: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
-        """Run ``tensor.backward(*args, **kwargs)`` (``fabric.backward`` calls this).
+        """Run ``tensor.backward(*args, **kwargs)`` through the precision (``fabric.backward`` calls this).
 
         Example:
             >>> strategy.backward(loss, model)
         """
-        tensor.backward(*args, **kwargs)
+        self.precision.backward(tensor, module, *args, **kwargs)
 
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:

@@ -37,6 +37,10 @@ class DDPStrategy(ParallelStrategy):
         super().__init__(accelerator, num_processes, num_nodes, process_group_backend, timeout)
         self._ddp_kwargs = ddp_kwargs
 
+    @property
+    def wraps_modules(self) -> bool:
+        return True
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, **self._ddp_kwargs)

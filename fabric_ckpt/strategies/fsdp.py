@@ -91,6 +91,22 @@ class FSDPStrategy(ParallelStrategy):
         self._modules: list[nn.Module] = []
 
     # ------------------------------------------------------------------ setup
+    @property
+    def wraps_modules(self) -> bool:
+        """True: ``fully_shard`` returns the module itself, but its forward hooks unshard the parameters."""
+        return True
+
+    @property
+    def unsupported_precisions(self) -> Mapping[str, str]:
+        """``"16-mixed"`` and ``"64-true"``, as Lightning's FSDP2 strategy (``ModelParallelStrategy``) refuses them."""
+        return {
+            "16-mixed": (
+                "a gradient scaler sees only this rank's gradient shards, so it could skip a step on some ranks "
+                "only; use 'bf16-mixed'"
+            ),
+            "64-true": "Lightning's FSDP strategies do not run float64",
+        }
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
         if not isinstance(target, FSDPModule):
