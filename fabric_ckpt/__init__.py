@@ -23,6 +23,7 @@ from fabric_ckpt.inspection import describe
 from fabric_ckpt.io.consolidate import consolidate
 from fabric_ckpt.manager import CheckpointManager
 from fabric_ckpt.rng import RNGState
+from fabric_ckpt.seeding import seed_everything
 from fabric_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from fabric_ckpt.timestamp import Time, Timestamp, TimeUnit, parse_time
 from fabric_ckpt.types import AttributeDict, Stateful
@@ -53,5 +54,6 @@ __all__ = [
     "describe",
     "diff",
     "parse_time",
+    "seed_everything",
     "verify",
 ]

@@ -7,10 +7,8 @@ every public method carries its docstring and example; the logic lives in the st
 
 from __future__ import annotations
 
-import os
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, cast, overload
 
 import torch
@@ -19,7 +17,10 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
+from fabric_ckpt.collectives import rank_zero_first, to_tensors
 from fabric_ckpt.io.paths import PathLike
+from fabric_ckpt.loggers import tell_lightning_the_rank, to_scalars
+from fabric_ckpt.seeding import add_worker_init_fn, seed_everything
 from fabric_ckpt.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
@@ -51,7 +52,8 @@ class Fabric:
         plugins: not supported (only ``None``); kept so Lightning Fabric calls work unchanged.
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
-        loggers: objects with ``log_metrics(metrics, step)`` (Lightning's logger API) that :meth:`log` feeds.
+        loggers: Lightning's loggers (``CSVLogger``, ``TensorBoardLogger``...) or any objects with
+            ``log_metrics(metrics, step)``, which :meth:`log` feeds; see :attr:`logger`.
 
     Example:
         >>> fabric = Fabric()
@@ -120,6 +122,22 @@ class Fabric:
         """Whether this is global rank 0."""
         return self._strategy.is_global_zero
 
+    @property
+    def loggers(self) -> list[Any]:
+        """The loggers given to ``Fabric(loggers=...)``, in order."""
+        return self._loggers
+
+    @property
+    def logger(self) -> Any:
+        """The first (main) logger given to ``Fabric(loggers=...)``, e.g. for ``fabric.logger.log_hyperparams(...)``.
+
+        Raises:
+            IndexError: Fabric was given no logger (the same type as Lightning's error).
+        """
+        if not self._loggers:
+            raise IndexError("fabric.logger: this Fabric has no logger; pass one with Fabric(loggers=...)")
+        return self._loggers[0]
+
     def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
         """Prepare the processes, then run ``fn(fabric, *args, **kwargs)`` if given and return its result.
 
@@ -128,6 +146,7 @@ class Fabric:
         """
         if not self._launched:
             self._strategy.setup_environment()
+            tell_lightning_the_rank(self.global_rank)
             self._launched = True
         return fn(self, *args, **kwargs) if fn is not None else None
 
@@ -214,15 +233,25 @@ class Fabric:
         device = self.device if move_to_device and self.device.type != "cpu" else None
         wrapped = tuple(
             FabricDataLoader(
-                distribute(loader, self.world_size, self.global_rank) if use_distributed_sampler else loader, device
+                self._seed_workers(
+                    distribute(loader, self.world_size, self.global_rank) if use_distributed_sampler else loader
+                ),
+                device,
             )
             for loader in dataloaders
         )
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
+    def _seed_workers(self, loader: DataLoader) -> DataLoader:
+        add_worker_init_fn(loader, self.global_rank)  # after seed_everything(..., workers=True), as in Lightning
+        return loader
+
     def _ensure_launched(self) -> None:
         if not self._launched:
             self.launch()
+
+    # Lightning's name, called by its utilities that take a Fabric (e.g. ThroughputMonitor).
+    _validate_launched = _ensure_launched
 
     # ------------------------------------------------------------------ training helpers
     def backward(self, tensor: torch.Tensor, *args: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -286,7 +315,7 @@ class Fabric:
             yield
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
-        """Send one metric to every logger given to ``Fabric(loggers=...)`` (global rank 0 only).
+        """Send one metric to every logger given to ``Fabric(loggers=...)`` (on global rank 0 only).
 
         Example:
             >>> fabric.log("loss", loss.item(), step=step)
@@ -296,27 +325,58 @@ class Fabric:
     def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Send metrics to every logger (``logger.log_metrics(metrics, step)``), on global rank 0 only.
 
+        One-element tensors (also in nested collections) are sent as Python numbers; a larger tensor is a
+        ``ValueError`` naming its metric.
+
         Example:
             >>> fabric.log_dict({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
         """
+        metrics = to_scalars(metrics)
         if not self.is_global_zero:
             return
-        plain = {
-            key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            for key, value in metrics.items()
-        }
         for logger in self._loggers:
-            logger.log_metrics(plain, step=step)
+            logger.log_metrics(metrics, step=step)
 
-    @contextmanager
-    def init_module(self) -> Iterator[None]:
-        """Create the module's tensors directly on this process's device.
+    def init_tensor(self) -> AbstractContextManager[Any]:
+        """Create tensors in the block directly on this process's device.
 
         Example:
-            >>> with fabric.init_module():
-            ...     model = torch.nn.Linear(4, 2)
+            >>> with fabric.init_tensor():
+            ...     mask = torch.ones(8, 8).tril()
         """
-        with self.device:
+        return self._strategy.tensor_init_context()
+
+    def init_module(self, empty_init: bool | None = None) -> AbstractContextManager[Any]:
+        """Create the module in the block directly on this process's device.
+
+        Args:
+            empty_init: skip initialising the weights, for a model whose weights a checkpoint will replace. On one
+                device (and DDP) the weights are allocated but not initialised; under FSDP the model is created on
+                the meta device and :meth:`setup` allocates each rank's shards, calling ``reset_parameters()``.
+                ``None`` (default) and ``False`` initialise as usual.
+
+        Example:
+            >>> with fabric.init_module(empty_init=True):
+            ...     model = Transformer()
+            >>> model = fabric.setup(model)
+            >>> fabric.load("pretrained.ckpt", {"model": model})
+        """
+        self._ensure_launched()
+        return self._strategy.module_init_context(empty_init=empty_init)
+
+    @contextmanager
+    def rank_zero_first(self, local: bool = False) -> Iterator[None]:
+        """Run the block on rank 0 first; the other ranks run it once rank 0 is done (waiting as long as it takes).
+
+        Every process must enter the block. With ``local=True`` the first process of each machine goes first (for
+        files that are not shared between machines).
+
+        Example:
+            >>> with fabric.rank_zero_first():
+            ...     dataset = MNIST("data/", download=True)  # rank 0 downloads, the others then read the files
+        """
+        self._ensure_launched()
+        with rank_zero_first(self.local_rank if local else self.global_rank):
             yield
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -329,26 +389,15 @@ class Fabric:
             print(*args, **kwargs)
 
     @staticmethod
-    def seed_everything(seed: int | None = None, workers: bool = False) -> int:
-        """Seed Python, NumPy (if installed) and torch; return the seed.
+    def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+        """Seed Python, NumPy and torch; return the seed. :func:`fabric_ckpt.seed_everything`, with ``workers``
+        defaulting to ``True`` (dataloader workers seeded too), as Lightning's ``Fabric.seed_everything`` does.
 
         Example:
             >>> Fabric.seed_everything(42)
             42
         """
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", random.randint(0, 2**32 - 1)))
-        os.environ["PL_GLOBAL_SEED"] = str(seed)
-        os.environ["PL_SEED_WORKERS"] = str(int(workers))
-        random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            import numpy
-
-            numpy.random.seed(seed % 2**32)
-        except ImportError:
-            pass
-        return seed
+        return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     # ------------------------------------------------------------------ collectives
     def barrier(self, name: str | None = None) -> None:
@@ -361,7 +410,7 @@ class Fabric:
         self._strategy.barrier(name)
 
     def broadcast(self, obj: T, src: int = 0) -> T:
-        """Send ``obj`` from rank ``src`` to every process.
+        """Send ``obj`` (a tensor, number, string or any picklable collection) from rank ``src`` to every process.
 
         Example:
             >>> run_name = fabric.broadcast(f"run-{time.time():.0f}")  # rank 0's value on every rank
@@ -372,19 +421,29 @@ class Fabric:
     def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
         """Gather a tensor (or every tensor of a collection) from all processes: each gains a leading world-size dim.
 
+        Python numbers and NumPy arrays are made tensors first (as Lightning does: ``int`` -> ``int32``, ``float`` ->
+        ``float32``, ``bool`` -> ``uint8``). In one process tensors come back as they are.
+
         Example:
             >>> losses = fabric.all_gather(loss.detach())  # shape (world_size,) in a multi-process run
+            >>> counts = fabric.all_gather({"seen": len(batch)})  # {"seen": tensor([8, 8], dtype=torch.int32)}
         """
         self._ensure_launched()
+        data = to_tensors(data, self.device)
         return apply_to_tensors(data, lambda tensor: self._strategy.all_gather(tensor, sync_grads, group=group))
 
-    def all_reduce(self, data: Any, group: Any = None, reduce_op: str = "mean") -> Any:
+    def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Reduce a tensor (or every tensor of a collection) over all processes: ``"mean"``, ``"sum"``, ``"max"``...
+
+        Tensors are reduced in place, Python numbers and NumPy arrays are made tensors first, and a mean keeps the
+        dtype (an integer mean is truncated), all as in Lightning.
 
         Example:
             >>> mean_loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
+            >>> total = fabric.all_reduce(correct_count, reduce_op="sum")  # an int in, an int32 tensor out
         """
         self._ensure_launched()
+        data = to_tensors(data, self.device)
         return apply_to_tensors(data, lambda tensor: self._strategy.all_reduce(tensor, reduce_op, group=group))
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:

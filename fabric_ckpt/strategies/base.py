@@ -22,6 +22,7 @@ from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.interop import adapt, adapt_raw
 from fabric_ckpt.io import open_checkpoint, save_file
 from fabric_ckpt.io.paths import PathLike
+from fabric_ckpt.module_init import skip_init
 from fabric_ckpt.restore import (
     RestorePlan,
     load_module_state,
@@ -145,6 +146,29 @@ class Strategy(ABC):
             >>> strategy.module_to_device(model)
         """
         module.to(self.root_device)
+
+    @contextmanager
+    def tensor_init_context(self) -> Iterator[None]:
+        """Where ``fabric.init_tensor()`` creates tensors: on :attr:`root_device`.
+
+        Example:
+            >>> with strategy.tensor_init_context():
+            ...     buffer = torch.zeros(4)  # on the strategy's device
+        """
+        with self.root_device:
+            yield
+
+    @contextmanager
+    def module_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """How ``fabric.init_module()`` creates modules: on :attr:`root_device`, skipping initialisation if
+        ``empty_init`` (the weights are allocated, to be overwritten by a checkpoint).
+
+        Example:
+            >>> with strategy.module_init_context(empty_init=True):
+            ...     model = torch.nn.Linear(4, 2)
+        """
+        with self.root_device, skip_init(enabled=bool(empty_init)):
+            yield
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """Return the optimizer training steps with (the same one, unless the strategy wraps it).
