@@ -68,7 +68,8 @@ def seed_everything(seed: int | None = None, workers: bool = False, verbose: boo
     if not MIN_SEED <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed} is out of range: seeds go from {MIN_SEED} to {MAX_SEED} (NumPy's limit)")
     if verbose:
-        log.info(f"[rank: {_rank()}] Seed set to {seed}")
+        rank = _rank_from_environment()
+        log.info(f"Seed set to {seed}" if rank is None else f"[rank: {rank}] Seed set to {seed}")
     os.environ[SEED_VARIABLE] = str(seed)
     random.seed(seed)
     if numpy is not None:
@@ -104,7 +105,7 @@ def worker_init_function(worker_id: int, rank: int | None = None) -> None:
     Example:
         >>> loader = DataLoader(dataset, num_workers=2, worker_init_fn=partial(worker_init_function, rank=0))
     """
-    global_rank = _rank() if rank is None else rank
+    global_rank = (_rank_from_environment() or 0) if rank is None else rank
     # DataLoader seeds worker `worker_id` with base_seed + worker_id; recover the base to use all of its bits.
     base_seed = torch.initial_seed() - worker_id
     seeds = _seed_sequence(base_seed, worker_id, global_rank, count=4)
@@ -147,15 +148,15 @@ def _seed_sequence(base_seed: int, worker_id: int, global_rank: int, count: int)
     return seeds
 
 
-def _rank() -> int:
-    """This process's global rank as the launcher's environment gives it (0 outside a multi-process run)."""
+def _rank_from_environment() -> int | None:
+    """This process's global rank as a launcher (ours, torchrun, SLURM, LSF) set it; ``None`` if none did."""
     for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         value = os.environ.get(variable)
         if value is not None:
             return int(value)
-    return 0
+    return None
 
 
 def _warn_on_rank_zero(message: str) -> None:
-    if _rank() == 0:
+    if not _rank_from_environment():
         warnings.warn(message, stacklevel=3)

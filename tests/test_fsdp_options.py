@@ -1,5 +1,5 @@
 """Lightning's FSDPStrategy arguments at construction: mapped onto FSDP2, accepted where FSDP2 already behaves so, or
-refused at once with the FSDP2 way; nothing unknown reaches fully_shard."""
+refused at once with the FSDP2 way; nothing unknown reaches fully_shard (nor, for DDPStrategy, DDP)."""
 
 from __future__ import annotations
 
@@ -141,3 +141,16 @@ def test_policies_select_modules_innermost_first():
     assert select_modules(root, lambda module: isinstance(module, Inner)) == inner
     assert select_modules(root, ModuleWrapPolicy({Inner})) == inner
     assert select_modules(root, None) == []
+
+
+def test_ddp_arguments_are_checked_at_construction_too():
+    from fabric_ckpt import DDPStrategy
+
+    assert DDPStrategy(find_unused_parameters=True, static_graph=False)._ddp_kwargs == {
+        "find_unused_parameters": True,
+        "static_graph": False,
+    }
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'find_unused'; DistributedDataParallel takes"):
+        DDPStrategy(find_unused=True)
+    with pytest.raises(ValueError, match=r"DDPStrategy sets 'device_ids' itself"):
+        DDPStrategy(device_ids=[0])

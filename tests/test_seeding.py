@@ -19,10 +19,10 @@ lightning_seed = pytest.importorskip("lightning.fabric.utilities.seed")
 
 
 @pytest.fixture(autouse=True)
-def _restore_seed_variables(monkeypatch):
-    # seed_everything writes these; registering them with monkeypatch restores them after each test.
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
+def _no_seed_in_the_environment():
+    # Each test starts without a seed in the environment (tests/conftest.py restores it afterwards).
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    os.environ.pop("PL_SEED_WORKERS", None)
 
 
 def draws() -> tuple[float, float, list[float]]:
@@ -72,11 +72,15 @@ def test_the_bounds_themselves_and_int_like_values_are_accepted():
     assert seed_everything("42") == 42 and seed_everything(7.9) == 7  # int(), as Lightning
 
 
-def test_verbose_logs_the_seed(caplog):
+def test_verbose_logs_the_seed_with_the_rank_a_launcher_set(caplog, monkeypatch):
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(variable, raising=False)
     with caplog.at_level(logging.INFO, logger="fabric_ckpt.seeding"):
         seed_everything(3)
         seed_everything(4, verbose=False)
-    assert [record.getMessage() for record in caplog.records] == ["[rank: 0] Seed set to 3"]
+        monkeypatch.setenv("RANK", "1")
+        seed_everything(5)
+    assert [record.getMessage() for record in caplog.records] == ["Seed set to 3", "[rank: 1] Seed set to 5"]
 
 
 def test_reset_seed_starts_the_generators_over():
