@@ -27,6 +27,7 @@ from fabric_ckpt.tools.convert import convert
 from fabric_ckpt.tools.diff import diff
 from fabric_ckpt.tools.inspection import describe
 from fabric_ckpt.tools.verify import VerifyReport, verify
+from fabric_ckpt.training.seeding import seed_everything
 from fabric_ckpt.types import AttributeDict, Stateful
 
 __all__ = [
@@ -55,5 +56,6 @@ __all__ = [
     "describe",
     "diff",
     "parse_time",
+    "seed_everything",
     "verify",
 ]

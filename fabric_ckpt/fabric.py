@@ -1,25 +1,20 @@
 """``Fabric``: the object a training loop talks to. It validates, unwraps, and hands off to its strategy.
 
-Names and semantics follow Lightning Fabric, so switching is a change of import. The module is long only because
-every public method carries its docstring and example; the logic lives in the strategies, ``state``/``restore``,
-``training`` and ``io``.
+Names and semantics follow Lightning Fabric, so switching is a change of import. Setup and checkpoints are here; the
+other training-loop methods come from :class:`~fabric_ckpt.training.loop.TrainingLoop`. The logic lives in the
+strategies, the core's state rules, the training helpers and the formats.
 """
 
 from __future__ import annotations
 
-import os
-import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar, cast, overload
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
-from fabric_ckpt.core.collections import apply_to_tensors, move_to
 from fabric_ckpt.core.loader import FabricDataLoader
 from fabric_ckpt.core.precision import select_precision
 from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
@@ -28,21 +23,22 @@ from fabric_ckpt.core.wrappers import (
     FabricOptimizer,
     is_compiled,
     unwrap_module,
-    unwrap_optimizer,
     wrap_optimizer,
 )
-from fabric_ckpt.data import distribute
 from fabric_ckpt.storage import PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
-from fabric_ckpt.training import clip_gradients
+from fabric_ckpt.training.data import distribute
+from fabric_ckpt.training.loggers import tell_lightning_the_rank
+from fabric_ckpt.training.loop import TrainingLoop
+from fabric_ckpt.training.seeding import add_worker_init_fn
 
 __all__ = ["Fabric"]
 
 T = TypeVar("T")
 
 
-class Fabric:
+class Fabric(TrainingLoop):
     """Runs a training loop on a strategy and saves/restores its state.
 
     Args:
@@ -56,7 +52,8 @@ class Fabric:
         plugins: not supported (only ``None``); kept so Lightning Fabric calls work unchanged.
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
-        loggers: objects with ``log_metrics(metrics, step)`` (Lightning's logger API) that :meth:`log` feeds.
+        loggers: Lightning's loggers (``CSVLogger``, ``TensorBoardLogger``...) or any objects with
+            ``log_metrics(metrics, step)``, which :meth:`log` feeds; see :attr:`logger`.
         storage_options: how checkpoints reach storage (retries, download cache, progress bars, endpoint,
             filesystem settings); by default from the environment (:class:`~fabric_ckpt.StorageOptions`).
 
@@ -106,41 +103,6 @@ class Fabric:
         """The :class:`~fabric_ckpt.strategies.Strategy` this Fabric runs on."""
         return self._strategy
 
-    @property
-    def device(self) -> torch.device:
-        """The device this process computes on."""
-        return self._strategy.root_device
-
-    @property
-    def global_rank(self) -> int:
-        """This process's index among all processes (0 in a single process)."""
-        return self._strategy.global_rank
-
-    @property
-    def local_rank(self) -> int:
-        """This process's index among the processes of its machine."""
-        return self._strategy.local_rank
-
-    @property
-    def node_rank(self) -> int:
-        """The index of this process's machine."""
-        return self._strategy.node_rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of processes."""
-        return self._strategy.world_size
-
-    @property
-    def num_nodes(self) -> int:
-        """The number of machines."""
-        return self._strategy.num_nodes
-
-    @property
-    def is_global_zero(self) -> bool:
-        """Whether this is global rank 0."""
-        return self._strategy.is_global_zero
-
     def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
         """Prepare the processes, then run ``fn(fabric, *args, **kwargs)`` if given and return its result.
 
@@ -149,6 +111,7 @@ class Fabric:
         """
         if not self._launched:
             self._strategy.setup_environment()
+            tell_lightning_the_rank(self.global_rank)
             self._launched = True
         return fn(self, *args, **kwargs) if fn is not None else None
 
@@ -238,192 +201,25 @@ class Fabric:
         device = self.device if move_to_device and self.device.type != "cpu" else None
         wrapped = tuple(
             FabricDataLoader(
-                distribute(loader, self.world_size, self.global_rank) if use_distributed_sampler else loader, device
+                self._seed_workers(
+                    distribute(loader, self.world_size, self.global_rank) if use_distributed_sampler else loader
+                ),
+                device,
             )
             for loader in dataloaders
         )
         return wrapped[0] if len(wrapped) == 1 else wrapped
 
+    def _seed_workers(self, loader: DataLoader) -> DataLoader:
+        add_worker_init_fn(loader, self.global_rank)  # after seed_everything(..., workers=True), as in Lightning
+        return loader
+
     def _ensure_launched(self) -> None:
         if not self._launched:
             self.launch()
 
-    # ------------------------------------------------------------------ training helpers
-    def backward(self, tensor: torch.Tensor, *args: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Call ``tensor.backward`` through the strategy (use instead of ``loss.backward()``).
-
-        Example:
-            >>> loss = model(inputs).pow(2).mean()
-            >>> fabric.backward(loss)
-        """
-        self._strategy.backward(tensor, model, *args, **kwargs)
-
-    def to_device(self, obj: T) -> T:
-        """Move a module, tensor, or (nested) collection of tensors to this process's device.
-
-        Example:
-            >>> batch = fabric.to_device({"inputs": torch.randn(8, 4), "targets": torch.randn(8, 2)})
-        """
-        if isinstance(obj, nn.Module):
-            self._strategy.module_to_device(obj)
-            return obj
-        return cast(T, move_to(obj, self.device))
-
-    @contextmanager
-    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
-        """Skip gradient synchronisation in the block, e.g. while accumulating gradients.
-
-        Example:
-            >>> with fabric.no_backward_sync(model, enabled=not last_micro_batch):
-            ...     fabric.backward(model(inputs).sum())
-        """
-        with self._strategy.no_backward_sync(module, enabled):
-            yield
-
-    def clip_gradients(
-        self,
-        module: nn.Module,
-        optimizer: Optimizer,
-        clip_val: float | None = None,
-        max_norm: float | None = None,
-        norm_type: float = 2.0,
-        error_if_nonfinite: bool = True,
-    ) -> torch.Tensor | None:
-        """Clip gradients by value (``clip_val``) or by their total norm (``max_norm``, whose value is returned).
-
-        Example:
-            >>> fabric.backward(loss)
-            >>> fabric.clip_gradients(model, optimizer, max_norm=1.0)
-            >>> optimizer.step()
-        """
-        self._strategy.precision.unscale_gradients(unwrap_optimizer(optimizer))
-        return clip_gradients(module, optimizer, clip_val, max_norm, norm_type, error_if_nonfinite)
-
-    @contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Run the block as forward passes of set-up modules run: under autocast for ``"-mixed"`` precisions, with the
-        default dtype set for ``"-true"`` ones (nothing for ``"32-true"``).
-
-        Example:
-            >>> with fabric.autocast():
-            ...     loss = model(inputs).sum()
-        """
-        with self._strategy.precision.forward_context():
-            yield
-
-    def log(self, name: str, value: Any, step: int | None = None) -> None:
-        """Send one metric to every logger given to ``Fabric(loggers=...)`` (global rank 0 only).
-
-        Example:
-            >>> fabric.log("loss", loss.item(), step=step)
-        """
-        self.log_dict({name: value}, step=step)
-
-    def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Send metrics to every logger (``logger.log_metrics(metrics, step)``), on global rank 0 only.
-
-        Example:
-            >>> fabric.log_dict({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
-        """
-        if not self.is_global_zero:
-            return
-        plain = {
-            key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            for key, value in metrics.items()
-        }
-        for logger in self._loggers:
-            logger.log_metrics(plain, step=step)
-
-    @contextmanager
-    def init_module(self) -> Iterator[None]:
-        """Create the module's tensors directly on this process's device, in the dtype of a ``"-true"`` precision.
-
-        Example:
-            >>> with fabric.init_module():
-            ...     model = torch.nn.Linear(4, 2)
-        """
-        with self.device, self._strategy.precision.module_init_context():
-            yield
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        """``print`` on global rank 0 only.
-
-        Example:
-            >>> fabric.print(f"step {step}: loss {loss.item():.4f}")
-        """
-        if self.is_global_zero:
-            print(*args, **kwargs)
-
-    @staticmethod
-    def seed_everything(seed: int | None = None, workers: bool = False) -> int:
-        """Seed Python, NumPy (if installed) and torch; return the seed.
-
-        Example:
-            >>> Fabric.seed_everything(42)
-            42
-        """
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", random.randint(0, 2**32 - 1)))
-        os.environ["PL_GLOBAL_SEED"] = str(seed)
-        os.environ["PL_SEED_WORKERS"] = str(int(workers))
-        random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            import numpy
-
-            numpy.random.seed(seed % 2**32)
-        except ImportError:
-            pass
-        return seed
-
-    # ------------------------------------------------------------------ collectives
-    def barrier(self, name: str | None = None) -> None:
-        """Wait until every process reaches this point.
-
-        Example:
-            >>> fabric.barrier("data-downloaded")
-        """
-        self._ensure_launched()
-        self._strategy.barrier(name)
-
-    def broadcast(self, obj: T, src: int = 0) -> T:
-        """Send ``obj`` from rank ``src`` to every process.
-
-        Example:
-            >>> run_name = fabric.broadcast(f"run-{time.time():.0f}")  # rank 0's value on every rank
-        """
-        self._ensure_launched()
-        return cast(T, self._strategy.broadcast(obj, src))
-
-    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
-        """Gather a tensor (or every tensor of a collection) from all processes: each gains a leading world-size dim.
-
-        Example:
-            >>> losses = fabric.all_gather(loss.detach())  # shape (world_size,) in a multi-process run
-        """
-        self._ensure_launched()
-        return apply_to_tensors(data, lambda tensor: self._strategy.all_gather(tensor, sync_grads, group=group))
-
-    def all_reduce(self, data: Any, group: Any = None, reduce_op: str = "mean") -> Any:
-        """Reduce a tensor (or every tensor of a collection) over all processes: ``"mean"``, ``"sum"``, ``"max"``...
-
-        Example:
-            >>> mean_loss = fabric.all_reduce(loss.detach(), reduce_op="mean")
-        """
-        self._ensure_launched()
-        return apply_to_tensors(data, lambda tensor: self._strategy.all_reduce(tensor, reduce_op, group=group))
-
-    def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it.
-
-        Example:
-            >>> fabric = Fabric(callbacks=[LossLogger()])
-            >>> fabric.call("on_train_batch_end", loss=loss)
-        """
-        for callback in self._callbacks:
-            method = getattr(callback, hook_name, None)
-            if callable(method):
-                method(*args, **kwargs)
+    # Lightning's name, called by its utilities that take a Fabric (e.g. ThroughputMonitor).
+    _validate_launched = _ensure_launched
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: PathLike, state: Mapping[str, Any], filter: Mapping[str, FilterFn] | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 import pytest
 import torch
@@ -13,6 +15,19 @@ from fabric_ckpt import Fabric
 @pytest.fixture
 def fabric() -> Fabric:
     return Fabric(accelerator="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_environment_restored():
+    """seed_everything writes these variables (Lightning's); no test's seed reaches the tests after it."""
+    names = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fabric_ckpt import Fabric
-from fabric_ckpt.data import SamplerShards, distribute
+from fabric_ckpt.training.data import SamplerShards, distribute
 from tests.runtime_cases import Items, TaggedLoader
 
 

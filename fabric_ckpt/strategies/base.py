@@ -42,6 +42,7 @@ from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.formats import open_checkpoint, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
 from fabric_ckpt.storage import Location, PathLike
+from fabric_ckpt.strategies.module_init import skip_init
 
 __all__ = [
     "DEFAULT_LOAD_OPTIONS",
@@ -181,6 +182,29 @@ class Strategy(ABC):
             >>> strategy.module_to_device(model)
         """
         module.to(self.root_device)
+
+    @contextmanager
+    def tensor_init_context(self) -> Iterator[None]:
+        """Where ``fabric.init_tensor()`` creates tensors: on :attr:`root_device`, in a ``"-true"`` precision's dtype.
+
+        Example:
+            >>> with strategy.tensor_init_context():
+            ...     buffer = torch.zeros(4)  # on the strategy's device
+        """
+        with self.root_device, self.precision.tensor_init_context():
+            yield
+
+    @contextmanager
+    def module_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """How ``fabric.init_module()`` creates modules: on :attr:`root_device`, in a ``"-true"`` precision's dtype,
+        skipping initialisation if ``empty_init`` (the weights are allocated, to be overwritten by a checkpoint).
+
+        Example:
+            >>> with strategy.module_init_context(empty_init=True):
+            ...     model = torch.nn.Linear(4, 2)
+        """
+        with self.root_device, self.precision.module_init_context(), skip_init(enabled=bool(empty_init)):
+            yield
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """Return the optimizer training steps with (the same one, unless the strategy wraps it).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -35,6 +36,7 @@ class DDPStrategy(ParallelStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(accelerator, num_processes, num_nodes, process_group_backend, timeout)
+        _check_ddp_arguments(ddp_kwargs)
         self._ddp_kwargs = ddp_kwargs
 
     @property
@@ -56,3 +58,20 @@ class DDPStrategy(ParallelStrategy):
 
     def __repr__(self) -> str:
         return f"DDPStrategy(accelerator={self.accelerator!r}, world_size={self.world_size})"
+
+
+# The strategy passes these itself (or, for the module, is given it by setup).
+_SET_BY_THE_STRATEGY = ("self", "module", "device_ids", "output_device", "process_group", "device_mesh")
+
+
+def _check_ddp_arguments(ddp_kwargs: Mapping[str, Any]) -> None:
+    """Refuse at construction what ``DistributedDataParallel`` would refuse only at ``fabric.setup``."""
+    accepted = list(inspect.signature(DistributedDataParallel.__init__).parameters)
+    for name in ddp_kwargs:
+        if name in _SET_BY_THE_STRATEGY:
+            raise ValueError(f"DDPStrategy sets {name!r} itself (from Fabric's accelerator and devices); leave it out")
+        if name not in accepted:
+            options = [n for n in accepted if n not in _SET_BY_THE_STRATEGY]
+            raise TypeError(
+                f"DDPStrategy got an unexpected keyword argument {name!r}; DistributedDataParallel takes {options}"
+            )

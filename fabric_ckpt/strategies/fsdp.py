@@ -20,8 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from torch.utils.serialization import config as serialization_config
@@ -48,22 +47,33 @@ from fabric_ckpt.strategies.base import (
     SaveOptions,
     WriteJob,
 )
+from fabric_ckpt.strategies.fsdp_options import WrapPolicy, build_mesh, check_policy, parse_fsdp_options, shard
+from fabric_ckpt.strategies.module_init import has_meta_tensors, materialize_meta
 from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
 
 __all__ = ["FSDPStrategy"]
-
-WrapPolicy = set[type[nn.Module]] | tuple[type[nn.Module], ...] | Callable[[nn.Module], bool] | None
 
 
 class FSDPStrategy(ParallelStrategy):
     """FSDP2 across processes, with sharded (default) or full checkpoints.
 
+    Takes Lightning's arguments, mapped onto FSDP2 (see :mod:`~fabric_ckpt.strategies.fsdp_options`); one with no
+    FSDP2 equivalent is refused here, naming the FSDP2 way.
+
     Args:
         state_dict_type: ``"sharded"`` (a folder, every rank writes its shard) or ``"full"`` (one file from rank 0).
-        auto_wrap_policy: which submodules become their own FSDP unit: a set of module classes or a predicate; the
-            root is always sharded.
+        auto_wrap_policy: which submodules become their own FSDP unit: a set of module classes, a predicate, or a
+            ``ModuleWrapPolicy``; the root is always sharded.
         writer_threads: DCP writer threads per rank.
-        **fully_shard_kwargs: passed to ``fully_shard`` (``reshard_after_forward``, ``mp_policy``, ...).
+        sharding_strategy: ``"FULL_SHARD"`` (default), ``"SHARD_GRAD_OP"``, ``"HYBRID_SHARD"``,
+            ``"_HYBRID_SHARD_ZERO2"`` or ``"NO_SHARD"`` (or torch's ``ShardingStrategy``).
+        device_mesh: ``(replicas, shard_size)`` or a ``DeviceMesh``, for hybrid sharding.
+        cpu_offload: keep parameters (and gradients, optimizer state) on the CPU: ``True`` or FSDP1's ``CPUOffload``.
+        mixed_precision: FSDP1's ``MixedPrecision`` (mapped onto FSDP2's ``MixedPrecisionPolicy``).
+        activation_checkpointing_policy: which submodules recompute their activations in backward (a set of module
+            classes, a predicate, or a ``ModuleWrapPolicy``); parameter names do not change.
+        **kwargs: FSDP2's ``reshard_after_forward``, ``mp_policy``, ``offload_policy``, ``shard_placement_fn``,
+            ``ignored_params``; FSDP1's ``use_orig_params=True``, ``limit_all_gathers`` (FSDP2 behaves so).
 
     Example:
         >>> fabric = Fabric(strategy=FSDPStrategy(num_processes=2, auto_wrap_policy={Block}))
@@ -79,15 +89,32 @@ class FSDPStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         writer_threads: int = 1,
-        **fully_shard_kwargs: Any,
+        *,
+        sharding_strategy: Any = None,
+        device_mesh: tuple[int, int] | Any | None = None,
+        cpu_offload: Any = None,
+        mixed_precision: Any = None,
+        activation_checkpointing: Any = None,
+        activation_checkpointing_policy: WrapPolicy = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(accelerator, num_processes, num_nodes, process_group_backend, timeout)
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type={state_dict_type!r}; choose 'sharded' or 'full'")
+        check_policy(auto_wrap_policy, "auto_wrap_policy")
+        self.options = parse_fsdp_options(
+            sharding_strategy,
+            device_mesh,
+            cpu_offload,
+            mixed_precision,
+            activation_checkpointing,
+            activation_checkpointing_policy,
+            kwargs,
+        )
         self.state_dict_type = state_dict_type
         self._wrap_policy = auto_wrap_policy
         self._writer_threads = writer_threads
-        self._fully_shard_kwargs = fully_shard_kwargs
+        self._mesh: Any = None
         self._modules: list[nn.Module] = []
 
     # ------------------------------------------------------------------ setup
@@ -95,6 +122,33 @@ class FSDPStrategy(ParallelStrategy):
     def wraps_modules(self) -> bool:
         """True: ``fully_shard`` returns the module itself, but its forward hooks unshard the parameters."""
         return True
+
+    @contextmanager
+    def module_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """With ``empty_init=True`` modules are created on the meta device (no memory); :meth:`setup_module`
+        allocates each rank's shards and initialises them with ``reset_parameters()``.
+
+        Example:
+            >>> with fabric.init_module(empty_init=True):
+            ...     model = Transformer()  # no memory allocated yet
+        """
+        with torch.device("meta") if empty_init else self.root_device, self.precision.module_init_context():
+            yield
+
+    def module_to_device(self, module: nn.Module) -> None:
+        if not has_meta_tensors(module):  # a meta module is materialised shard by shard in setup_module
+            super().module_to_device(module)
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``DeviceMesh`` modules are sharded over: 1-D, or 2-D ``(replicate, shard)`` for hybrid sharding.
+
+        Example:
+            >>> fabric.strategy.device_mesh.shape  # (2, 4) with HYBRID_SHARD on 2 nodes of 4 processes
+        """
+        if self._mesh is None:
+            self._mesh = build_mesh(self.options, self.root_device.type, self.world_size, self.num_nodes)
+        return self._mesh
 
     @property
     def unsupported_precisions(self) -> Mapping[str, str]:
@@ -110,21 +164,10 @@ class FSDPStrategy(ParallelStrategy):
     def setup_module(self, module: nn.Module) -> nn.Module:
         target = cast(nn.Module, module._orig_mod) if is_compiled(module) else module
         if not isinstance(target, FSDPModule):
-            mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-            for sub in reversed(list(target.modules())):  # innermost units first, the root last
-                if sub is not target and self._wraps(sub):
-                    fully_shard(sub, mesh=mesh, **self._fully_shard_kwargs)
-            fully_shard(target, mesh=mesh, **self._fully_shard_kwargs)
+            shard(target, self.options, self._wrap_policy, self.device_mesh, on_cuda=self.root_device.type == "cuda")
+        materialize_meta(target, self.root_device)
         self._modules.append(target)
         return module
-
-    def _wraps(self, module: nn.Module) -> bool:
-        policy = self._wrap_policy
-        if policy is None:
-            return False
-        if isinstance(policy, (set, tuple, frozenset)):
-            return isinstance(module, tuple(policy))
-        return bool(policy(module))
 
     def setup_module_and_optimizers(
         self, module: nn.Module, optimizers: Sequence[Optimizer]

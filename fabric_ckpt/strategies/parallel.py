@@ -18,11 +18,20 @@ from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.strategies.base import Strategy
 from fabric_ckpt.strategies.launcher import ClusterEnvironment, detect_environment, launch_local_processes
 
-__all__ = ["DEFAULT_TIMEOUT", "ParallelStrategy"]
+__all__ = ["DEFAULT_TIMEOUT", "ParallelStrategy", "limit_threads"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
+_REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+    "product": dist.ReduceOp.PRODUCT,
+    "band": dist.ReduceOp.BAND,
+    "bor": dist.ReduceOp.BOR,
+    "bxor": dist.ReduceOp.BXOR,
+}
+_MEAN_NAMES = ("mean", "avg")
 
 
 class ParallelStrategy(Strategy):
@@ -155,6 +164,7 @@ class ParallelStrategy(Strategy):
             # Destroy the group before the interpreter exits: its threads outliving Python abort the process.
             atexit.register(self.teardown)
         self._check_world_size()
+        limit_threads(self._environment.local_world_size)
         if self.accelerator == "cuda":
             torch.cuda.set_device(self.root_device)
 
@@ -225,21 +235,29 @@ class ParallelStrategy(Strategy):
         dist.all_gather(gathered, tensor.contiguous(), group=group)
         return torch.stack(gathered)
 
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "mean", group: Any = None) -> torch.Tensor:
-        """``tensor`` reduced over every rank (of ``group``): ``"mean"``, ``"sum"``, ``"max"`` or ``"min"``.
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
+        """``tensor`` reduced over every rank (of ``group``), in place (as Lightning does) and returned.
+
+        ``reduce_op``: ``"mean"``/``"avg"``, ``"sum"``, ``"max"``, ``"min"``, ``"product"`` (any case) or a
+        ``torch.distributed.ReduceOp``. A mean keeps the tensor's dtype (an integer mean is truncated, as Lightning's).
 
         Example:
             >>> strategy.all_reduce(torch.tensor(1.0), "sum")  # tensor(2.) on 2 ranks
         """
-        if reduce_op not in _REDUCE_OPS:
-            raise ValueError(f"reduce_op={reduce_op!r}; choose one of {sorted(_REDUCE_OPS)}")
+        op, is_mean = _reduce_op(reduce_op)
         if not dist.is_initialized():
             return tensor
-        result = tensor.clone()
-        dist.all_reduce(result, op=_REDUCE_OPS[reduce_op], group=group)
-        if reduce_op == "mean":
-            result = result / dist.get_world_size(group)
-        return result
+        if is_mean and dist.get_backend(group) != "gloo":
+            op = dist.ReduceOp.AVG  # gloo has no AVG: it sums, then divides below
+            is_mean = False
+        dist.all_reduce(tensor, op=op, group=group)
+        if is_mean:
+            world_size = dist.get_world_size(group)
+            if torch.is_floating_point(tensor) or tensor.is_complex():
+                tensor.div_(world_size)
+            else:
+                tensor.copy_(tensor / world_size)
+        return tensor
 
     def gather_objects(self, obj: Any, group: Any = None) -> list[Any]:
         """``obj`` from every rank (of ``group``), in rank order, on every rank.
@@ -296,3 +314,37 @@ class ParallelStrategy(Strategy):
         if error is not None:
             raise CheckpointError(message) from error
         raise CheckpointError(message)
+
+
+def _reduce_op(reduce_op: Any) -> tuple[Any, bool]:
+    """The ``ReduceOp`` for a name or ``ReduceOp``, and whether it is a mean (a sum divided by the world size)."""
+    if isinstance(reduce_op, str):
+        name = reduce_op.lower()
+        if name in _MEAN_NAMES:
+            return dist.ReduceOp.SUM, True
+        if name in _REDUCE_OPS:
+            return _REDUCE_OPS[name], False
+        raise ValueError(f"reduce_op={reduce_op!r}; choose one of {[*_MEAN_NAMES, *_REDUCE_OPS]} or a ReduceOp")
+    if reduce_op == dist.ReduceOp.AVG:
+        return dist.ReduceOp.SUM, True
+    if isinstance(reduce_op, dist.ReduceOp):
+        return reduce_op, False
+    raise ValueError(f"reduce_op={reduce_op!r}; choose one of {[*_MEAN_NAMES, *_REDUCE_OPS]} or a ReduceOp")
+
+
+def limit_threads(local_processes: int) -> None:
+    """Give each of this machine's ``local_processes`` processes an equal share of the CPUs as compute threads.
+
+    As Lightning's launchers do: unless ``OMP_NUM_THREADS`` is set (then torch already follows it), torch gets
+    ``max(1, cpus // local_processes)`` threads and ``OMP_NUM_THREADS`` says so to the processes this one starts.
+    Without it, every process would use every core and the processes would slow each other down.
+
+    Example:
+        >>> limit_threads(2)  # on an 8-core machine: 4 threads per process
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // max(local_processes, 1))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import torch
+from torch import _weights_only_unpickler
 
 from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.formats import hf_index, interop, safetensors, sharded
@@ -301,8 +302,6 @@ def _unpickle(data: bytes, storages: dict[str, int], *, weights_only: bool) -> A
         return _placeholder_storage(saved_id, storages)
 
     if weights_only:
-        from torch import _weights_only_unpickler
-
         unpickler: Any = _weights_only_unpickler.Unpickler(io.BytesIO(data))
     else:
         unpickler = pickle.Unpickler(io.BytesIO(data))
