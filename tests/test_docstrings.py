@@ -26,6 +26,13 @@ from fabric_ckpt import (
     Timestamp,
     VerifyReport,
 )
+from fabric_ckpt.lightning import (
+    FabricCkptFSDPStrategy,
+    FabricCkptIO,
+    FabricCkptModelParallelStrategy,
+    FabricCkptTrainerFSDPStrategy,
+    FabricCkptTrainerModelParallelStrategy,
+)
 from fabric_ckpt.tools.diff import CheckpointDiff
 from fabric_ckpt.tools.inspection import Description
 
@@ -43,6 +50,11 @@ CLASSES_WITH_METHODS = [
     VerifyReport,
     Description,
     CheckpointDiff,
+    FabricCkptIO,
+    FabricCkptFSDPStrategy,
+    FabricCkptModelParallelStrategy,
+    FabricCkptTrainerFSDPStrategy,
+    FabricCkptTrainerModelParallelStrategy,
 ]
 
 
@@ -107,4 +119,5 @@ def test_the_checks_see_the_api() -> None:
     assert {"Fabric.save", "Fabric.load", "CheckpointManager.load_latest", "SaveHandle.wait"} <= methods
     assert {"FSDPStrategy.save_checkpoint", "DDPStrategy.barrier", "Timestamp.advance_batch"} <= methods
     assert "Fabric.global_rank" in {label for label, _, _ in _members("property")}
+    assert {"FabricCkptIO.load_checkpoint", "FabricCkptTrainerFSDPStrategy.save_checkpoint"} <= methods
     assert len(_exported()) == len(fabric_ckpt.__all__) - 1  # everything but __version__

@@ -9,13 +9,14 @@ truncated, unreadable), :class:`CheckpointCorruptedError` (bytes fail their chec
 
 from __future__ import annotations
 
+import copy
 import errno
 import mmap
 import os
 import pickle
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -31,7 +32,11 @@ from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_p
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
 
-__all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "open_checkpoint", "sniff_format"]
+__all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "MapLocation", "open_checkpoint", "sniff_format"]
+
+# Where loaded tensors go, as ``torch.load``'s ``map_location`` says it: a device, a ``{saved: target}`` dict of
+# location strings, or a callable ``(storage, saved_location) -> storage``.
+MapLocation = str | torch.device | dict[str, str] | Callable[[Any, str], Any]
 
 FORMAT_ZIP = "zip"
 FORMAT_LEGACY = "legacy-pickle"
@@ -78,14 +83,20 @@ def existing_file(path: PathLike | Location) -> Location:
 
 @contextmanager
 def open_checkpoint(
-    path: PathLike | Location, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
+    path: PathLike | Location,
+    *,
+    weights_only: bool = True,
+    verify: bool = True,
+    progress: bool | None = None,
+    map_location: MapLocation = "cpu",
 ) -> Iterator[Any]:
     """Yield the object stored at ``path``; tensors may be views of a memory map.
 
     ``progress`` forces the download's progress bar on or off (default: the location's storage options).
 
     A sharded checkpoint folder is verified and consolidated in memory (full tensors). Copy what must outlive the
-    ``with`` block (see :func:`fabric_ckpt.core.state.materialize`).
+    ``with`` block (see :func:`fabric_ckpt.core.state.materialize`). ``map_location`` places tensors as ``torch.load``
+    does; formats that record no device (safetensors, sharded folders) count as saved on ``"cpu"``.
 
     Example:
         >>> with open_checkpoint("model.ckpt") as checkpoint:
@@ -96,12 +107,12 @@ def open_checkpoint(
         location = resolve(location, location.storage.options.replace(progress=progress))
     hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
     if hf_index is not None:
-        yield read_hf_sharded(hf_index, verify=verify)
+        yield relocate(read_hf_sharded(hf_index, verify=verify), map_location)
         return
     if location.isdir():
         if not sharded.is_sharded(location):
             raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
-        yield sharded.read_consolidated(location, weights_only=weights_only, verify=verify)
+        yield relocate(sharded.read_consolidated(location, weights_only=weights_only, verify=verify), map_location)
         return
     with location.local_file() as local, ExitStack() as stack:
         for _ in range(2):  # e.g. a zstd stream, or a gzip of a tarball of the checkpoint
@@ -109,7 +120,9 @@ def open_checkpoint(
             if kind is None:
                 break
             local = stack.enter_context(decompressed(local, kind, location.original))
-        yield load_local_file(local, location.original, weights_only=weights_only, verify=verify)
+        yield load_local_file(
+            local, location.original, weights_only=weights_only, verify=verify, map_location=map_location
+        )
 
 
 def _compression_of(local: str) -> str | None:
@@ -117,7 +130,9 @@ def _compression_of(local: str) -> str | None:
         return sniff_compression(f.read(300))
 
 
-def load_local_file(local: str, display: str, *, weights_only: bool, verify: bool) -> Any:
+def load_local_file(
+    local: str, display: str, *, weights_only: bool, verify: bool, map_location: MapLocation = "cpu"
+) -> Any:
     size = os.path.getsize(local)
     if size == 0:
         raise CheckpointError(f"Checkpoint '{display}' is empty (0 bytes)")
@@ -125,18 +140,18 @@ def load_local_file(local: str, display: str, *, weights_only: bool, verify: boo
         head = f.read(16)
     kind = sniff_format(head, size)
     if kind == FORMAT_ZIP:
-        return _load_archive(local, display, weights_only=weights_only, verify=verify)
+        return _load_archive(local, display, weights_only=weights_only, verify=verify, map_location=map_location)
     if kind == FORMAT_LEGACY:
-        return _torch_load(local, display, weights_only=weights_only, mmap=False)
+        return _torch_load(local, display, weights_only=weights_only, mmap=False, map_location=map_location)
     if kind == FORMAT_SAFETENSORS:
-        return load_safetensors(local, display)
+        return relocate(load_safetensors(local, display), map_location)
     raise CheckpointError(
         f"'{display}' is not a checkpoint: its first bytes {head[:8]!r} match no known format "
         "(torch zip archive, legacy torch pickle, safetensors)"
     )
 
 
-def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool) -> Any:
+def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool, map_location: MapLocation) -> Any:
     """Unpickle a zip checkpoint (memory-mapped) while its CRC-32s are checked on other threads.
 
     The checks run in parallel with ``torch.load``'s unpickling, so verification costs little wall time; every
@@ -159,7 +174,9 @@ def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool)
                 with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
                     checking = pool.submit(verify_archive_parallel, mapped, info)
                     try:
-                        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True)
+                        loaded = _torch_load(
+                            local, display, weights_only=weights_only, mmap=True, map_location=map_location
+                        )
                     except BaseException as err:  # reported after the checks: damage explains most failures
                         load_error = err
                     problems = checking.result()
@@ -173,15 +190,15 @@ def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool)
     if load_error is not None:
         raise load_error
     if not verify:
-        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True)
+        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True, map_location=map_location)
     return loaded
 
 
-def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool) -> Any:
+def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool, map_location: MapLocation = "cpu") -> Any:
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-            return torch.load(local, map_location="cpu", weights_only=weights_only, mmap=mmap)
+            return torch.load(local, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:
         refusal = unsafe_refusal(err, display) if weights_only else None
         if refusal is not None:
@@ -189,6 +206,50 @@ def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool) -> 
         raise CheckpointError(f"Checkpoint '{display}' could not be unpickled: {err}") from err
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, struct.error) as err:
         raise CheckpointError(f"Checkpoint '{display}' could not be read: {type(err).__name__}: {err}") from err
+
+
+def relocate(obj: Any, map_location: MapLocation) -> Any:
+    """Place the tensors of ``obj``, read from a format that records no device, as ``torch.load`` would place
+    tensors saved on ``"cpu"`` (tensors sharing a storage keep sharing it).
+
+    Example:
+        >>> state = relocate(safetensors_state, "cuda:0")
+    """
+    if isinstance(map_location, dict):
+        map_location = map_location.get("cpu", "cpu")
+    if not callable(map_location) and torch.device(map_location).type == "cpu":
+        return obj
+    return _relocated(obj, map_location, {})
+
+
+def _relocated(obj: Any, map_location: MapLocation, memo: dict[int, torch.UntypedStorage]) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and not obj.is_meta:
+        storage = obj.untyped_storage()
+        if storage._cdata not in memo:
+            memo[storage._cdata] = _placed(storage, map_location)
+        target = memo[storage._cdata]
+        moved = torch.empty((0,), dtype=obj.dtype, device=target.device)
+        return moved.set_(target, obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, dict):
+        result = copy.copy(obj)
+        for key, value in obj.items():
+            result[key] = _relocated(value, map_location, memo)
+        return result
+    if isinstance(obj, list):
+        return [_relocated(value, map_location, memo) for value in obj]
+    if isinstance(obj, tuple):
+        items = [_relocated(value, map_location, memo) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _placed(storage: torch.UntypedStorage, map_location: MapLocation) -> torch.UntypedStorage:
+    if callable(map_location):
+        placed = map_location(storage, "cpu")
+        return storage if placed is None else placed  # None: torch.load's default place, where it was saved
+    assert not isinstance(map_location, dict)
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # a byte view moves to any device, "meta" included
+    return whole.to(device=torch.device(map_location)).untyped_storage()
 
 
 def unsafe_refusal(error: BaseException, display: str) -> UnsafeCheckpointError | None:

@@ -69,6 +69,7 @@ __all__ = [
     "own_files",
     "read_consolidated",
     "read_manifest",
+    "remove_checkpoint",
     "verify_folder",
     "with_consistent_generation",
     "write_in_one_process",
@@ -493,6 +494,25 @@ def write_in_one_process(state: dict[str, Any], location: Location) -> None:
     except BaseException:
         discard(generation, location)
         raise
+
+
+def remove_checkpoint(location: Location) -> None:
+    """Remove the sharded checkpoint at ``location``: its manifest and generations (or a bare DCP folder's files),
+    then the folder itself if nothing else is left in it. A user's files in the folder stay, and so the folder.
+
+    The commit record goes first (the manifest, or DCP's ``.metadata``): a removal cut short leaves stray
+    generations that no manifest names (a later save removes them), never a checkpoint that looks whole but is not.
+
+    Example:
+        >>> remove_checkpoint(resolve("checkpoints/step-100"))
+    """
+    location.child(MANIFEST_NAME).remove()
+    location.child(METADATA_NAME).remove()
+    for name in location.listdir():
+        if is_checkpoint_part(name):
+            location.child(name).remove()
+    if not location.listdir():
+        location.remove()
 
 
 # ---------------------------------------------------------------------------------------------- delayed removal
