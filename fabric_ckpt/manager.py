@@ -26,6 +26,7 @@ from fabric_ckpt.core.state import IgnoreKeys, apply_ignore_keys
 from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, check_timestamp_state, parse_time
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
+from fabric_ckpt.formats import sharded
 from fabric_ckpt.storage import resolve
 from fabric_ckpt.storage.temporaries import is_temporary_name
 
@@ -240,8 +241,12 @@ class CheckpointManager:
 
     def _delete(self, name: str) -> None:
         path = self._url(name)
+        location = self._root.child(name)
         try:
-            self._root.child(name).remove()
+            if location.isdir():
+                sharded.remove_checkpoint(location)  # a user's own files in a checkpoint folder stay
+            else:
+                location.remove()
         except Exception as err:  # object-store clients raise their own connection errors, not only OSError
             # The new checkpoint is safe; a leftover old one must not stop training.
             warnings.warn(f"CheckpointManager could not delete the old checkpoint {path}: {err}", stacklevel=2)
@@ -378,10 +383,16 @@ class CheckpointManager:
             if name == latest or any(is_temporary_name(part) for part in name.split("/")):
                 continue
             values = self._checkpoint.parse(name, self._run_values)
-            if values is not None:
+            if values is not None and self._is_checkpoint(name):
                 # TIMESTAMP_FIELDS starts with epoch and batch: comparing in its order finds the furthest in training.
                 found.append((tuple(values.get(field, -1) for field in TIMESTAMP_FIELDS), name))
         return [name for _, name in sorted(found, reverse=True)]
+
+    def _is_checkpoint(self, name: str) -> bool:
+        """A file, or a folder holding a sharded checkpoint (not one whose checkpoint was pruned, left for the
+        user's own files in it)."""
+        location = self._root.child(name)
+        return not location.isdir() or sharded.is_sharded(location)
 
     def _walk(self, depth: int) -> Iterator[str]:
         return self._root.storage.walk(self._root.path, depth)

@@ -16,7 +16,9 @@ from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.core.timestamp import Timestamp
+from fabric_ckpt.formats import sharded
 from fabric_ckpt.manager import FORMAT_VARIABLES, CheckpointManager
+from fabric_ckpt.storage import resolve
 from tests.conftest import assert_same_state, snapshot
 
 BATCHES = 4
@@ -445,27 +447,23 @@ def test_keeps_the_newest_n_and_leaves_other_files_alone(fabric, folder):
     assert manager.checkpoints() == [f"{folder}/ep{epoch}-rank0" for epoch in (11, 10, 9)]
 
 
-def test_sharded_checkpoint_folders_are_pruned_recursively(fabric, folder):
-    for epoch in (1, 2):  # as a sharded strategy would write them: one folder per checkpoint
-        for shard in ("rank0.distcp", "meta/.metadata"):
-            path = f"{folder}/ep{epoch}-ba{epoch}-rank0/{shard}"
-            if folder.startswith("memory://"):
-                MEMORY.pipe(path[len("memory://") :], b"shard")
-            else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "wb").close()
+def test_sharded_checkpoint_folders_are_pruned_and_a_users_files_in_them_stay(fabric, folder):
+    for epoch in (1, 2):  # as a sharded strategy writes them: one folder per checkpoint
+        path = f"{folder}/ep{epoch}-ba{epoch}-rank0"
+        sharded.write_in_one_process({"w": torch.full((4,), float(epoch))}, resolve(path))
+    notes = f"{folder}/ep1-ba1-rank0/notes.txt"  # the user's own file, in the folder of the oldest checkpoint
+    with fsspec.open(notes, "w") as f:
+        f.write("mine")
     manager = CheckpointManager(fabric, folder, num_checkpoints_to_keep=2, timestamp=Timestamp(epoch=2, batch=2))
     manager.timestamp.advance_batch()
     manager.timestamp.advance_epoch()
     manager.on_epoch_end({})
-    assert listing(folder) == [
-        "ep2-ba2-rank0",
-        "ep2-ba2-rank0/meta",
-        "ep2-ba2-rank0/meta/.metadata",
-        "ep2-ba2-rank0/rank0.distcp",
-        "ep3-ba3-rank0",
-        "latest-rank0",
-    ]
+    names = [name for name in listing(folder) if "/" not in name]
+    assert names == ["ep1-ba1-rank0", "ep2-ba2-rank0", "ep3-ba3-rank0", "latest-rank0"]
+    assert [n for n in listing(folder) if n.startswith("ep1-ba1-rank0/")] == ["ep1-ba1-rank0/notes.txt"]
+    assert read_bytes(notes) == b"mine"
+    assert manager.checkpoints()[-1].endswith("ep2-ba2-rank0")  # the folder left for the user is no checkpoint
+    assert torch.equal(fabric.load(f"{folder}/ep2-ba2-rank0")["w"], torch.full((4,), 2.0))
 
 
 def test_never_deletes_the_latest_target_nor_the_resumed_checkpoint(tmp_path, fabric):
