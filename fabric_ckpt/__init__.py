@@ -16,6 +16,7 @@ from fabric_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointMismatchError,
+    FolderNotACheckpointError,
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
@@ -39,6 +40,7 @@ __all__ = [
     "DDPStrategy",
     "FSDPStrategy",
     "Fabric",
+    "FolderNotACheckpointError",
     "RNGState",
     "SaveHandle",
     "SingleDeviceStrategy",

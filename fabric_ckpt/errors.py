@@ -8,7 +8,9 @@ __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "FolderNotACheckpointError",
     "UnsafeCheckpointError",
+    "folder_not_a_checkpoint",
 ]
 
 
@@ -32,6 +34,32 @@ class CheckpointCorruptedError(CheckpointError):
         ... except CheckpointCorruptedError as err:
         ...     print(err)  # names the damaged record and its entry, e.g. 'model/fc1.weight'
     """
+
+
+class FolderNotACheckpointError(CheckpointError, IsADirectoryError, ValueError):
+    """A checkpoint was asked of a folder that holds none (no checkpoint file, no sharded checkpoint inside).
+
+    Also an ``IsADirectoryError`` and a ``ValueError``, what Lightning raises there (``torch.load`` of a folder, and
+    Lightning's FSDP strategy), so code written for Lightning keeps catching it.
+
+    Example:
+        >>> try:
+        ...     fabric.load("runs/", state)  # the run's folder, not a checkpoint in it
+        ... except FolderNotACheckpointError as err:
+        ...     print(err)
+    """
+
+
+def folder_not_a_checkpoint(path: str) -> FolderNotACheckpointError:
+    """The error for ``path``, a folder holding no checkpoint; its message has Lightning's phrase too.
+
+    Example:
+        >>> raise folder_not_a_checkpoint("runs/")
+    """
+    return FolderNotACheckpointError(
+        f"'{path}' is a folder, not a checkpoint: the path does not point to a valid checkpoint (a checkpoint file, "
+        "or a sharded checkpoint folder holding fabric_ckpt.json or DCP's .metadata)"
+    )
 
 
 class CheckpointMismatchError(CheckpointError):

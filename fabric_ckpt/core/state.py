@@ -71,26 +71,39 @@ def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_filter(filter: Mapping[str, FilterFn] | None, state: Mapping[str, Any]) -> None:
-    """Reject a ``filter`` that is not a dict of callables keyed by entries of ``state``."""
+    """Reject a ``filter`` that is not a dict of callables keyed by entries of ``state`` (Lightning's messages)."""
     if filter is None:
         return
     if not isinstance(filter, Mapping):
         raise TypeError(
-            f"`filter` must be a dict mapping a key of `state` to a callable (key, value) -> bool, "
-            f"got {type(filter).__name__}"
+            f"Filter should be a dictionary, given {filter!r}: `filter` maps a key of `state` to a callable "
+            "(key, value) -> bool"
         )
     unknown = [key for key in filter if key not in state]
     if unknown:
-        raise ValueError(f"`filter` has key(s) {unknown} that are not in `state`; the state's keys are {list(state)}")
+        raise ValueError(
+            f"The filter keys {set(unknown)} are not present in the state keys {set(state)}: `filter` has key(s) "
+            f"{unknown} that are not in `state`"
+        )
     for key, fn in filter.items():
         if not callable(fn):
-            raise TypeError(f"`filter[{key!r}]` must be a callable (key, value) -> bool, got {type(fn).__name__}")
+            raise TypeError(
+                f"Expected `fabric.save(filter=...)` for key {key!r} to be a callable, given {fn!r}: "
+                "a callable (key, value) -> bool"
+            )
 
 
-def apply_filter(key: str, value: Any, fn: FilterFn) -> Any:
-    """Keep the items of the state dict ``value`` that ``fn(item_key, item_value)`` accepts (type preserved)."""
+def apply_filter(value: Any, fn: FilterFn) -> Any:
+    """The items of the state dict ``value`` that ``fn(item_key, item_value)`` accepts (type preserved).
+
+    A ``value`` that is not a dict is returned as it is (Lightning saves such an entry unfiltered).
+
+    Example:
+        >>> apply_filter({"weight": 1, "bias": 2}, lambda key, value: key == "weight")
+        {'weight': 1}
+    """
     if not isinstance(value, Mapping):
-        raise TypeError(f"`filter[{key!r}]` needs a dict to filter, but the entry {key!r} is a {type(value).__name__}")
+        return value
     kept = [(k, v) for k, v in value.items() if fn(k, v)]
     if isinstance(value, OrderedDict):
         result: Any = OrderedDict(kept)
@@ -111,7 +124,8 @@ def to_checkpoint(
     """Turn unwrapped objects into the checkpoint dict: state dicts for modules/optimizers/stateful objects.
 
     ``AttributeDict`` (or other ``dict`` subclass) values become plain dicts so the file loads under
-    ``weights_only=True``.
+    ``weights_only=True``. A ``filter`` keeps the items of a dict entry it accepts; an entry it empties is left out,
+    and an entry that is not a dict is saved as it is.
     """
     checkpoint: dict[str, Any] = {}
     for key, obj in objects.items():
@@ -123,8 +137,10 @@ def to_checkpoint(
             value = obj.state_dict()
         else:
             value = _plain_containers(obj)
-        if filter and key in filter:
-            value = apply_filter(key, value, filter[key])
+        if filter and key in filter and isinstance(value, Mapping):
+            value = apply_filter(value, filter[key])
+            if not value:
+                continue  # every item filtered out: the entry is left out of the file, as Lightning does
         checkpoint[key] = value
     return checkpoint
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.compression import decompressed, sniff_compression
 from fabric_ckpt.formats.hf_index import find_hf_index, read_hf_sharded
@@ -77,7 +77,7 @@ def existing_file(path: PathLike | Location) -> Location:
     """Resolve ``path`` and check that it names a file."""
     location = existing_location(path)
     if location.isdir():
-        raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint file")
+        raise folder_not_a_checkpoint(location.original)
     return location
 
 
@@ -111,7 +111,7 @@ def open_checkpoint(
         return
     if location.isdir():
         if not sharded.is_sharded(location):
-            raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
+            raise folder_not_a_checkpoint(location.original)
         yield relocate(sharded.read_consolidated(location, weights_only=weights_only, verify=verify), map_location)
         return
     with location.local_file() as local, ExitStack() as stack:
