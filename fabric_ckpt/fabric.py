@@ -128,9 +128,17 @@ class Fabric(TrainingLoop):
         Returns the module alone, or ``(module, *optimizers)``. Under FSDP, optimizers created before the module
         was sharded are re-pointed at the sharded parameters.
 
+        Callbacks' ``on_after_setup(fabric=..., module=...)`` hooks run once it is set up, and set-up optimizers call
+        their ``on_after_optimizer_step(strategy=..., optimizer=...)`` after every step, as in Lightning.
+
         Example:
             >>> model, optimizer = fabric.setup(model, optimizer)
         """
+        return self._setup(module, optimizers, move_to_device=move_to_device, announce=True)
+
+    def _setup(
+        self, module: nn.Module, optimizers: tuple[Optimizer, ...], *, move_to_device: bool, announce: bool
+    ) -> Any:
         self._check_setup_module(module)
         for optimizer in optimizers:
             self._check_setup_optimizer(optimizer)
@@ -142,9 +150,10 @@ class Fabric(TrainingLoop):
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
         redirect = self._strategy.wraps_modules or forward_module is not module
         wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
-        if not optimizers:
-            return wrapped
-        return (wrapped, *[wrap_optimizer(optimizer, precision) for optimizer in prepared])
+        wrapped_optimizers = [self._wrap_optimizer(optimizer) for optimizer in prepared]
+        if announce:
+            self.call("on_after_setup", fabric=self, module=wrapped)  # Lightning's hook, from setup() only
+        return (wrapped, *wrapped_optimizers) if optimizers else wrapped
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
@@ -152,7 +161,7 @@ class Fabric(TrainingLoop):
         Example:
             >>> model = fabric.setup_module(model)
         """
-        return self.setup(module, move_to_device=move_to_device)
+        return cast(FabricModule, self._setup(module, (), move_to_device=move_to_device, announce=False))
 
     @staticmethod
     def _check_setup_module(module: Any) -> None:
@@ -182,7 +191,17 @@ class Fabric(TrainingLoop):
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._check_setup_optimizer(optimizer)
         self._ensure_launched()
-        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy.precision)
+        return self._wrap_optimizer(self._strategy.setup_optimizer(optimizer))
+
+    def _wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        after_step = self._after_optimizer_step if self._callbacks else None
+        return wrap_optimizer(optimizer, self._strategy.precision, after_step)
+
+    def _after_optimizer_step(self, optimizer: Optimizer) -> None:
+        for callback in self._callbacks:
+            hook = getattr(callback, "on_after_optimizer_step", None)
+            if callable(hook):
+                hook(strategy=self._strategy, optimizer=optimizer)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True

@@ -3,9 +3,12 @@ Lightning's, ``fabric.call`` and the hooks Fabric calls itself, strategies' call
 
 from __future__ import annotations
 
-import pytest
+import functools
 
-from fabric_ckpt import AttributeDict, CheckpointError, FolderNotACheckpointError, FSDPStrategy
+import pytest
+import torch
+
+from fabric_ckpt import AttributeDict, CheckpointError, Fabric, FolderNotACheckpointError, FSDPStrategy
 from tests.conftest import make_net
 
 
@@ -33,3 +36,84 @@ class TestErrorsCatchableAsLightnings:
             del state.epoch
         del state.step
         assert state == {}
+
+
+class TestCallbacks:
+    def test_call_passes_each_callback_only_the_keywords_its_hook_takes(self):
+        class TakesEpoch:
+            def on_epoch_end(self, epoch):
+                self.seen = {"epoch": epoch}
+
+        class TakesEverything:
+            def on_epoch_end(self, epoch, **rest):
+                self.seen = {"epoch": epoch, **rest}
+
+        class TakesNothing:
+            def on_epoch_end(self):
+                self.seen = {}
+
+        class TakesPositionalAndKeyword:
+            def on_epoch_end(self, tag, *, loss):
+                self.seen = {"tag": tag, "loss": loss}
+
+        callbacks = [TakesEpoch(), TakesEverything(), TakesNothing()]
+        Fabric(accelerator="cpu", callbacks=callbacks).call("on_epoch_end", epoch=2, loss=0.5)
+        assert [c.seen for c in callbacks] == [{"epoch": 2}, {"epoch": 2, "loss": 0.5}, {}]
+
+        mixed = TakesPositionalAndKeyword()
+        Fabric(accelerator="cpu", callbacks=[mixed]).call("on_epoch_end", "val", loss=0.25, epoch=3)
+        assert mixed.seen == {"tag": "val", "loss": 0.25}
+
+    def test_a_hook_taking_keywords_through_a_partial_gets_every_keyword(self):
+        seen = []
+
+        class Recorder:
+            def __init__(self):
+                self.on_epoch_end = functools.partial(lambda **kw: seen.append(kw))
+
+        Fabric(accelerator="cpu", callbacks=[Recorder()]).call("on_epoch_end", epoch=1, loss=2.0)
+        assert seen == [{"epoch": 1, "loss": 2.0}]
+
+    def test_a_non_callable_attribute_is_skipped_with_lightnings_warning(self):
+        class Configured:
+            on_epoch_end = "not a method"
+
+        calls = []
+
+        class Listening:
+            def on_epoch_end(self):
+                calls.append(1)
+
+        fabric = Fabric(accelerator="cpu", callbacks=[Configured(), Listening()])
+        with pytest.warns(UserWarning, match=r"Skipping the callback `Configured.on_epoch_end` because it is not call"):
+            fabric.call("on_epoch_end")
+        assert calls == [1]
+
+    def test_fabric_calls_on_after_setup_and_on_after_optimizer_step_as_lightning(self):
+        events = []
+
+        class Watcher:
+            def on_after_setup(self, fabric, module):
+                events.append(("setup", fabric, module))
+
+            def on_after_optimizer_step(self, strategy, optimizer):
+                events.append(("step", strategy, optimizer, optimizer.state_dict()["state"][0]["step"].item()))
+
+        fabric = Fabric(accelerator="cpu", callbacks=[Watcher()])
+        model = make_net()
+        optimizer = torch.optim.Adam(model.parameters())
+        wrapped_model, wrapped_optimizer = fabric.setup(model, optimizer)
+        assert events == [("setup", fabric, wrapped_model)]
+        scheduler = torch.optim.lr_scheduler.StepLR(wrapped_optimizer, step_size=1)
+        for _ in range(2):
+            fabric.backward(wrapped_model(torch.randn(4, 4)).sum())
+            wrapped_optimizer.step()
+            scheduler.step()
+        assert events[1:] == [("step", fabric.strategy, optimizer, 1.0), ("step", fabric.strategy, optimizer, 2.0)]
+        fabric.setup_module(make_net())  # Lightning calls on_after_setup from setup() only
+        assert len(events) == 3
+
+    def test_without_callbacks_the_optimizer_step_is_the_optimizers_own(self, fabric):
+        model = make_net()
+        _, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert "step" not in type(optimizer).__dict__
