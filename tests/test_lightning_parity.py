@@ -4,11 +4,21 @@ Lightning's, ``fabric.call`` and the hooks Fabric calls itself, strategies' call
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from fabric_ckpt import AttributeDict, CheckpointError, Fabric, FolderNotACheckpointError, FSDPStrategy
+from fabric_ckpt import (
+    AttributeDict,
+    CheckpointError,
+    DDPStrategy,
+    Fabric,
+    FolderNotACheckpointError,
+    FSDPStrategy,
+)
 from tests.conftest import make_net
 
 
@@ -117,3 +127,35 @@ class TestCallbacks:
         model = make_net()
         _, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
         assert "step" not in type(optimizer).__dict__
+
+
+class TestStrategyNames:
+    @pytest.mark.parametrize("name", ["ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true"])
+    def test_lightnings_cpu_ddp_names_give_a_ddp_strategy_of_the_requested_size(self, name):
+        fabric = Fabric(accelerator="cpu", strategy=name, devices=3)
+        assert isinstance(fabric.strategy, DDPStrategy)
+        assert fabric.world_size == 3
+        expected = {"find_unused_parameters": True} if name.endswith("_true") else {}
+        assert fabric.strategy._ddp_kwargs == expected
+
+    def test_launch_under_main_runs_the_function_with_its_arguments_in_each_process(self, tmp_path):
+        script = tmp_path / "spawned.py"
+        script.write_text(
+            textwrap.dedent("""
+            import sys
+            from fabric_ckpt import Fabric
+
+            def train(fabric, scale, *, label):
+                sys.stdout.write(f"{label} rank={fabric.global_rank}/{fabric.world_size} got={scale * 2}\\n")
+                sys.stdout.flush()
+                return fabric.global_rank
+
+            if __name__ == "__main__":
+                fabric = Fabric(accelerator="cpu", strategy="ddp_spawn", devices=2)
+                fabric.launch(train, 21, label="run")
+            """)
+        )
+        outcome = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+        assert outcome.returncode == 0, outcome.stderr
+        lines = sorted(line for line in outcome.stdout.splitlines() if line.startswith("run "))
+        assert lines == ["run rank=0/2 got=42", "run rank=1/2 got=42"]
