@@ -17,6 +17,7 @@ from fabric_ckpt.errors import (
     CheckpointError,
     CheckpointMismatchError,
     FolderNotACheckpointError,
+    UnpicklableStateError,
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
@@ -50,6 +51,7 @@ __all__ = [
     "Time",
     "TimeUnit",
     "Timestamp",
+    "UnpicklableStateError",
     "UnsafeCheckpointError",
     "VerifyReport",
     "__version__",

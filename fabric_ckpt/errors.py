@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "FolderNotACheckpointError",
+    "UnpicklableStateError",
     "UnsafeCheckpointError",
     "folder_not_a_checkpoint",
 ]
@@ -85,4 +86,18 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
         ...     fabric.load("downloaded.ckpt", state)
         ... except UnsafeCheckpointError as err:
         ...     print(err)  # names the refused global; weights_only=False is for files you trust only
+    """
+
+
+class UnpicklableStateError(CheckpointError, pickle.PicklingError):
+    """A value in the state given to a save cannot be pickled (a lambda, a lock, an open file...); nothing was written.
+
+    The message names the entry (``state['hparams']['fn']``). Also a :class:`pickle.PicklingError`, what
+    ``torch.save`` raises there.
+
+    Example:
+        >>> try:
+        ...     fabric.save("ckpt.pt", {"model": model, "hparams": {"fn": lambda x: x}})
+        ... except UnpicklableStateError as err:
+        ...     print(err)  # Saving 'ckpt.pt': state['hparams']['fn'] cannot be pickled ...
     """

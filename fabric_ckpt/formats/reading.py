@@ -31,6 +31,7 @@ from fabric_ckpt.formats.safetensors import load_safetensors
 from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
+from fabric_ckpt.storage.pointers import follow_pointer
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "MapLocation", "open_checkpoint", "sniff_format"]
 
@@ -102,7 +103,7 @@ def open_checkpoint(
         >>> with open_checkpoint("model.ckpt") as checkpoint:
         ...     model.load_state_dict(checkpoint["model"])
     """
-    location = existing_location(path)
+    location = follow_pointer(existing_location(path))  # a manager's `latest` on an object store
     if progress is not None:
         location = resolve(location, location.storage.options.replace(progress=progress))
     hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
