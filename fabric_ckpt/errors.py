@@ -58,8 +58,9 @@ def folder_not_a_checkpoint(path: str) -> FolderNotACheckpointError:
         >>> raise folder_not_a_checkpoint("runs/")
     """
     return FolderNotACheckpointError(
-        f"'{path}' is a folder, not a checkpoint: the path does not point to a valid checkpoint (a checkpoint file, "
-        "or a sharded checkpoint folder holding fabric_ckpt.json or DCP's .metadata)"
+        f"'{path}' is a folder, not a checkpoint: the path does not point to a valid checkpoint. The given path must "
+        "be a single file containing the full state dict, or a sharded checkpoint folder (holding fabric_ckpt.json "
+        "or DCP's .metadata)"
     )
 
 

@@ -7,6 +7,7 @@ strategies, the core's state rules, the training helpers and the formats.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar, cast, overload
 
@@ -39,6 +40,11 @@ from fabric_ckpt.training.seeding import add_worker_init_fn
 __all__ = ["Fabric"]
 
 T = TypeVar("T")
+
+
+def _no_function(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
+    """What ``fabric.launch()`` runs when given no function: nothing."""
+    return None
 
 
 class Fabric(TrainingLoop):
@@ -117,17 +123,21 @@ class Fabric(TrainingLoop):
         """The :class:`~fabric_ckpt.strategies.Strategy` this Fabric runs on."""
         return self._strategy
 
-    def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
+    def launch(self, fn: Callable[..., T] = _no_function, *args: Any, **kwargs: Any) -> T | None:
         """Prepare the processes, then run ``fn(fabric, *args, **kwargs)`` if given and return its result.
+
+        ``fn`` must be a callable taking the Fabric as its first argument (a ``TypeError`` otherwise, as Lightning's).
 
         Example:
             >>> fabric.launch(lambda fabric: print(fabric.global_rank))
         """
+        if fn is not _no_function:
+            _check_launch_function(fn)
         if not self._launched:
             self._strategy.setup_environment()
             tell_lightning_the_rank(self.global_rank)
             self._launched = True
-        return fn(self, *args, **kwargs) if fn is not None else None
+        return fn(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ setup
     @overload
@@ -444,6 +454,24 @@ def _call_each(targets: Iterable[Any], hook_name: str, *args: Any) -> None:
         method = getattr(target, hook_name, None)
         if callable(method):
             method(*args)
+
+
+def _check_launch_function(fn: Any) -> None:
+    """Lightning's checks of ``fabric.launch(fn)``, with its words: ``fn`` is called, with the Fabric as argument."""
+    if not callable(fn):
+        raise TypeError(
+            f"`Fabric.launch(...)` needs to be a callable, but got {fn}. HINT: do `.launch(your_fn)` instead of "
+            "`.launch(your_fn())`"
+        )
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: let the call decide
+        return
+    if not parameters:
+        raise TypeError(
+            f"`Fabric.launch(function={fn})` needs to take at least one argument. The launcher will pass in the "
+            "`Fabric` object so you can use it inside the function."
+        )
 
 
 def _checkpoint_io_plugin(plugins: Any) -> Any | None:

@@ -159,3 +159,57 @@ class TestStrategyNames:
         assert outcome.returncode == 0, outcome.stderr
         lines = sorted(line for line in outcome.stdout.splitlines() if line.startswith("run "))
         assert lines == ["run rank=0/2 got=42", "run rank=1/2 got=42"]
+
+
+class TestSetUpObjectsActAsLightnings:
+    """What Lightning's wrapper tests check, through the public ``fabric.setup`` (their private constructors take
+    Lightning's own strategy objects)."""
+
+    def test_a_set_up_module_reads_and_writes_the_users_module(self, fabric):
+        original = make_net()
+        model = fabric.setup(original)
+        assert model.fc1 is original.fc1 and model.module is original
+        model.temperature = 2.0
+        assert original.temperature == 2.0
+        assert list(model.state_dict()) == list(original.state_dict())  # no wrapper prefix
+        replacement = make_net(seed=9).state_dict()
+        model.load_state_dict(replacement)
+        assert torch.equal(original.fc1.weight, replacement["fc1.weight"])
+
+    def test_a_set_up_optimizer_is_the_users_class_and_shares_its_state(self, fabric):
+        model = make_net()
+        original = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _, optimizer = fabric.setup(model, original)
+        assert isinstance(optimizer, torch.optim.SGD) and type(optimizer).__name__ == "FabricSGD"
+        assert optimizer.optimizer is original
+        fabric.backward(model(torch.randn(4, 4)).sum())
+        optimizer.step()
+        assert optimizer.state_dict()["state"].keys() == original.state_dict()["state"].keys() != set()
+        fresh = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        _, fresh_wrapped = Fabric(accelerator="cpu").setup(make_net(), fresh)
+        fresh_wrapped.load_state_dict(original.state_dict())
+        assert fresh.param_groups[0]["lr"] == 0.1 and fresh.state
+
+    def test_zero_grad_takes_the_optimizers_own_arguments(self, fabric):
+        calls = []
+
+        class CustomSGD(torch.optim.SGD):
+            def zero_grad(self, set_grads_to_None=False):
+                calls.append(set_grads_to_None)
+
+        model = make_net()
+        _, optimizer = fabric.setup(model, CustomSGD(model.parameters(), lr=0.1))
+        optimizer.zero_grad()
+        optimizer.zero_grad(set_grads_to_None=True)
+        assert calls == [False, True]
+
+
+def test_launch_refuses_what_it_cannot_call_with_lightnings_words(fabric):
+    def no_arguments():
+        pass
+
+    with pytest.raises(TypeError, match="needs to take at least one argument"):
+        fabric.launch(no_arguments)
+    with pytest.raises(TypeError, match=r"needs to be a callable, but got None\. HINT"):
+        fabric.launch(None)  # e.g. launch(train(fabric)) instead of launch(train)
+    assert fabric.launch(lambda f, x: (f is fabric, x), 3) == (True, 3)
