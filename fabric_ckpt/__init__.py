@@ -16,6 +16,8 @@ from fabric_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointMismatchError,
+    FolderNotACheckpointError,
+    UnpicklableStateError,
     UnsafeCheckpointError,
 )
 from fabric_ckpt.fabric import Fabric
@@ -39,6 +41,7 @@ __all__ = [
     "DDPStrategy",
     "FSDPStrategy",
     "Fabric",
+    "FolderNotACheckpointError",
     "RNGState",
     "SaveHandle",
     "SingleDeviceStrategy",
@@ -48,6 +51,7 @@ __all__ = [
     "Time",
     "TimeUnit",
     "Timestamp",
+    "UnpicklableStateError",
     "UnsafeCheckpointError",
     "VerifyReport",
     "__version__",

@@ -8,7 +8,10 @@ __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "FolderNotACheckpointError",
+    "UnpicklableStateError",
     "UnsafeCheckpointError",
+    "folder_not_a_checkpoint",
 ]
 
 
@@ -34,6 +37,33 @@ class CheckpointCorruptedError(CheckpointError):
     """
 
 
+class FolderNotACheckpointError(CheckpointError, IsADirectoryError, ValueError):
+    """A checkpoint was asked of a folder that holds none (no checkpoint file, no sharded checkpoint inside).
+
+    Also an ``IsADirectoryError`` and a ``ValueError``, what Lightning raises there (``torch.load`` of a folder, and
+    Lightning's FSDP strategy), so code written for Lightning keeps catching it.
+
+    Example:
+        >>> try:
+        ...     fabric.load("runs/", state)  # the run's folder, not a checkpoint in it
+        ... except FolderNotACheckpointError as err:
+        ...     print(err)
+    """
+
+
+def folder_not_a_checkpoint(path: str) -> FolderNotACheckpointError:
+    """The error for ``path``, a folder holding no checkpoint; its message has Lightning's phrase too.
+
+    Example:
+        >>> raise folder_not_a_checkpoint("runs/")
+    """
+    return FolderNotACheckpointError(
+        f"'{path}' is a folder, not a checkpoint: the path does not point to a valid checkpoint. The given path must "
+        "be a single file containing the full state dict, or a sharded checkpoint folder (holding fabric_ckpt.json "
+        "or DCP's .metadata)"
+    )
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the module or optimizer it is loaded into (keys, shapes, groups).
 
@@ -57,4 +87,18 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
         ...     fabric.load("downloaded.ckpt", state)
         ... except UnsafeCheckpointError as err:
         ...     print(err)  # names the refused global; weights_only=False is for files you trust only
+    """
+
+
+class UnpicklableStateError(CheckpointError, pickle.PicklingError):
+    """A value in the state given to a save cannot be pickled (a lambda, a lock, an open file...); nothing was written.
+
+    The message names the entry (``state['hparams']['fn']``). Also a :class:`pickle.PicklingError`, what
+    ``torch.save`` raises there.
+
+    Example:
+        >>> try:
+        ...     fabric.save("ckpt.pt", {"model": model, "hparams": {"fn": lambda x: x}})
+        ... except UnpicklableStateError as err:
+        ...     print(err)  # Saving 'ckpt.pt': state['hparams']['fn'] cannot be pickled ...
     """

@@ -7,6 +7,7 @@ strategies, the core's state rules, the training helpers and the formats.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar, cast, overload
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from fabric_ckpt.async_save import BackgroundSaver, SaveHandle
 from fabric_ckpt.core.loader import FabricDataLoader
+from fabric_ckpt.core.naming import fill_rank_variables
 from fabric_ckpt.core.precision import select_precision
 from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
 from fabric_ckpt.core.wrappers import (
@@ -23,11 +25,13 @@ from fabric_ckpt.core.wrappers import (
     FabricOptimizer,
     is_compiled,
     unwrap_module,
+    unwrap_optimizer,
     wrap_optimizer,
 )
-from fabric_ckpt.storage import PathLike, StorageOptions, resolve
+from fabric_ckpt.storage import PathLike, StorageOptions
 from fabric_ckpt.strategies import Strategy, select_strategy
-from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
+from fabric_ckpt.strategies.base import SaveOptions
+from fabric_ckpt.strategies.checkpoint_io import CHECKPOINT_IO_METHODS, is_checkpoint_io
 from fabric_ckpt.training.data import distribute
 from fabric_ckpt.training.loggers import tell_lightning_the_rank
 from fabric_ckpt.training.loop import TrainingLoop
@@ -36,6 +40,11 @@ from fabric_ckpt.training.seeding import add_worker_init_fn
 __all__ = ["Fabric"]
 
 T = TypeVar("T")
+
+
+def _no_function(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
+    """What ``fabric.launch()`` runs when given no function: nothing."""
+    return None
 
 
 class Fabric(TrainingLoop):
@@ -49,13 +58,18 @@ class Fabric(TrainingLoop):
         precision: Lightning's names: ``"32-true"`` (the default, also ``None``, ``32``), ``"bf16-mixed"``,
             ``"16-mixed"`` (forward passes under autocast), ``"bf16-true"``, ``"16-true"``, ``"64-true"`` (weights and
             inputs in that dtype); see ``fabric.strategy.precision``.
-        plugins: not supported (only ``None``); kept so Lightning Fabric calls work unchanged.
+        plugins: a Lightning ``CheckpointIO`` (or a list holding one): any object with ``save_checkpoint``,
+            ``load_checkpoint`` and ``remove_checkpoint``, which then does all the I/O of single-file checkpoints
+            (``fabric.strategy.checkpoint_io``). Other plugins are refused: precision is chosen with ``precision``.
         callbacks: objects whose hooks (``on_save_checkpoint``, ``on_load_checkpoint``, or any name given to
             :meth:`call`) are called.
         loggers: Lightning's loggers (``CSVLogger``, ``TensorBoardLogger``...) or any objects with
             ``log_metrics(metrics, step)``, which :meth:`log` feeds; see :attr:`logger`.
         storage_options: how checkpoints reach storage (retries, download cache, progress bars, endpoint,
             filesystem settings); by default from the environment (:class:`~fabric_ckpt.StorageOptions`).
+        checkpoint_hooks: call the ``on_save_checkpoint``/``on_load_checkpoint`` hooks of the modules in the state
+            and of the callbacks on every save and load (the Lightning Trainer's hooks; Lightning's Fabric calls
+            none). ``False`` turns them off.
 
     Example:
         >>> fabric = Fabric()
@@ -74,9 +88,11 @@ class Fabric(TrainingLoop):
         callbacks: Any | list[Any] | None = None,
         loggers: Any | list[Any] | None = None,
         storage_options: StorageOptions | None = None,
+        checkpoint_hooks: bool = True,
     ) -> None:
-        if plugins:
-            raise ValueError("plugins are not supported; precision and strategies are chosen by their arguments")
+        if not isinstance(checkpoint_hooks, bool):
+            raise TypeError(f"checkpoint_hooks must be True or False, got {checkpoint_hooks!r}")
+        checkpoint_io = _checkpoint_io_plugin(plugins)
         self._strategy = select_strategy(strategy, accelerator, devices, num_nodes)
         self._strategy.precision = select_precision(
             precision, self._strategy.root_device, self._strategy.unsupported_precisions
@@ -91,6 +107,10 @@ class Fabric(TrainingLoop):
                 "put fsspec settings in StorageOptions(filesystem_options={...})"
             )
         self._storage_options = storage_options or StorageOptions.from_environment()
+        self._strategy.storage_options = self._storage_options
+        self._strategy.checkpoint_hooks = _HookCaller(self) if checkpoint_hooks else None
+        if checkpoint_io is not None:
+            self._strategy.checkpoint_io = checkpoint_io
 
     # ------------------------------------------------------------------ topology
     @property
@@ -103,17 +123,21 @@ class Fabric(TrainingLoop):
         """The :class:`~fabric_ckpt.strategies.Strategy` this Fabric runs on."""
         return self._strategy
 
-    def launch(self, fn: Callable[..., T] | None = None, *args: Any, **kwargs: Any) -> T | None:
+    def launch(self, fn: Callable[..., T] = _no_function, *args: Any, **kwargs: Any) -> T | None:
         """Prepare the processes, then run ``fn(fabric, *args, **kwargs)`` if given and return its result.
+
+        ``fn`` must be a callable taking the Fabric as its first argument (a ``TypeError`` otherwise, as Lightning's).
 
         Example:
             >>> fabric.launch(lambda fabric: print(fabric.global_rank))
         """
+        if fn is not _no_function:
+            _check_launch_function(fn)
         if not self._launched:
             self._strategy.setup_environment()
             tell_lightning_the_rank(self.global_rank)
             self._launched = True
-        return fn(self, *args, **kwargs) if fn is not None else None
+        return fn(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ setup
     @overload
@@ -128,9 +152,17 @@ class Fabric(TrainingLoop):
         Returns the module alone, or ``(module, *optimizers)``. Under FSDP, optimizers created before the module
         was sharded are re-pointed at the sharded parameters.
 
+        Callbacks' ``on_after_setup(fabric=..., module=...)`` hooks run once it is set up, and set-up optimizers call
+        their ``on_after_optimizer_step(strategy=..., optimizer=...)`` after every step, as in Lightning.
+
         Example:
             >>> model, optimizer = fabric.setup(model, optimizer)
         """
+        return self._setup(module, optimizers, move_to_device=move_to_device, announce=True)
+
+    def _setup(
+        self, module: nn.Module, optimizers: tuple[Optimizer, ...], *, move_to_device: bool, announce: bool
+    ) -> Any:
         self._check_setup_module(module)
         for optimizer in optimizers:
             self._check_setup_optimizer(optimizer)
@@ -142,9 +174,10 @@ class Fabric(TrainingLoop):
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
         redirect = self._strategy.wraps_modules or forward_module is not module
         wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
-        if not optimizers:
-            return wrapped
-        return (wrapped, *[wrap_optimizer(optimizer, precision) for optimizer in prepared])
+        wrapped_optimizers = [self._wrap_optimizer(optimizer) for optimizer in prepared]
+        if announce:
+            self.call("on_after_setup", fabric=self, module=wrapped)  # Lightning's hook, from setup() only
+        return (wrapped, *wrapped_optimizers) if optimizers else wrapped
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
@@ -152,7 +185,7 @@ class Fabric(TrainingLoop):
         Example:
             >>> model = fabric.setup_module(model)
         """
-        return self.setup(module, move_to_device=move_to_device)
+        return cast(FabricModule, self._setup(module, (), move_to_device=move_to_device, announce=False))
 
     @staticmethod
     def _check_setup_module(module: Any) -> None:
@@ -182,7 +215,17 @@ class Fabric(TrainingLoop):
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._check_setup_optimizer(optimizer)
         self._ensure_launched()
-        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy.precision)
+        return self._wrap_optimizer(self._strategy.setup_optimizer(optimizer))
+
+    def _wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        after_step = self._after_optimizer_step if self._callbacks else None
+        return wrap_optimizer(optimizer, self._strategy.precision, after_step)
+
+    def _after_optimizer_step(self, optimizer: Optimizer) -> None:
+        for callback in self._callbacks:
+            hook = getattr(callback, "on_after_optimizer_step", None)
+            if callable(hook):
+                hook(strategy=self._strategy, optimizer=optimizer)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -228,7 +271,8 @@ class Fabric(TrainingLoop):
         Args:
             path: a local path or fsspec URL; an existing checkpoint there is replaced atomically.
             state: a dict (or ``AttributeDict``) of modules, optimizers, stateful objects and plain data.
-            filter: per key of ``state``, a ``(key, value) -> bool`` selecting the items of that entry to save.
+            filter: per key of ``state``, a ``(key, value) -> bool`` selecting the items of that entry to save; an
+                entry it empties is left out of the file, and one that is not a dict is saved as it is.
 
         Example:
             >>> fabric.save("ckpt.pt", {"model": model, "step": 3}, filter={"model": lambda k, v: "weight" in k})
@@ -236,10 +280,8 @@ class Fabric(TrainingLoop):
         self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
-        location = resolve(path, self._storage_options)
-        self._strategy.agree(self._background.finish_previous, f"Saving '{location}'")
-        options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
-        self._strategy.save_checkpoint(location, objects, options)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
+        self._strategy.save_checkpoint(path=path, state=objects, filter=filter)
 
     def save_async(
         self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None
@@ -259,11 +301,10 @@ class Fabric(TrainingLoop):
         self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
-        options = SaveOptions(filter=filter, on_save=self._save_hooks(objects))
-        location = resolve(path, self._storage_options)
-        self._strategy.agree(self._background.finish_previous, f"Saving '{location}'")
-        write = self._strategy.stage_checkpoint(location, objects, options, self._background.stager)
-        return SaveHandle(str(location)) if write is None else self._background.submit(str(location), write)
+        self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
+        stager = self._background.stager
+        write = self._strategy.stage_checkpoint(path, objects, SaveOptions(filter=filter), stager)
+        return SaveHandle(str(path)) if write is None else self._background.submit(str(path), write)
 
     def wait_for_saves(self) -> None:
         """Block until the asynchronous save in flight (if any) is complete; raise if it failed, on every rank.
@@ -281,24 +322,30 @@ class Fabric(TrainingLoop):
         state: MutableMapping[str, Any] | None = None,
         strict: bool = True,
         *,
-        weights_only: bool = True,
+        weights_only: bool | None = None,
         verify: bool = True,
         ignore_keys: IgnoreKeys = None,
         load_weights_only: bool = False,
+        progress_bar: bool | None = None,
     ) -> dict[str, Any]:
         """Restore ``state`` in place from ``path`` and return what it did not ask for.
 
         Without ``state`` (or with an empty one) the whole checkpoint is returned, tensors on the CPU.
 
         Args:
+            path: a local path or URL; ``{rank}``, ``{local_rank}``, ``{node_rank}`` and ``{world_size}`` in it are
+                this process's (Composer's path variables).
             strict: a key of ``state`` missing from the checkpoint raises ``KeyError`` and modules load strictly.
-            weights_only: refuse arbitrary unpickling (PyTorch's meaning); pass ``False`` for trusted files only.
+            weights_only: refuse arbitrary unpickling (PyTorch's meaning; ``None``, the default, means ``True``);
+                pass ``False`` for trusted files only.
             verify: check the checkpoint's checksums before using it.
             ignore_keys: ``/``-separated glob paths of checkpoint entries to drop before restoring
-                (``["model/head.*", "rng"]``), or a callable that edits the checkpoint dict in place. Dropped entries
-                count as absent.
+                (``["model/head.*", "rng"]``, or Composer's ``"state/model/..."``), or a callable that edits the
+                checkpoint dict in place. Dropped entries count as absent.
             load_weights_only: restore only the modules' weights (Composer's name); optimizers, schedulers and plain
                 values in ``state`` are left untouched.
+            progress_bar: show (``True``) or hide (``False``) the download's progress bar for this call; by
+                default the Fabric's ``StorageOptions(progress=...)`` decides.
 
         Example:
             >>> remainder = fabric.load("ckpt.pt", {"model": model, "optimizer": optimizer})
@@ -307,18 +354,15 @@ class Fabric(TrainingLoop):
         self._ensure_launched()
         if state is not None and not isinstance(state, MutableMapping):
             raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
-        objects = unwrap_objects(state) if state else None
-        location = resolve(path, self._storage_options)
-        self._strategy.agree(self._background.finish_previous, f"Loading '{location}'")
-        options = LoadOptions(
-            strict=strict,
-            weights_only=weights_only,
-            verify=verify,
-            ignore_keys=ignore_keys,
-            load_weights_only=load_weights_only,
-            on_load=self._load_hooks(objects or {}),
+        path = self._fill_path(path)
+        objects = unwrap_objects(state) if state is not None else None
+        self._strategy.agree(self._background.finish_previous, f"Loading '{path}'")
+        extras = _our_options(
+            verify=verify, ignore_keys=ignore_keys, load_weights_only=load_weights_only, progress=progress_bar
         )
-        remainder = self._strategy.load_checkpoint(location, objects, options)
+        remainder = self._strategy.load_checkpoint(
+            path=path, state=objects, strict=strict, weights_only=weights_only, **extras
+        )
         if state and objects is not None:
             for key, value in objects.items():
                 if not isinstance(state[key], (nn.Module, Optimizer)) and value is not state[key]:
@@ -332,41 +376,73 @@ class Fabric(TrainingLoop):
         obj: nn.Module | Optimizer,
         strict: bool = True,
         *,
-        weights_only: bool = True,
+        weights_only: bool | None = None,
         verify: bool = True,
+        progress_bar: bool | None = None,
     ) -> None:
         """Load a file holding a plain state dict (e.g. ``torch.save(model.state_dict())``) into ``obj``.
+
+        ``path`` takes Composer's path variables and the options are :meth:`load`'s.
 
         Example:
             >>> fabric.load_raw("pretrained.pt", model)
         """
         self._ensure_launched()
-        location = resolve(path, self._storage_options)
-        self._strategy.load_raw(location, obj, strict=strict, weights_only=weights_only, verify=verify)
+        if isinstance(obj, nn.Module):
+            target: nn.Module | Optimizer = unwrap_module(obj)
+        elif isinstance(obj, Optimizer):
+            target = unwrap_optimizer(obj)
+        else:
+            raise TypeError(
+                f"load_raw loads into a torch.nn.Module or a torch.optim.Optimizer, got {type(obj).__name__}"
+            )
+        path = self._fill_path(path)
+        extras = _our_options(verify=verify, progress=progress_bar)
+        self._strategy.load_checkpoint(path=path, state=target, strict=strict, weights_only=weights_only, **extras)
         self.barrier("load_raw")
 
-    @staticmethod
-    def _hook_modules(objects: Mapping[str, Any]) -> list[nn.Module]:
-        modules: list[nn.Module] = []
-        for obj in objects.values():
-            module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
-            if module is not None and all(module is not seen for seen in modules):
-                modules.append(module)
-        return modules
+    def _fill_path(self, path: PathLike) -> PathLike:
+        return fill_rank_variables(
+            path,
+            rank=self.global_rank,
+            local_rank=self.local_rank,
+            node_rank=self.node_rank,
+            world_size=self.world_size,
+        )
 
-    def _save_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
-        def on_save(checkpoint: dict[str, Any]) -> None:
-            self.call("on_save_checkpoint", checkpoint)
-            _call_each(self._hook_modules(objects), "on_save_checkpoint", checkpoint)
 
-        return on_save
+class _HookCaller:
+    """The ``on_save_checkpoint``/``on_load_checkpoint`` hooks of callbacks and of the modules in the state, called
+    by the strategy on the checkpoint dict it built (before writing) or read (before restoring)."""
 
-    def _load_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
-        def on_load(checkpoint: dict[str, Any]) -> None:
-            _call_each(self._hook_modules(objects), "on_load_checkpoint", checkpoint)
-            self.call("on_load_checkpoint", checkpoint)
+    def __init__(self, fabric: Fabric) -> None:
+        self._fabric = fabric
 
-        return on_load
+    def on_save(self, checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None:
+        self._fabric.call("on_save_checkpoint", checkpoint)
+        _call_each(_hook_modules(state), "on_save_checkpoint", checkpoint)
+
+    def on_load(self, checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None:
+        _call_each(_hook_modules(state), "on_load_checkpoint", checkpoint)
+        self._fabric.call("on_load_checkpoint", checkpoint)
+
+
+def _hook_modules(objects: Mapping[str, Any]) -> list[nn.Module]:
+    modules: list[nn.Module] = []
+    for obj in objects.values():
+        module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
+        if module is not None and all(module is not seen for seen in modules):
+            modules.append(module)
+    return modules
+
+
+# Our options of fabric.load beyond Lightning's, with their defaults: only those a caller changed reach the strategy,
+# so a strategy subclass written for Lightning's load_checkpoint(path, state, strict, weights_only) keeps working.
+_LOAD_DEFAULTS: dict[str, Any] = {"verify": True, "ignore_keys": None, "load_weights_only": False, "progress": None}
+
+
+def _our_options(**options: Any) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if value is not _LOAD_DEFAULTS[name]}
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -378,6 +454,39 @@ def _call_each(targets: Iterable[Any], hook_name: str, *args: Any) -> None:
         method = getattr(target, hook_name, None)
         if callable(method):
             method(*args)
+
+
+def _check_launch_function(fn: Any) -> None:
+    """Lightning's checks of ``fabric.launch(fn)``, with its words: ``fn`` is called, with the Fabric as argument."""
+    if not callable(fn):
+        raise TypeError(
+            f"`Fabric.launch(...)` needs to be a callable, but got {fn}. HINT: do `.launch(your_fn)` instead of "
+            "`.launch(your_fn())`"
+        )
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: let the call decide
+        return
+    if not parameters:
+        raise TypeError(
+            f"`Fabric.launch(function={fn})` needs to take at least one argument. The launcher will pass in the "
+            "`Fabric` object so you can use it inside the function."
+        )
+
+
+def _checkpoint_io_plugin(plugins: Any) -> Any | None:
+    """The one ``CheckpointIO`` among ``plugins`` (or ``None``); anything else is refused, naming it."""
+    found = []
+    for plugin in _as_list(plugins):
+        if not is_checkpoint_io(plugin):
+            raise ValueError(
+                f"Fabric(plugins=[...]) takes a CheckpointIO (an object with {list(CHECKPOINT_IO_METHODS)}); got "
+                f"{plugin!r}. Precision is chosen with Fabric(precision=...), the strategy with Fabric(strategy=...)"
+            )
+        found.append(plugin)
+    if len(found) > 1:
+        raise ValueError(f"Fabric(plugins=[...]) got {len(found)} CheckpointIO plugins; pass one")
+    return found[0] if found else None
 
 
 def _as_list(objects: Any | list[Any] | None) -> list[Any]:

@@ -8,7 +8,6 @@ checkpoint, and prunes old ones. ``load_latest`` resumes a run where it stopped.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import posixpath
 import secrets
@@ -28,15 +27,13 @@ from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.storage import resolve
+from fabric_ckpt.storage.pointers import MAX_POINTER_BYTES, pointer_bytes, pointer_target
 from fabric_ckpt.storage.temporaries import is_temporary_name
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 
 SaveInterval = int | str | Time | Callable[[Timestamp, str], bool]
 EVENTS = ("batch_end", "epoch_end")
-
-_POINTER_FORMAT = "fabric_ckpt.latest/1"
-_MAX_POINTER_BYTES = 1 << 16
 
 
 class CheckpointManager:
@@ -224,7 +221,7 @@ class CheckpointManager:
         if location.storage.symlink(target, location.path):
             return
         with location.atomic_write() as sink:
-            sink.write(json.dumps({"format": _POINTER_FORMAT, "checkpoint": target}).encode())
+            sink.write(pointer_bytes(target))
 
     def _prune(self, saved: str) -> None:
         if self.num_checkpoints_to_keep == -1:
@@ -259,13 +256,15 @@ class CheckpointManager:
         strict: bool = True,
         ignore_keys: IgnoreKeys = None,
         load_weights_only: bool = False,
+        progress_bar: bool | None = None,
     ) -> dict[str, Any] | None:
         """Resume from ``latest``: restore ``state`` in place, and the Timestamp and RNG; return the remainder.
 
         If ``latest`` is missing or does not load, the newest checkpoint in the folder that loads is used and a
         warning says so. With no checkpoint at all, returns ``None`` and leaves ``state`` untouched. ``ignore_keys``
         and ``load_weights_only`` are ``fabric.load``'s (``ignore_keys=["rng"]`` keeps the current RNG state);
-        a weights-only manager restores only modules. In a multi-process run, global rank 0 picks the checkpoint
+        a weights-only manager restores only modules. ``progress_bar`` shows or hides the download's progress bar
+        for this call (``fabric.load``'s). In a multi-process run, global rank 0 picks the checkpoint
         and every rank loads that one.
 
         Raises:
@@ -291,6 +290,7 @@ class CheckpointManager:
                     strict=strict,
                     ignore_keys=ignore_keys if weights_mode else _checking_extras(ignore_keys),
                     load_weights_only=weights_mode,
+                    progress_bar=progress_bar,
                 )
             except CheckpointMismatchError:
                 raise  # the checkpoint is fine; the state does not fit it, and would not fit an older one either
@@ -352,14 +352,14 @@ class CheckpointManager:
             return None, "does not exist"
         try:
             with self._open(latest) as source:
-                pointer = json.loads(source.read(_MAX_POINTER_BYTES))
-        except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
-            pointer = None
-        if not isinstance(pointer, dict) or pointer.get("format") != _POINTER_FORMAT:
+                named = pointer_target(source.read(MAX_POINTER_BYTES))
+        except OSError:
+            named = None
+        if named is None:
             return None, "is neither a symlink nor a pointer written by CheckpointManager"
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(latest), str(pointer.get("checkpoint"))))
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(latest), named))
         if escapes_folder(target):
-            return None, f"points outside the folder ({pointer.get('checkpoint')!r})"
+            return None, f"points outside the folder ({named!r})"
         return target, ""
 
     # ------------------------------------------------------------------ the folder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["AttributeDict", "Stateful"]
+__all__ = ["AttributeDict", "MissingKeyError", "Stateful"]
 
 
 @runtime_checkable
@@ -21,6 +21,17 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class MissingKeyError(KeyError, AttributeError):
+    """Deleting a key an :class:`AttributeDict` does not have: both a ``KeyError`` and an ``AttributeError``.
+
+    Example:
+        >>> try:
+        ...     del AttributeDict(step=1).epoch
+        ... except KeyError:
+        ...     pass
+    """
 
 
 class AttributeDict(dict):
@@ -45,8 +56,10 @@ class AttributeDict(dict):
     def __delattr__(self, key: str) -> None:
         try:
             del self[key]
-        except KeyError as err:
-            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'") from err
+        except KeyError:
+            # A KeyError, as Lightning's AttributeDict raises (``del d.key`` is ``del d["key"]``), and an
+            # AttributeError, as Python's ``del obj.attr`` raises.
+            raise MissingKeyError(f"'{type(self).__name__}' object has no attribute '{key}'") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dict.__repr__(self)})"

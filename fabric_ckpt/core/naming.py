@@ -3,6 +3,7 @@ recognised (parsed back) when a folder is listed for ``latest`` fallback and ret
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Mapping
@@ -10,10 +11,11 @@ from typing import Any
 
 from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS
 
-__all__ = ["FORMAT_VARIABLES", "NamePattern", "escapes_folder", "split_folder"]
+__all__ = ["FORMAT_VARIABLES", "NamePattern", "escapes_folder", "fill_rank_variables", "split_folder"]
 
 RUN_VARIABLES = ("run_name", "rank", "local_rank", "world_size", "local_world_size", "node_rank")
 FORMAT_VARIABLES = RUN_VARIABLES + TIMESTAMP_FIELDS
+_RANK_VARIABLE = re.compile(r"\{(rank|local_rank|node_rank|world_size)(:[^{}]*)?\}")
 
 
 class NamePattern:
@@ -89,3 +91,19 @@ def escapes_folder(name: str) -> bool:
     """Whether a formatted name would leave its folder (absolute, a URL, ``..``) or name the folder itself."""
     parts = re.split(r"[/\\]", name)
     return re.match(r"[/\\]|[A-Za-z]:|.*://", name) is not None or ".." in parts or parts[-1] in ("", ".")
+
+
+def fill_rank_variables(path: Any, **values: int) -> Any:
+    """``path`` with ``{rank}``, ``{local_rank}``, ``{node_rank}`` and ``{world_size}`` (format specs allowed, e.g.
+    ``{rank:02d}``) replaced by ``values``, as Composer's ``load_checkpoint`` does; other text, braces included, is
+    kept. ``path`` is returned as it is (same object) when it has none of them.
+
+    Example:
+        >>> fill_rank_variables("ckpt/ep1-rank{rank}.pt", rank=3, local_rank=1, node_rank=1, world_size=4)
+        'ckpt/ep1-rank3.pt'
+    """
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(text, str) or "{" not in text:
+        return path
+    filled = _RANK_VARIABLE.sub(lambda match: format(values[match.group(1)], (match.group(2) or ":")[1:]), text)
+    return path if filled == text else filled

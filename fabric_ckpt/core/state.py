@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -71,26 +72,39 @@ def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_filter(filter: Mapping[str, FilterFn] | None, state: Mapping[str, Any]) -> None:
-    """Reject a ``filter`` that is not a dict of callables keyed by entries of ``state``."""
+    """Reject a ``filter`` that is not a dict of callables keyed by entries of ``state`` (Lightning's messages)."""
     if filter is None:
         return
     if not isinstance(filter, Mapping):
         raise TypeError(
-            f"`filter` must be a dict mapping a key of `state` to a callable (key, value) -> bool, "
-            f"got {type(filter).__name__}"
+            f"Filter should be a dictionary, given {filter!r}: `filter` maps a key of `state` to a callable "
+            "(key, value) -> bool"
         )
     unknown = [key for key in filter if key not in state]
     if unknown:
-        raise ValueError(f"`filter` has key(s) {unknown} that are not in `state`; the state's keys are {list(state)}")
+        raise ValueError(
+            f"The filter keys {set(unknown)} are not present in the state keys {set(state)}: `filter` has key(s) "
+            f"{unknown} that are not in `state`"
+        )
     for key, fn in filter.items():
         if not callable(fn):
-            raise TypeError(f"`filter[{key!r}]` must be a callable (key, value) -> bool, got {type(fn).__name__}")
+            raise TypeError(
+                f"Expected `fabric.save(filter=...)` for key {key!r} to be a callable, given {fn!r}: "
+                "a callable (key, value) -> bool"
+            )
 
 
-def apply_filter(key: str, value: Any, fn: FilterFn) -> Any:
-    """Keep the items of the state dict ``value`` that ``fn(item_key, item_value)`` accepts (type preserved)."""
+def apply_filter(value: Any, fn: FilterFn) -> Any:
+    """The items of the state dict ``value`` that ``fn(item_key, item_value)`` accepts (type preserved).
+
+    A ``value`` that is not a dict is returned as it is (Lightning saves such an entry unfiltered).
+
+    Example:
+        >>> apply_filter({"weight": 1, "bias": 2}, lambda key, value: key == "weight")
+        {'weight': 1}
+    """
     if not isinstance(value, Mapping):
-        raise TypeError(f"`filter[{key!r}]` needs a dict to filter, but the entry {key!r} is a {type(value).__name__}")
+        return value
     kept = [(k, v) for k, v in value.items() if fn(k, v)]
     if isinstance(value, OrderedDict):
         result: Any = OrderedDict(kept)
@@ -111,7 +125,8 @@ def to_checkpoint(
     """Turn unwrapped objects into the checkpoint dict: state dicts for modules/optimizers/stateful objects.
 
     ``AttributeDict`` (or other ``dict`` subclass) values become plain dicts so the file loads under
-    ``weights_only=True``.
+    ``weights_only=True``. A ``filter`` keeps the items of a dict entry it accepts; an entry it empties is left out,
+    and an entry that is not a dict is saved as it is.
     """
     checkpoint: dict[str, Any] = {}
     for key, obj in objects.items():
@@ -123,8 +138,10 @@ def to_checkpoint(
             value = obj.state_dict()
         else:
             value = _plain_containers(obj)
-        if filter and key in filter:
-            value = apply_filter(key, value, filter[key])
+        if filter and key in filter and isinstance(value, Mapping):
+            value = apply_filter(value, filter[key])
+            if not value:
+                continue  # every item filtered out: the entry is left out of the file, as Lightning does
         checkpoint[key] = value
     return checkpoint
 
@@ -140,15 +157,35 @@ def _plain_containers(obj: Any) -> Any:
 
 
 def check_strict_keys(requested: Mapping[str, Any], checkpoint: Mapping[str, Any], *, strict: bool) -> None:
-    """With ``strict``, every key of the requested state must be in the checkpoint (``KeyError`` otherwise)."""
+    """With ``strict``, every key of the requested state must be in the checkpoint (``KeyError`` otherwise).
+
+    A weights-only checkpoint (module weights and nothing else) asked for more says so, and how to load it.
+    """
     if not strict:
         return
     missing = [key for key in requested if key not in checkpoint]
-    if missing:
-        raise KeyError(
-            f"The requested state contains a key '{missing[0]}' that does not exist in the loaded checkpoint "
-            f"(its keys: {sorted(map(str, checkpoint))}). To disable strict loading, set `strict=False`."
+    if not missing:
+        return
+    message = (
+        f"The requested state contains a key '{missing[0]}' that does not exist in the loaded checkpoint "
+        f"(its keys: {sorted(map(str, checkpoint))})."
+    )
+    if _is_weights_only(checkpoint) and not any(isinstance(requested[key], nn.Module) for key in missing):
+        message += (
+            f" The checkpoint is weights-only: it holds module weights ({sorted(map(str, checkpoint))}) and no "
+            f"{', '.join(repr(key) for key in missing)}. To restore only the weights, pass `load_weights_only=True`;"
         )
+        raise KeyError(message + " to restore what it has and leave the rest as it is, set `strict=False`.")
+    raise KeyError(message + " To disable strict loading, set `strict=False`.")
+
+
+def _is_weights_only(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether every entry of ``checkpoint`` is a module's state dict (names to tensors): what a weights-only save
+    (Composer's ``save_weights_only``, our manager's) writes."""
+    return bool(checkpoint) and all(
+        isinstance(entry, Mapping) and entry and all(isinstance(v, torch.Tensor) for v in entry.values())
+        for entry in checkpoint.values()
+    )
 
 
 def apply_ignore_keys(checkpoint: dict[str, Any], ignore_keys: IgnoreKeys) -> None:
@@ -156,8 +193,10 @@ def apply_ignore_keys(checkpoint: dict[str, Any], ignore_keys: IgnoreKeys) -> No
 
     ``ignore_keys`` is a list of ``/``-separated paths with glob patterns (``"model/layer1.weight"``,
     ``"model/*"``, ``"optimizer/state/*/exp_avg"``, ``"rng"``): a matching path is removed with all its children,
-    and a container emptied this way is removed too, so it counts as absent. Or a callable that edits the
-    checkpoint dict in place.
+    and a container emptied this way is removed too, so it counts as absent. Composer's own paths work on our files
+    too: ``"state/model/..."`` names our ``"model/..."`` (a checkpoint of ours has no ``state`` entry). A pattern
+    that matches nothing is reported with a warning naming it, since a misspelt one would silently restore what
+    it was meant to drop. Or a callable that edits the checkpoint dict in place.
 
     Example:
         >>> apply_ignore_keys(checkpoint, ["rng", "model/head.*"])
@@ -169,20 +208,40 @@ def apply_ignore_keys(checkpoint: dict[str, Any], ignore_keys: IgnoreKeys) -> No
         return
     if isinstance(ignore_keys, str) or not all(isinstance(pattern, str) for pattern in ignore_keys):
         raise TypeError(f"`ignore_keys` must be a list of path patterns or a callable, got {ignore_keys!r}")
-    patterns = list(ignore_keys)
-    if patterns:
-        _drop_matching(checkpoint, "", patterns)
+    patterns = {pattern: _our_path(pattern, checkpoint) for pattern in ignore_keys}
+    if not patterns:
+        return
+    matched: set[str] = set()
+    _drop_matching(checkpoint, "", set(patterns.values()), matched)
+    unmatched = [pattern for pattern, ours in patterns.items() if ours not in matched]
+    if unmatched:
+        warnings.warn(
+            f"ignore_keys: the pattern(s) {unmatched} match no entry of the checkpoint, so nothing was dropped for "
+            f"them; its top-level entries are {sorted(map(str, checkpoint))}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
-def _drop_matching(node: dict[Any, Any], prefix: str, patterns: list[str]) -> None:
+def _our_path(pattern: str, checkpoint: Mapping[str, Any]) -> str:
+    """Composer's ``state/...`` paths name entries of a Composer file; on ours, the same entry without ``state/``."""
+    if pattern.startswith("state/") and "state" not in checkpoint:
+        return pattern[len("state/") :]
+    return pattern
+
+
+def _drop_matching(node: dict[Any, Any], prefix: str, patterns: set[str], matched: set[str]) -> None:
     for key in list(node):
         path = f"{prefix}{key}"
-        if any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns):
+        hits = {pattern for pattern in patterns if fnmatch.fnmatchcase(path, pattern)}
+        if hits:
+            # Patterns inside the dropped entry (e.g. "model/fc.weight" next to "model") are satisfied too.
+            matched |= hits | {pattern for pattern in patterns if pattern.startswith(path + "/")}
             del node[key]
             continue
         child = node[key]
         if isinstance(child, dict) and child:
-            _drop_matching(child, path + "/", patterns)
+            _drop_matching(child, path + "/", patterns, matched)
             if not child:
                 del node[key]
 

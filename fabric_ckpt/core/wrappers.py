@@ -218,6 +218,7 @@ class FabricOptimizer:
 
     _fabric_original: Optimizer
     _fabric_precision: Precision
+    _fabric_after_step: Callable[[Optimizer], None] | None = None
     _fabric_in_step = False
 
     @property
@@ -226,18 +227,31 @@ class FabricOptimizer:
         return type(self)._fabric_original
 
 
-def wrap_optimizer(optimizer: Optimizer, precision: Precision | None = None) -> Optimizer:
+def wrap_optimizer(
+    optimizer: Optimizer, precision: Precision | None = None, after_step: Callable[[Optimizer], None] | None = None
+) -> Optimizer:
     """Return an optimizer of a subclass of ``type(optimizer)`` that shares all of its state.
 
     Sharing ``__dict__`` (not copying it) keeps both handles identical through ``load_state_dict``, LR-scheduler
     patches and hooks, which replace attributes rather than mutate them. Where ``precision`` scales the loss
-    (``"16-mixed"``), ``step`` goes through its gradient scaler.
+    (``"16-mixed"``), ``step`` goes through its gradient scaler. ``after_step(optimizer)`` runs after every step
+    (Fabric calls its callbacks' ``on_after_optimizer_step`` there, as Lightning does).
+
+    Example:
+        >>> optimizer = wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> isinstance(optimizer, torch.optim.SGD) and isinstance(optimizer, FabricOptimizer)
+        True
     """
     if isinstance(optimizer, FabricOptimizer):
         return optimizer
     precision = precision if precision is not None else Precision()
-    namespace: dict[str, Any] = {"_fabric_original": optimizer, "_fabric_precision": precision, "__module__": __name__}
-    if getattr(precision, "scaler", None) is not None:
+    namespace: dict[str, Any] = {
+        "_fabric_original": optimizer,
+        "_fabric_precision": precision,
+        "_fabric_after_step": staticmethod(after_step) if after_step is not None else None,
+        "__module__": __name__,
+    }
+    if getattr(precision, "scaler", None) is not None or after_step is not None:
         namespace["step"] = _StepThroughPrecision()
     cls = type(f"Fabric{type(optimizer).__name__}", (FabricOptimizer, type(optimizer)), namespace)
     wrapped: Optimizer = object.__new__(cls)
@@ -246,20 +260,24 @@ def wrap_optimizer(optimizer: Optimizer, precision: Precision | None = None) -> 
 
 
 def _step_through_precision(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-    """The set-up optimizer's step: the precision's (a gradient scaler's), which calls the optimizer's own step."""
+    """The set-up optimizer's step: the precision's (a gradient scaler's), which calls the optimizer's own step;
+    then the after-step hook, once per step of the user's."""
     cls = type(optimizer)
     original = cls._fabric_original
     if cls._fabric_in_step:  # called back by the scaler (through an LR scheduler's wrapper): the real step
         return type(original).step(original, *args, **kwargs)
     cls._fabric_in_step = True
     try:
-        return cls._fabric_precision.optimizer_step(original, *args, **kwargs)
+        output = cls._fabric_precision.optimizer_step(original, *args, **kwargs)
     finally:
         cls._fabric_in_step = False
+    if cls._fabric_after_step is not None:
+        cls._fabric_after_step(original)
+    return output
 
 
 class _StepThroughPrecision:
-    """``step`` of a set-up optimizer whose precision scales gradients.
+    """``step`` of a set-up optimizer whose precision scales gradients, or whose Fabric has callbacks to call after it.
 
     An LR scheduler replaces ``optimizer.step`` on the instance with a wrapper that records the call, and the set-up
     optimizer shares the instance ``__dict__`` with the user's. A data descriptor on the class still wins over that

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.compression import decompressed, sniff_compression
 from fabric_ckpt.formats.hf_index import find_hf_index, read_hf_sharded
@@ -31,6 +31,7 @@ from fabric_ckpt.formats.safetensors import load_safetensors
 from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
+from fabric_ckpt.storage.pointers import follow_pointer
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "MapLocation", "open_checkpoint", "sniff_format"]
 
@@ -77,7 +78,7 @@ def existing_file(path: PathLike | Location) -> Location:
     """Resolve ``path`` and check that it names a file."""
     location = existing_location(path)
     if location.isdir():
-        raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint file")
+        raise folder_not_a_checkpoint(location.original)
     return location
 
 
@@ -102,7 +103,7 @@ def open_checkpoint(
         >>> with open_checkpoint("model.ckpt") as checkpoint:
         ...     model.load_state_dict(checkpoint["model"])
     """
-    location = existing_location(path)
+    location = follow_pointer(existing_location(path))  # a manager's `latest` on an object store
     if progress is not None:
         location = resolve(location, location.storage.options.replace(progress=progress))
     hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
@@ -111,7 +112,7 @@ def open_checkpoint(
         return
     if location.isdir():
         if not sharded.is_sharded(location):
-            raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
+            raise folder_not_a_checkpoint(location.original)
         yield relocate(sharded.read_consolidated(location, weights_only=weights_only, verify=verify), map_location)
         return
     with location.local_file() as local, ExitStack() as stack:

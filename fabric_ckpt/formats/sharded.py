@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
-from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats.dcp import (
     METADATA_NAME,
     ShardedFolder,
@@ -238,7 +238,7 @@ def open_folder(location: Location, generation: str | None = None) -> ShardedFol
     """
     manifest = read_manifest(location)
     if manifest is None and not location.child(METADATA_NAME).exists():
-        raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint (no {MANIFEST_NAME} or .metadata)")
+        raise folder_not_a_checkpoint(location.original)
     live = (manifest or {}).get("generation")
     if generation is not None and generation != live:
         raise _GenerationChanged(location, generation, live)

@@ -39,14 +39,14 @@ from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.formats import dcp as dcp_format
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.interop import adapt
-from fabric_ckpt.storage import Location, PathLike, resolve
+from fabric_ckpt.storage import Location, PathLike
+from fabric_ckpt.storage.pointers import follow_pointer
 from fabric_ckpt.strategies.base import (
-    DEFAULT_LOAD_OPTIONS,
-    DEFAULT_SAVE_OPTIONS,
     LoadOptions,
     SaveOptions,
     WriteJob,
 )
+from fabric_ckpt.strategies.checkpoint_io import is_ours
 from fabric_ckpt.strategies.fsdp_options import WrapPolicy, build_mesh, check_policy, parse_fsdp_options, shard
 from fabric_ckpt.strategies.module_init import has_meta_tensors, materialize_meta
 from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
@@ -245,7 +245,7 @@ class FSDPStrategy(ParallelStrategy):
             return [self._gather_full(value) for value in obj]
         return obj
 
-    def load_module_state_dict(self, module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    def load_module_state_dict(self, module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load full tensors (a single-file checkpoint) into the module: each rank keeps only its shard.
 
         Example:
@@ -279,14 +279,20 @@ class FSDPStrategy(ParallelStrategy):
             }
         load_optimizer_state(optimizer, {"state": state, "param_groups": state_dict["param_groups"]})
 
+    def _check_checkpoint_io(self, io: Any) -> None:
+        if self.state_dict_type == "sharded" and not is_ours(io):
+            raise ValueError(
+                f"{type(self).__name__}(state_dict_type='sharded') writes folders, every rank its own shards, which a "
+                f"CheckpointIO ({type(io).__name__}) cannot write: it writes single files. Use "
+                "state_dict_type='full' (one file, from rank 0) to save through it"
+            )
+
     # ------------------------------------------------------------------ sharded save
-    def save_checkpoint(
-        self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions = DEFAULT_SAVE_OPTIONS
-    ) -> None:
+    def _save_checkpoint(self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions) -> None:
         if self.state_dict_type == "full":
-            super().save_checkpoint(path, state, options)
+            super()._save_checkpoint(path, state, options)
             return
-        location = resolve(path)
+        location = self._location(path, options.storage_options)
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
         temporary = self._staging_folder(location, description)
@@ -302,7 +308,8 @@ class FSDPStrategy(ParallelStrategy):
         """
         if self.state_dict_type == "full":
             return super().stage_checkpoint(path, state, options, stager)
-        location = resolve(path)
+        options = self._hooked_save(options, state)
+        location = self._location(path, options.storage_options)
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
         staged = stager.stage(checkpoint)
@@ -352,16 +359,17 @@ class FSDPStrategy(ParallelStrategy):
         sharded.commit(temporary, location, records, self.world_size)
 
     # ------------------------------------------------------------------ loading
-    def load_checkpoint(
-        self,
-        path: PathLike | Location,
-        state: dict[str, Any] | None = None,
-        options: LoadOptions = DEFAULT_LOAD_OPTIONS,
+    def _load_checkpoint(
+        self, path: PathLike | Location, state: dict[str, Any] | None, options: LoadOptions
     ) -> dict[str, Any]:
-        location = resolve(path)
-        if location.isdir() and sharded.is_sharded(location):
-            return self._load_sharded(location, state, options)
-        return super().load_checkpoint(path, state, options)
+        if self._user_checkpoint_io() is None:
+            progress = None if options.progress is None else self.storage_options.replace(progress=options.progress)
+            location = self._location(path, progress)
+            if location.exists():
+                location = follow_pointer(location)  # a manager's `latest` on an object store
+            if location.isdir() and sharded.is_sharded(location):
+                return self._load_sharded(location, state, options)
+        return super()._load_checkpoint(path, state, options)
 
     def _load_sharded(self, location: Location, state: dict[str, Any] | None, options: LoadOptions) -> dict[str, Any]:
         """Every rank reads the generation rank 0 resolved; if a save replaced it meanwhile, all start over."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fabric_ckpt.strategies.base import Strategy
@@ -13,7 +15,15 @@ from fabric_ckpt.strategies.single import SingleDeviceStrategy
 
 __all__ = ["STRATEGY_NAMES", "resolve_accelerator", "resolve_devices", "select_strategy"]
 
-STRATEGY_NAMES = ("auto", "single", "ddp", "fsdp")
+# Lightning's names of its DDP variants that run on CPUs. Each is our DDPStrategy: processes are always started by
+# re-running the program (Lightning's "popen"), so spawn/fork-only restrictions do not apply.
+_DDP_ALIASES: dict[str, dict[str, Any]] = {
+    "ddp_spawn": {},
+    "ddp_fork": {},
+    "ddp_notebook": {},
+    "ddp_find_unused_parameters_true": {"find_unused_parameters": True},
+}
+STRATEGY_NAMES = ("auto", "single", "ddp", "fsdp", *_DDP_ALIASES)
 _ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -97,8 +107,10 @@ def select_strategy(
         raise ValueError(f"strategy={strategy!r} runs on 'cpu' or 'cuda', not {kind!r}")
     # Under torchrun the launcher decides how many processes there are.
     num_processes = None if launched is not None and devices in (1, "auto") else len(indices)
-    if name == "ddp":
-        return DDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
+    if name == "ddp" or name in _DDP_ALIASES:
+        return DDPStrategy(
+            accelerator=kind, num_processes=num_processes, num_nodes=num_nodes, **_DDP_ALIASES.get(name, {})
+        )
     return FSDPStrategy(accelerator=kind, num_processes=num_processes, num_nodes=num_nodes)
 
 

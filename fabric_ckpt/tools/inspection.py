@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import _weights_only_unpickler
 
-from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.errors import CheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats import hf_index, interop, safetensors, sharded
 from fabric_ckpt.formats.compression import decompressed, sniff_compression
 from fabric_ckpt.formats.dcp import load_full
@@ -389,7 +389,7 @@ def describe(path: PathLike, *, weights_only: bool = True) -> Description:
         return _describe_hf(index)
     if location.isdir():
         if not sharded.is_sharded(location):
-            raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
+            raise folder_not_a_checkpoint(location.original)
         return _describe_sharded(location, weights_only=weights_only)
     size = location.size()
     if size == 0:

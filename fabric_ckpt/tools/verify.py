@@ -17,7 +17,7 @@ from typing import Any
 
 from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.progress import ProgressBar, progress_bar
-from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats import dcp as dcp_format
 from fabric_ckpt.formats import hf_index, safetensors, sharded
 from fabric_ckpt.formats.compression import sniff_compression
@@ -124,7 +124,7 @@ def verify(path: PathLike, *, progress: bool | None = None) -> VerifyReport:
         return _verify_hf(index)
     if location.isdir():
         if not sharded.is_sharded(location):
-            raise CheckpointError(f"'{location.original}' is a folder, not a checkpoint")
+            raise folder_not_a_checkpoint(location.original)
         return _verify_sharded(location, progress)
     return _verify_file(location, progress)
 
