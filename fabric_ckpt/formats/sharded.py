@@ -243,13 +243,16 @@ def open_folder(location: Location, generation: str | None = None) -> ShardedFol
     if generation is not None and generation != live:
         raise _GenerationChanged(location, generation, live)
     data = location.child(live) if live else location
-    if manifest is not None and METADATA_NAME in manifest.get("files", {}):
-        check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
     try:
+        if manifest is not None and METADATA_NAME in manifest.get("files", {}):
+            check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
         metadata = read_metadata(data, display=location.original)
-    except FileNotFoundError:
-        if live and read_manifest(location) != manifest:
-            raise _GenerationChanged(location, live, None) from None
+    except (FileNotFoundError, CheckpointCorruptedError) as err:
+        # The generation named a moment ago may have been removed by a newer save: not damage, a race to retry.
+        if live and _live_generation(location) != live:
+            raise _GenerationChanged(location, live, _live_generation(location)) from None
+        if isinstance(err, CheckpointCorruptedError):
+            raise
         raise CheckpointCorruptedError(
             f"Sharded checkpoint '{location.original}' is corrupted: file '{METADATA_NAME}' is missing"
         ) from None
