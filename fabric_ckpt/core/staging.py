@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fabric_ckpt.core.state import resolved
+
 __all__ = ["Stager"]
 
 
@@ -75,6 +77,12 @@ class Stager:
             )
         if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
             return tensor.detach().to("cpu", copy=True)
+        if tensor.is_conj() or tensor.is_neg():
+            # The bytes under a conjugate or negative view are not its values: copy the values (memory of their own).
+            values = resolved(tensor.detach()).to("cpu")
+            return (
+                nn.Parameter(values, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else values
+            )
         source = tensor.untyped_storage()
         if source.nbytes() == 0:
             return torch.empty(tensor.shape, dtype=tensor.dtype)

@@ -32,6 +32,7 @@ __all__ = [
     "check_strict_keys",
     "is_stateful",
     "materialize",
+    "resolved",
     "to_checkpoint",
     "unwrap_objects",
     "validate_filter",
@@ -211,9 +212,31 @@ def materialize(obj: Any, memo: dict[int, torch.UntypedStorage] | None = None) -
     return obj
 
 
+def resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or its values in memory of their own when it is a conjugate or negative view.
+
+    A view such as ``x.conj()``, ``x.mH`` or ``x.conj().imag`` shares ``x``'s memory and applies the sign only when
+    read; anything that rebuilds a tensor from its storage bytes must rebuild it from these values instead.
+
+    Example:
+        >>> x = torch.tensor([1 + 2j])
+        >>> resolved(x.conj()).is_conj(), resolved(x) is x
+        (False, True)
+    """
+    if not (tensor.is_conj() or tensor.is_neg()):
+        return tensor
+    with torch.no_grad():
+        values = tensor.resolve_conj().resolve_neg()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(values, requires_grad=tensor.requires_grad)
+    return values.requires_grad_(tensor.requires_grad) if tensor.requires_grad else values
+
+
 def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) -> torch.Tensor:
     if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
         return tensor.clone()
+    if tensor.is_conj() or tensor.is_neg():
+        return resolved(tensor)  # fresh memory already; the bytes under the view are not its values
     storage = tensor.untyped_storage()
     key = storage.data_ptr()
     if key == 0:
