@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -54,15 +55,52 @@ def test_a_new_save_waits_for_the_previous_one(tmp_path, fabric):
     assert torch.equal(fabric.load(tmp_path / "a.ckpt")["w"], big["w"])
 
 
-def test_a_background_error_surfaces_on_wait_and_on_the_next_save(tmp_path, fabric):
+def test_a_background_error_surfaces_on_the_next_save_when_nobody_asked(tmp_path, fabric):
     (tmp_path / "blocked.ckpt").mkdir()  # a folder in the way: the background write fails
-    handle = fabric.save_async(tmp_path / "blocked.ckpt", {"step": 1})
-    with pytest.raises(IsADirectoryError, match=r"blocked\.ckpt"):
-        handle.wait()
+    fabric.save_async(tmp_path / "blocked.ckpt", {"step": 1})
     with pytest.raises(CheckpointError, match=r"The previous asynchronous save to '.*blocked.ckpt' failed"):
         fabric.save(tmp_path / "ok.ckpt", {"step": 2})
     fabric.save(tmp_path / "ok.ckpt", {"step": 3})  # reported once, then saving works again
     assert fabric.load(tmp_path / "ok.ckpt") == {"step": 3}
+
+
+@pytest.mark.parametrize("ask", ["wait", "exception"])
+def test_a_background_error_the_handle_reported_does_not_fail_later_saves(tmp_path, fabric, ask):
+    (tmp_path / "blocked.ckpt").mkdir()
+    handle = fabric.save_async(tmp_path / "blocked.ckpt", {"step": 1})
+    if ask == "wait":
+        with pytest.raises(IsADirectoryError, match=r"blocked\.ckpt"):
+            handle.wait()
+    else:
+        while not handle.done():
+            time.sleep(0.01)
+        assert isinstance(handle.exception(), IsADirectoryError)
+    fabric.save(tmp_path / "ok.ckpt", {"step": 2})  # the caller handled the error: nothing poisons this save
+    fabric.save_async(tmp_path / "ok.ckpt", {"step": 3}).wait()
+    fabric.wait_for_saves()
+    assert fabric.load(tmp_path / "ok.ckpt") == {"step": 3}
+
+
+@pytest.mark.parametrize("ask", [True, False])
+def test_a_failed_background_save_at_exit_is_reported_once(tmp_path, ask):
+    (tmp_path / "blocked.ckpt").mkdir()
+    script = textwrap.dedent(f"""
+        import sys
+        from fabric_ckpt import Fabric
+        handle = Fabric(accelerator="cpu").save_async({str(tmp_path / "blocked.ckpt")!r}, {{"step": 1}})
+        if {ask}:
+            try:
+                handle.wait()
+            except IsADirectoryError:
+                print("handled", file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    if ask:
+        assert result.stderr.strip() == "handled"
+    else:
+        assert result.stderr.count("the asynchronous save to") == 1 and "blocked.ckpt" in result.stderr
 
 
 def test_a_pending_save_is_finished_at_exit(tmp_path):

@@ -8,6 +8,7 @@ fixture counts the examples for ``make reliability`` (docs/reliability.md).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fabric_ckpt import Fabric, convert, diff
+from fabric_ckpt import CheckpointError, Fabric, convert, diff
 from tests.conftest import bitwise_equal
 from tests.reliability_figures import record
 
@@ -143,7 +144,8 @@ def test_views_convert_to_a_torch_file_and_a_sharded_folder(tmp_path, fabric):
     torch.save({"views": views}, tmp_path / "torch.pt")
     convert(tmp_path / "torch.pt", tmp_path / "ours.ckpt")
     _assert_values(_stored_values(tmp_path / "ours.ckpt"), views)
-    convert(tmp_path / "torch.pt", tmp_path / "folder/")
+    convert(tmp_path / "torch.pt", f"{tmp_path}/folder/")
+    assert (tmp_path / "folder" / "fabric_ckpt.json").is_file()
     _assert_values(fabric.load(tmp_path / "folder")["views"], views)
 
 
@@ -153,3 +155,87 @@ def test_diff_compares_views_by_value(tmp_path):
     torch.save({name: view.resolve_conj().resolve_neg() for name, view in views.items()}, tmp_path / "values.pt")
     COUNTS["conjugate and negative views"] += len(views)
     assert diff(tmp_path / "views.pt", tmp_path / "values.pt").equal
+
+
+# ---------------------------------------------------------------------------------------------- quantized tensors
+def _quantized() -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # torch deprecates creating quantized tensors; checkpoints still hold them
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "per tensor": torch.quantize_per_tensor(_real(10, 4, 3), 0.05, 3, torch.qint8),
+            "per channel": torch.quantize_per_channel(
+                _real(11, 4, 3),
+                torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
+                torch.tensor([0, 1, 2, 3]),
+                0,
+                torch.quint8,
+            ),
+            "qint32 slice": torch.quantize_per_tensor(_real(12, 6), 0.01, 0, torch.qint32)[1:5],
+        }
+
+
+def _assert_quantized(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        COUNTS["quantized tensors"] += 1
+        got = loaded[name]
+        assert got.is_quantized and got.qscheme() == value.qscheme() and got.dtype == value.dtype, name
+        if value.qscheme() == torch.per_tensor_affine:
+            assert (got.q_scale(), got.q_zero_point()) == (value.q_scale(), value.q_zero_point()), name
+        else:
+            assert torch.equal(got.q_per_channel_scales(), value.q_per_channel_scales()), name
+            assert torch.equal(got.q_per_channel_zero_points(), value.q_per_channel_zero_points()), name
+            assert got.q_per_channel_axis() == value.q_per_channel_axis(), name
+        assert torch.equal(got.int_repr(), value.int_repr()), name
+
+
+def test_quantized_tensors_round_trip_through_save_and_load(tmp_path, fabric):
+    values = _quantized()
+    fabric.save(tmp_path / "q.ckpt", {"q": values})
+    _assert_quantized(fabric.load(tmp_path / "q.ckpt")["q"], values)
+    _assert_quantized(torch.load(tmp_path / "q.ckpt", weights_only=True)["q"], values)
+    state = {"q": None}
+    fabric.load(tmp_path / "q.ckpt", state)
+    _assert_quantized(state["q"], values)
+
+
+def test_quantized_tensors_round_trip_through_save_async(tmp_path, fabric):
+    values = _quantized()
+    fabric.save_async(tmp_path / "q.ckpt", {"q": values}).wait()
+    _assert_quantized(fabric.load(tmp_path / "q.ckpt")["q"], values)
+
+
+def _quantized_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{i}": model[i].weight() for i in (0, 2)}
+
+
+@pytest.mark.parametrize("save", ["save", "save_async"])
+def test_a_quantized_model_round_trips(tmp_path, fabric, save):
+    model = _quantized_model(seed=1)
+    handle = getattr(fabric, save)(tmp_path / "m.ckpt", {"model": model, "step": 4})
+    if handle is not None:
+        handle.wait()
+    target = _quantized_model(seed=2)
+    assert fabric.load(tmp_path / "m.ckpt", {"model": target}) == {"step": 4}
+    _assert_quantized(_quantized_weights(target), _quantized_weights(model))
+    for i in (0, 2):
+        assert torch.equal(target[i].bias(), model[i].bias())
+    fabric.save(tmp_path / "next.ckpt", {"step": 5})  # nothing left over poisons the next save
+    assert fabric.load(tmp_path / "next.ckpt") == {"step": 5}
+
+
+def test_a_sharded_folder_refuses_quantized_tensors_before_writing(tmp_path, fabric):
+    values = _quantized()
+    fabric.save(tmp_path / "q.ckpt", {"q": values, "step": 1})
+    with pytest.raises(CheckpointError, match=r"entry 'q/per tensor' is a quantized tensor"):
+        convert(tmp_path / "q.ckpt", f"{tmp_path}/folder/")
+    COUNTS["quantized tensors"] += 1
+    assert not (tmp_path / "folder").exists()

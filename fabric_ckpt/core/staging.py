@@ -75,8 +75,13 @@ class Stager:
                 shape=sharded.shape,
                 stride=sharded.stride(),
             )
-        if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
-            return tensor.detach().to("cpu", copy=True)
+        if (
+            tensor.layout != torch.strided
+            or tensor.is_meta
+            or tensor.is_quantized
+            or type(tensor) not in (torch.Tensor, nn.Parameter)
+        ):
+            return tensor.detach().to("cpu", copy=True)  # a copy keeps a quantized tensor's quantizer
         if tensor.is_conj() or tensor.is_neg():
             # The bytes under a conjugate or negative view are not its values: copy the values (memory of their own).
             values = resolved(tensor.detach()).to("cpu")
