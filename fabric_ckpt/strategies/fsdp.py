@@ -452,6 +452,7 @@ class FSDPStrategy(ParallelStrategy):
                 load_weights_only=options.load_weights_only,
                 load_module=self._sharded_module_loader(folder, state, options),
                 load_optimizer=load_optimizer,
+                meta_placeholders=True,  # the view's module and optimizer tensors are read in place later
             )
 
         plan = self.agree(prepare, description)
