@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import torch
+from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointManager, Fabric, SaveHandle
 from tests.conftest import assert_same_state, make_net, snapshot, trained
@@ -138,3 +141,64 @@ def test_manager_moves_latest_only_after_the_background_save(tmp_path, fabric):
     )
     again.load_latest({"model": resumed})
     assert_same_state(snapshot(resumed), snapshot(model))
+
+
+class _Paused:
+    """Holds the background writer (one thread) until released, so a test acts between snapshot and write."""
+
+    def __init__(self, fabric) -> None:
+        fabric.save_async("memory://paused/warm.ckpt", {"warm": 1}).wait()  # starts the thread
+        self._release = threading.Event()
+        fabric._background._executor.submit(self._release.wait)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def _mutable_state() -> dict:
+    return {
+        "seen": {1, 2, 3},
+        "raw": bytearray(b"abc"),
+        "frozen": frozenset({4, 5}),
+        "nested": {"lists": [[1, 2], {7}], "bytes": [bytearray(b"xy")]},
+        "tuple": ({"k": 1}, [2]),
+        "w": torch.ones(3),
+    }
+
+
+def _mutate(state: dict) -> None:
+    state["seen"].add(99)
+    state["raw"][0] = ord("Z")
+    state["nested"]["lists"][0].append(3)
+    state["nested"]["lists"][1].discard(7)
+    state["nested"]["bytes"][0].extend(b"!!")
+    state["tuple"][0]["k"] = 2
+    state["tuple"][1].append(3)
+    state["w"].add_(1)
+
+
+def test_save_async_writes_every_value_as_it_was_at_the_call(tmp_path, fabric):
+    state = _mutable_state()
+    expected = copy.deepcopy(state)
+    paused = _Paused(fabric)
+    handle = fabric.save_async(tmp_path / "c.ckpt", state)
+    _mutate(state)  # the caller changes everything before the background write starts
+    paused.release()
+    handle.wait()
+    written = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    assert {k: v for k, v in written.items() if k != "w"} == {k: v for k, v in expected.items() if k != "w"}
+    assert torch.equal(written["w"], expected["w"])
+    assert type(written["raw"]) is bytearray and type(written["frozen"]) is frozenset
+
+
+def test_save_async_writes_meta_tensors_as_save_does(tmp_path, fabric):
+    meta = torch.empty(3, 4, device="meta")
+    state = {"m": meta, "view": meta[1:], "p": nn.Parameter(torch.empty(2, device="meta")), "w": torch.ones(2)}
+    fabric.save(tmp_path / "sync.ckpt", state)
+    fabric.save_async(tmp_path / "async.ckpt", state).wait()
+    for name in ("sync.ckpt", "async.ckpt"):
+        for loaded in (torch.load(tmp_path / name, weights_only=True), fabric.load(tmp_path / name)):
+            for key in ("m", "view", "p"):
+                assert loaded[key].is_meta and loaded[key].shape == state[key].shape, (name, key)
+            assert type(loaded["p"]) is nn.Parameter and loaded["p"].requires_grad, name
+            assert torch.equal(loaded["w"], state["w"])

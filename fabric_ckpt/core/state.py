@@ -235,6 +235,9 @@ def resolved(tensor: torch.Tensor) -> torch.Tensor:
 
 def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) -> torch.Tensor:
     if _not_plain_memory(tensor):
+        if type(tensor) is nn.Parameter:  # e.g. a meta parameter: a parameter again, as torch.load gives it
+            with torch.no_grad():
+                return nn.Parameter(tensor.clone(), requires_grad=tensor.requires_grad)
         return tensor.clone()  # a quantized tensor's clone keeps its quantizer; a rebuilt view would lose it
     if tensor.is_conj() or tensor.is_neg():
         return resolved(tensor)  # fresh memory already; the bytes under the view are not its values
