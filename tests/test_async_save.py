@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from torch import nn
 
 from fabric_ckpt import CheckpointError, CheckpointManager, Fabric, SaveHandle
 from tests.conftest import assert_same_state, make_net, snapshot, trained
+from tests.reliability_figures import record
+
+COUNTS: Counter[str] = Counter()  # the issue-16 cases tried, for `make reliability` (docs/reliability.md)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for kind, count in sorted(COUNTS.items()):
+        record("smaller", kind, inputs=count)
 
 
 def test_the_snapshot_is_what_gets_written_while_training_goes_on(tmp_path, fabric):
@@ -82,6 +93,7 @@ def test_a_background_error_the_handle_reported_does_not_fail_later_saves(tmp_pa
     fabric.save_async(tmp_path / "ok.ckpt", {"step": 3}).wait()
     fabric.wait_for_saves()
     assert fabric.load(tmp_path / "ok.ckpt") == {"step": 3}
+    COUNTS["async errors reported once"] += 1
 
 
 @pytest.mark.parametrize("ask", [True, False])
@@ -189,6 +201,7 @@ def test_save_async_writes_every_value_as_it_was_at_the_call(tmp_path, fabric):
     assert {k: v for k, v in written.items() if k != "w"} == {k: v for k, v in expected.items() if k != "w"}
     assert torch.equal(written["w"], expected["w"])
     assert type(written["raw"]) is bytearray and type(written["frozen"]) is frozenset
+    COUNTS["async snapshots of mutable values"] += len(state)
 
 
 def test_save_async_writes_meta_tensors_as_save_does(tmp_path, fabric):
@@ -202,3 +215,4 @@ def test_save_async_writes_meta_tensors_as_save_does(tmp_path, fabric):
                 assert loaded[key].is_meta and loaded[key].shape == state[key].shape, (name, key)
             assert type(loaded["p"]) is nn.Parameter and loaded["p"].requires_grad, name
             assert torch.equal(loaded["w"], state["w"])
+            COUNTS["async meta tensors"] += 3

@@ -5,6 +5,7 @@ subclasses in ``fabric_ckpt.lightning`` translate what comes out of them."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from fabric_ckpt import CheckpointError
 from tests.distributed import WorkerGroup
+from tests.reliability_figures import record
 from tests.test_lightning_strategies import new_model, shard
+
+COUNTS: Counter[str] = Counter()  # the issue-16 cases tried, for `make reliability` (docs/reliability.md)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for kind, count in sorted(COUNTS.items()):
+        record("smaller", kind, inputs=count)
+
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -59,3 +71,4 @@ def test_dcp_failures_inside_lightning_strategies_surface_as_our_errors(group, t
         assert outcome["is_exception"] and outcome["is_checkpoint_error"], outcome
         assert outcome["cause"] == CheckpointException.__name__, outcome
         assert "Missing key in checkpoint state_dict: model.3.weight" in outcome["message"], outcome
+        COUNTS["DCP failures as our errors"] += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import fsspec
 import pytest
@@ -12,6 +13,16 @@ import fabric_ckpt
 from fabric_ckpt import CheckpointError
 from fabric_ckpt.storage.temporaries import TEMP_MARKER, is_temporary_name, sweep_temporaries, temporary_name
 from tests.conftest import assert_same_state, make_net, snapshot, trained
+from tests.reliability_figures import record
+
+COUNTS: Counter[str] = Counter()  # the issue-16 cases tried, for `make reliability` (docs/reliability.md)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for kind, count in sorted(COUNTS.items()):
+        record("smaller", kind, inputs=count)
 
 
 def test_memory_url_round_trip_with_parent_folders(fabric):
@@ -101,6 +112,7 @@ def test_a_name_ending_in_json_saves_and_loads_everywhere(tmp_path, fabric, url)
     assert fabric_ckpt.verify(path).ok
     assert fabric_ckpt.describe(path).format == "fabric_ckpt"
     assert fabric_ckpt.diff(path, path).equal
+    COUNTS["checkpoint names"] += 1
 
 
 @pytest.mark.parametrize("save", ["save", "save_async"])
@@ -114,6 +126,7 @@ def test_a_long_valid_name_saves_and_loads(tmp_path, fabric, save, length):
     fabric.save(tmp_path / name, {"w": torch.arange(4), "step": 2})  # replacing it (the previous one set aside)
     assert fabric.load(tmp_path / name)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    COUNTS["checkpoint names"] += 1
 
 
 def test_long_names_that_share_a_beginning_keep_their_temporaries_apart(tmp_path):
