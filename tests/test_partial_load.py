@@ -213,6 +213,24 @@ def test_an_old_spectral_norm_checkpoint_still_loads_through_its_hook(tmp_path, 
     COUNTS["modules with load pre-hooks"] += 1
 
 
+def test_lazy_modules_still_load_and_refuse_values_of_another_layout(tmp_path, fabric):
+    source = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    source(torch.ones(1, 3))
+    fabric.save(tmp_path / "c.ckpt", {"model": source})
+    target = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    fabric.load(tmp_path / "c.ckpt", {"model": target})  # the lazy module's own pre-hook sizes it
+    assert torch.equal(target[1].weight, source[1].weight)
+    checkpoint = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    checkpoint["model"]["1.weight"] = checkpoint["model"]["1.weight"].to_sparse()
+    torch.save(checkpoint, tmp_path / "sparse.pt")
+    target = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    before = target[0].weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"'model': '1\.weight' is a sparse_coo tensor"):
+        fabric.load(tmp_path / "sparse.pt", {"model": target})
+    assert nn.parameter.is_lazy(target[1].weight) and torch.equal(target[0].weight, before)
+    COUNTS["modules with load pre-hooks"] += 2
+
+
 # ---------------------------------------------------------------------------------------------- optimizers
 @pytest.mark.parametrize("stepped", [True, False])
 def test_an_optimizer_checkpoint_of_another_class_is_refused_before_the_model_loads(tmp_path, fabric, stepped):

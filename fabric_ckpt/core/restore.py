@@ -143,9 +143,9 @@ def prepare_module_state(
             continue
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"{label}: '{key}' is a {type(value).__name__}, the module expects a tensor")
-        if nn.parameter.is_lazy(target.tensor):
-            continue
         check_layout(value, target.tensor, f"{label}: '{key}'", meta_placeholders=meta_placeholders)
+        if nn.parameter.is_lazy(target.tensor):
+            continue  # its shape comes from the checkpoint
         if value.shape != target.tensor.shape and not (target.tensor.dim() == 0 and value.shape == (1,)):
             raise CheckpointMismatchError(
                 f"{label}: shape mismatch for '{key}': the checkpoint has "
