@@ -299,6 +299,37 @@ def test_rng_state_that_does_not_fit_is_refused_before_anything_changes(tmp_path
     assert_load_changes_nothing(fabric, tmp_path / "c.pt", "RNG states that do not fit", "rng", strict)
 
 
+class _Picky:
+    """A stateful object of the user's that refuses the checkpoint's state only when it loads it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise ValueError("unsupported version")
+
+
+def test_a_stateful_object_that_refuses_its_state_leaves_the_others_untouched(tmp_path, fabric):
+    _, optimizer = trained(seed=1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    for _ in range(3):
+        scheduler.step()
+    fabric.save(tmp_path / "c.ckpt", {"scheduler": scheduler, "rng": RNGState(), "picky": _Picky()})
+    _, target_optimizer = trained(seed=5)
+    target_scheduler = torch.optim.lr_scheduler.StepLR(target_optimizer, step_size=7)
+    scheduler_before = dict(target_scheduler.state_dict())
+    optimizer_before = snapshot(target_optimizer)
+    torch.manual_seed(99)
+    rng_before = rng_snapshot()
+    state = {"scheduler": target_scheduler, "rng": RNGState(), "picky": _Picky()}
+    with pytest.raises(ValueError, match="unsupported version"):
+        fabric.load(tmp_path / "c.ckpt", state)
+    assert target_scheduler.state_dict() == scheduler_before
+    assert_same_state(snapshot(target_optimizer), optimizer_before)  # the scheduler sets the group's lr
+    assert_same_rng(rng_before)
+    COUNTS["stateful objects that refuse their state"] += 1
+
+
 # ---------------------------------------------------------------------------------------------- manager
 def _managed(fabric, folder, seeds: list[int]) -> None:
     manager = CheckpointManager(fabric, folder, num_checkpoints_to_keep=5)

@@ -9,6 +9,7 @@ loading allocates nothing that training had not already allocated, and nothing s
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -284,11 +285,31 @@ class RestorePlan:
         return self.finish()
 
     def apply_stateful(self) -> None:
-        """Stateful objects first: their ``load_state_dict`` may still reject the data, before any tensor changed."""
-        for key in self.present:
-            obj = self.objects[key]
-            if is_stateful(obj) and not isinstance(obj, (nn.Module, Optimizer)):
-                obj.load_state_dict(materialize(self.checkpoint[key], self._memo))
+        """Stateful objects first: their ``load_state_dict`` may still reject the data, before any tensor changed.
+
+        Those without ``check_state_dict`` (nothing checked them) go first; if one refuses its state, the ones
+        restored before it get their previous state back. Checked ones (e.g. ``RNGState``) go last.
+        """
+        keys = [
+            key
+            for key in self.present
+            if is_stateful(self.objects[key]) and not isinstance(self.objects[key], (nn.Module, Optimizer))
+        ]
+        checked = [key for key in keys if callable(getattr(self.objects[key], "check_state_dict", None))]
+        restored: list[tuple[Any, Any]] = []
+        try:
+            for key in keys:
+                if key not in checked:
+                    obj = self.objects[key]
+                    previous = _state_to_restore(obj)
+                    obj.load_state_dict(materialize(self.checkpoint[key], self._memo))
+                    restored.append((obj, previous))
+        except BaseException:
+            for obj, previous in reversed(restored):
+                obj.load_state_dict(previous)
+            raise
+        for key in checked:
+            self.objects[key].load_state_dict(materialize(self.checkpoint[key], self._memo))
 
     def apply_modules(self) -> None:
         for key, (state_dict, module_strict) in self.module_states.items():
@@ -354,6 +375,15 @@ def prepare_restore(
             except (ValueError, TypeError) as err:
                 raise CheckpointError(f"{label} cannot be restored into {type(obj).__name__}: {err}") from err
     return RestorePlan(objects, checkpoint, present, module_states, load_module, load_optimizer, frozenset(present))
+
+
+def _state_to_restore(obj: Any) -> Any:
+    """``obj``'s current state, kept to give back if a later object refuses its checkpoint state."""
+    state = obj.state_dict()
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # not copyable: its own state dict, which load_state_dict usually does not change
+        return state
 
 
 def _storage_address(tensor: torch.Tensor) -> int | None:
