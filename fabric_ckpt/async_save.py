@@ -1,13 +1,15 @@
 """Asynchronous saves: the caller waits only for the snapshot, a background thread writes it.
 
 One save is written at a time, on one thread started by the first asynchronous save (never at import). A new save
-first waits for the previous one; an error of the previous one is raised by :meth:`SaveHandle.wait` and by the next
-save. At interpreter exit a pending save is finished, so the last checkpoint is not lost.
+first waits for the previous one. A save's error is reported once: by :meth:`SaveHandle.wait` (or
+:meth:`SaveHandle.exception`) if the caller asks, else by the next save. At interpreter exit a pending save is
+finished, so the last checkpoint is not lost; an error nobody was told of is printed to stderr.
 """
 
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +36,7 @@ class SaveHandle:
         self._callbacks: list[Callable[[SaveHandle], None]] = []
         self._written = future is None
         self._lock = threading.Lock()
+        self._reported = False  # the caller has been given the save's error: it is not raised again
 
     def done(self) -> bool:
         """Whether the save finished (successfully or not).
@@ -53,8 +56,14 @@ class SaveHandle:
         Example:
             >>> handle.wait(timeout=600)
         """
-        if self._future is not None:
+        if self._future is None:
+            return
+        try:
             self._future.result(timeout=timeout)
+        except BaseException:
+            if self._future.done():  # the save's own error (not this call's timeout): the caller has it now
+                self._reported = True
+            raise
 
     def exception(self) -> BaseException | None:
         """The error the finished save ended with, or ``None``.
@@ -65,7 +74,9 @@ class SaveHandle:
         """
         if self._future is None or not self._future.done():
             return None
-        return self._future.exception()
+        error = self._future.exception()
+        self._reported = self._reported or error is not None
+        return error
 
     def add_done_callback(self, callback: Callable[[SaveHandle], None]) -> None:
         """Call ``callback(handle)`` once the checkpoint is complete, before the save counts as done.
@@ -107,15 +118,16 @@ class BackgroundSaver:
         self._lock = threading.Lock()
 
     def finish_previous(self) -> None:
-        """Wait for the save in flight; raise :class:`CheckpointError` if it failed (once, then forget it)."""
+        """Wait for the save in flight; raise :class:`CheckpointError` if it failed and its handle did not already
+        report that to the caller (then forget it)."""
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is None:
+        if pending is None or pending._future is None:
             return
-        try:
-            pending.wait()
-        except BaseException as err:
-            raise CheckpointError(f"The previous asynchronous save to '{pending.path}' failed: {err}") from err
+        error = _outcome(pending._future)
+        if error is not None and not pending._reported:
+            pending._reported = True
+            raise CheckpointError(f"The previous asynchronous save to '{pending.path}' failed: {error}") from error
 
     def submit(self, path: str, write: Callable[[], Any]) -> SaveHandle:
         """Run ``write()`` in the background (after :meth:`finish_previous`); return its handle."""
@@ -143,10 +155,18 @@ class BackgroundSaver:
 
     def _finish_at_exit(self) -> None:
         pending = self._pending
-        if pending is not None:
-            try:
-                pending.wait()
-            except BaseException as err:  # nobody is left to raise to
-                print(f"[fabric_ckpt] the asynchronous save to '{pending.path}' failed: {err}")
+        if pending is not None and pending._future is not None:
+            error = _outcome(pending._future)
+            if error is not None and not pending._reported:  # nobody is left to raise to
+                print(f"[fabric_ckpt] the asynchronous save to '{pending.path}' failed: {error}", file=sys.stderr)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _outcome(future: Future[Any]) -> BaseException | None:
+    """Wait for ``future``; the error it ended with, or ``None``."""
+    try:
+        future.result()
+    except BaseException as err:
+        return err
+    return None

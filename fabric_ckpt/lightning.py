@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -203,7 +204,7 @@ class _VerifiedCommits:
             )
             generation = final.child(self.broadcast(name))
             try:
-                self._agree(lambda: write(generation.path), description)
+                self._agree(lambda: _dcp_errors_as_ours(lambda: write(generation.path), path), description)
                 records = self._agree(lambda: self._checksum_own_files(generation), description)
                 every_record = [record for per_rank in self._gather(records) for record in per_rank]
                 commit = lambda: _sharded.commit(generation, final, every_record, self.world_size)  # noqa: E731
@@ -274,6 +275,15 @@ class _VerifiedCommits:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, obj)
         return gathered
+
+
+def _dcp_errors_as_ours(operation: Callable[[], T], path: PathLike) -> T:
+    """Run a Lightning save or load; DCP's ``CheckpointException`` (a ``BaseException``) becomes one of our
+    errors (an ``Exception``), with DCP's as its cause."""
+    try:
+        return operation()
+    except CheckpointException as err:
+        raise _dcp.translate_dcp_error(err, f"Lightning's checkpoint operation on '{path}'") from err
 
 
 def _live_generation(location: Location) -> str | None:
@@ -350,7 +360,8 @@ class FabricCkptFSDPStrategy(_VerifiedCommits, _LightningFSDPStrategy):
         Example:
             >>> remainder = fabric.load("checkpoints/step-100", {"model": model, "optimizer": optimizer})
         """
-        return super().load_checkpoint(self._verified_path(path), state, strict, weights_only)
+        load = super().load_checkpoint
+        return _dcp_errors_as_ours(lambda: load(self._verified_path(path), state, strict, weights_only), path)
 
     def _commit_file(self, temporary: Location, final: Location) -> None:
         _rewrite_through_ours(temporary, final)
@@ -394,7 +405,8 @@ class FabricCkptModelParallelStrategy(_VerifiedCommits, _LightningModelParallelS
         Example:
             >>> remainder = fabric.load("checkpoints/step-100", {"model": model, "optimizer": optimizer})
         """
-        return super().load_checkpoint(self._verified_path(path), state, strict, weights_only)
+        load = super().load_checkpoint
+        return _dcp_errors_as_ours(lambda: load(self._verified_path(path), state, strict, weights_only), path)
 
     def _commit_file(self, temporary: Location, final: Location) -> None:
         _rewrite_through_ours(temporary, final)
@@ -445,7 +457,8 @@ class FabricCkptTrainerFSDPStrategy(_TrainerCheckpointIODefault, _VerifiedCommit
         Example:
             >>> trainer.fit(model, ckpt_path="checkpoints/last.ckpt")  # calls this
         """
-        return super().load_checkpoint(self._verified_path(checkpoint_path), weights_only)
+        load = super().load_checkpoint
+        return _dcp_errors_as_ours(lambda: load(self._verified_path(checkpoint_path), weights_only), checkpoint_path)
 
     def _commit_file(self, temporary: Location, final: Location) -> None:
         _rename_into_place(temporary, final)
@@ -481,7 +494,8 @@ class FabricCkptTrainerModelParallelStrategy(
         Example:
             >>> trainer.fit(model, ckpt_path="checkpoints/last.ckpt")  # calls this
         """
-        return super().load_checkpoint(self._verified_path(checkpoint_path), weights_only)
+        load = super().load_checkpoint
+        return _dcp_errors_as_ours(lambda: load(self._verified_path(checkpoint_path), weights_only), checkpoint_path)
 
     def _commit_file(self, temporary: Location, final: Location) -> None:
         _rename_into_place(temporary, final)

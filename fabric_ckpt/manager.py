@@ -292,8 +292,9 @@ class CheckpointManager:
                     load_weights_only=weights_mode,
                     progress_bar=progress_bar,
                 )
-            except CheckpointMismatchError:
-                raise  # the checkpoint is fine; the state does not fit it, and would not fit an older one either
+            except CheckpointMismatchError as err:
+                # the checkpoint is fine; the state does not fit it, and would not fit an older one either
+                raise CheckpointMismatchError(f"Resuming from '{path}' failed: {err}") from err
             except (OSError, CheckpointError) as err:
                 skipped.append(f"{path} ({err})")
                 continue

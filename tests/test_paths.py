@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+
 import fsspec
 import pytest
 import torch
 
+import fabric_ckpt
 from fabric_ckpt import CheckpointError
+from fabric_ckpt.storage.temporaries import TEMP_MARKER, is_temporary_name, sweep_temporaries, temporary_name
 from tests.conftest import assert_same_state, make_net, snapshot, trained
+from tests.reliability_figures import record
+
+COUNTS: Counter[str] = Counter()  # the issue-16 cases tried, for `make reliability` (docs/reliability.md)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for kind, count in sorted(COUNTS.items()):
+        record("smaller", kind, inputs=count)
 
 
 def test_memory_url_round_trip_with_parent_folders(fabric):
@@ -80,3 +95,48 @@ def test_bad_path_types(fabric):
         fabric.save(3, {"a": 1})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="path is empty"):
         fabric.save("", {"a": 1})
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint names
+NAME_MAX = 255
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["local", "memory"])
+def test_a_name_ending_in_json_saves_and_loads_everywhere(tmp_path, fabric, url):
+    path = "memory://names/last.json" if url else str(tmp_path / "last.json")
+    model, optimizer = trained(seed=1)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3})
+    target, target_optimizer = trained(seed=2)
+    assert fabric.load(path, {"model": target, "optimizer": target_optimizer}) == {"step": 3}
+    assert_same_state(snapshot(target), snapshot(model))
+    assert fabric_ckpt.verify(path).ok
+    assert fabric_ckpt.describe(path).format == "fabric_ckpt"
+    assert fabric_ckpt.diff(path, path).equal
+    COUNTS["checkpoint names"] += 1
+
+
+@pytest.mark.parametrize("save", ["save", "save_async"])
+@pytest.mark.parametrize("length", [NAME_MAX - 33, NAME_MAX - 5, NAME_MAX])
+def test_a_long_valid_name_saves_and_loads(tmp_path, fabric, save, length):
+    name = ("é" + "c" * NAME_MAX)[: length - 1]  # one two-byte character: the limit counts bytes
+    assert len(name.encode()) == length
+    handle = getattr(fabric, save)(tmp_path / name, {"w": torch.arange(4), "step": 1})
+    if handle is not None:
+        handle.wait()
+    fabric.save(tmp_path / name, {"w": torch.arange(4), "step": 2})  # replacing it (the previous one set aside)
+    assert fabric.load(tmp_path / name)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    COUNTS["checkpoint names"] += 1
+
+
+def test_long_names_that_share_a_beginning_keep_their_temporaries_apart(tmp_path):
+    first, second = "a" * 250 + "1.ckpt", "a" * 250 + "2.ckpt"
+    names = {temporary_name(first), temporary_name(second)}
+    assert all(len(n.encode()) <= NAME_MAX and is_temporary_name(n) for n in names)
+    for name in names:
+        (tmp_path / name).write_bytes(b"left by a crashed save")
+    dead = [n.replace(f"{TEMP_MARKER}{os.getpid()}-", f"{TEMP_MARKER}999999999-") for n in names]
+    for live, crashed in zip(sorted(names), sorted(dead), strict=True):
+        (tmp_path / live).rename(tmp_path / crashed)
+    assert len(sweep_temporaries(str(tmp_path), first)) == 1  # only the first name's leftover
+    assert len(list(tmp_path.iterdir())) == 1

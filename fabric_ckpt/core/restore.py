@@ -1,6 +1,7 @@
 """Restoring objects in place from a checkpoint, all-or-nothing.
 
-Every module and optimizer entry is validated first (keys under ``strict``, shapes, parameter groups); only when the
+Every entry is validated first (keys under ``strict``, shapes, layouts, what load pre-hooks make of a module's keys,
+parameter groups, the optimizer's class and state values, a stateful object's ``check_state_dict``); only when the
 whole request fits is anything copied. Module tensors are copied into the existing parameters and buffers by
 ``load_state_dict``; optimizer state is copied into the optimizer's existing state tensors where they exist, so
 loading allocates nothing that training had not already allocated, and nothing stays a view of the checkpoint file.
@@ -8,6 +9,7 @@ loading allocates nothing that training had not already allocated, and nothing s
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.checks import check_layout, check_optimizer_class_and_values, rehearse_pre_hooks
 from fabric_ckpt.core.state import check_strict_keys, is_stateful, materialize
-from fabric_ckpt.errors import CheckpointMismatchError
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 
 __all__ = [
     "ModuleLoader",
@@ -46,9 +49,10 @@ class _ExpectedKey:
 
 
 def _custom_loading(module: nn.Module) -> bool:
+    """Whether ``module`` reads its keys its own way (its load pre-hooks are rehearsed instead: see core.checks)."""
     overridden = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
     is_batch_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-    return bool(module._load_state_dict_pre_hooks) or (overridden and not is_batch_norm)
+    return overridden and not is_batch_norm
 
 
 def _expected_keys(module: nn.Module) -> tuple[dict[str, _ExpectedKey], list[str]]:
@@ -96,42 +100,53 @@ def _allowed_missing(key: str, expected: _ExpectedKey, state_dict: Mapping[str, 
     return version is None or version < 2
 
 
-def prepare_module_state(module: nn.Module, state_dict: Any, *, strict: bool, label: str) -> Mapping[str, Any]:
+def prepare_module_state(
+    module: nn.Module, state_dict: Any, *, strict: bool, label: str, meta_placeholders: bool = False
+) -> Mapping[str, Any]:
     """Validate ``state_dict`` against ``module``; return it ready for ``load_state_dict`` (prefixes fixed).
 
+    Keys are checked as ``load_state_dict`` will see them, after the module's load pre-hooks (e.g. spectral norm's)
+    rehearsed on a copy. ``meta_placeholders``: meta values stand for tensors a sharded load reads later.
+
     Raises:
-        CheckpointMismatchError: not a state dict, keys differ under ``strict``, a value is not a tensor, or a shape
-            differs. Nothing has been copied when it is raised.
+        CheckpointMismatchError: not a state dict, keys differ under ``strict``, a value is not a tensor, or its
+            shape or layout differs. Nothing has been copied when it is raised.
+        CheckpointError: a value is a meta tensor (no values to load), under any ``strict``.
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointMismatchError(f"{label} is a {type(state_dict).__name__}, not a state dict the module can load")
     expected, custom_prefixes = _expected_keys(module)
     state_dict = _strip_wrapper_prefixes(state_dict, expected)
+    hooked = rehearse_pre_hooks(module, state_dict)
+    if hooked.errors:
+        raise CheckpointMismatchError(f"{label} does not load into the module {type(module).__name__}: {hooked.errors}")
+    seen = hooked.state_dict  # what load_state_dict's per-module lookups will find
 
     def checked_by_us(key: str) -> bool:
         return not any(key.startswith(prefix) for prefix in custom_prefixes)
 
     if strict:
         missing = [
-            k
-            for k, e in expected.items()
-            if k not in state_dict and checked_by_us(k) and not _allowed_missing(k, e, state_dict)
+            k for k, e in expected.items() if k not in seen and checked_by_us(k) and not _allowed_missing(k, e, seen)
         ]
-        unexpected = [k for k in state_dict if k not in expected and checked_by_us(k)]
+        missing += [k for k in hooked.missing if k not in missing]
+        unexpected = [k for k in seen if k not in expected and checked_by_us(k)]
+        unexpected += [k for k in hooked.unexpected if k not in unexpected]
         if missing or unexpected:
             raise CheckpointMismatchError(
                 f"{label} does not match the module {type(module).__name__} (strict loading): "
                 f"missing keys {missing}, unexpected keys {unexpected}. "
                 "Pass strict=False to load only the keys both have."
             )
-    for key, value in state_dict.items():
+    for key, value in seen.items():
         target = expected.get(key)
-        if target is None or target.tensor is None:
+        if target is None or target.tensor is None or not checked_by_us(key):
             continue
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"{label}: '{key}' is a {type(value).__name__}, the module expects a tensor")
+        check_layout(value, target.tensor, f"{label}: '{key}'", meta_placeholders=meta_placeholders)
         if nn.parameter.is_lazy(target.tensor):
-            continue
+            continue  # its shape comes from the checkpoint
         if value.shape != target.tensor.shape and not (target.tensor.dim() == 0 and value.shape == (1,)):
             raise CheckpointMismatchError(
                 f"{label}: shape mismatch for '{key}': the checkpoint has "
@@ -150,11 +165,15 @@ def _elementwise(optimizer: Optimizer) -> bool:
     return cls.__module__.startswith("torch.optim") and cls.__name__ not in _FACTORED_OPTIMIZERS
 
 
-def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: str) -> None:
-    """Check parameter groups and state-tensor shapes before ``optimizer.load_state_dict`` touches anything.
+def validate_optimizer_state(
+    optimizer: Optimizer, state_dict: Any, *, label: str, meta_placeholders: bool = False
+) -> None:
+    """Check parameter groups, the optimizer's class, state values and their shapes and layouts before
+    ``optimizer.load_state_dict`` touches anything.
 
     Raises:
         CheckpointMismatchError: naming the group, parameter and state key at fault.
+        CheckpointError: a state value is a meta tensor (no values to load).
     """
     # "state" may be missing: DCP drops the empty state dict of an optimizer that has not stepped yet.
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict:
@@ -181,9 +200,18 @@ def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: st
             continue
         current = optimizer.state.get(param, {})
         for key, value in param_state.items():
-            if not isinstance(value, torch.Tensor):
-                continue
             existing = current.get(key)
+            where = f"{label}: state '{key}' of parameter {param_id}"
+            if not isinstance(value, torch.Tensor):
+                if isinstance(existing, torch.Tensor):
+                    raise CheckpointMismatchError(f"{where} is a {type(value).__name__}, the optimizer holds a tensor")
+                continue
+            check_layout(
+                value,
+                existing if isinstance(existing, torch.Tensor) else param,
+                where,
+                meta_placeholders=meta_placeholders,
+            )
             if isinstance(existing, torch.Tensor):
                 want = existing.shape
             elif _elementwise(optimizer) and value.dim() > 0:
@@ -195,6 +223,7 @@ def validate_optimizer_state(optimizer: Optimizer, state_dict: Any, *, label: st
                     f"{label}: state '{key}' of parameter {param_id} has shape "
                     f"{list(value.shape)} in the checkpoint, the optimizer needs {list(want)}"
                 )
+    check_optimizer_class_and_values(optimizer, state_dict, params, label=label)
 
 
 def load_optimizer_state(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
@@ -256,11 +285,31 @@ class RestorePlan:
         return self.finish()
 
     def apply_stateful(self) -> None:
-        """Stateful objects first: their ``load_state_dict`` may still reject the data, before any tensor changed."""
-        for key in self.present:
-            obj = self.objects[key]
-            if is_stateful(obj) and not isinstance(obj, (nn.Module, Optimizer)):
-                obj.load_state_dict(materialize(self.checkpoint[key], self._memo))
+        """Stateful objects first: their ``load_state_dict`` may still reject the data, before any tensor changed.
+
+        Those without ``check_state_dict`` (nothing checked them) go first; if one refuses its state, the ones
+        restored before it get their previous state back. Checked ones (e.g. ``RNGState``) go last.
+        """
+        keys = [
+            key
+            for key in self.present
+            if is_stateful(self.objects[key]) and not isinstance(self.objects[key], (nn.Module, Optimizer))
+        ]
+        checked = [key for key in keys if callable(getattr(self.objects[key], "check_state_dict", None))]
+        restored: list[tuple[Any, Any]] = []
+        try:
+            for key in keys:
+                if key not in checked:
+                    obj = self.objects[key]
+                    previous = _state_to_restore(obj)
+                    obj.load_state_dict(materialize(self.checkpoint[key], self._memo))
+                    restored.append((obj, previous))
+        except BaseException:
+            for obj, previous in reversed(restored):
+                obj.load_state_dict(previous)
+            raise
+        for key in checked:
+            self.objects[key].load_state_dict(materialize(self.checkpoint[key], self._memo))
 
     def apply_modules(self) -> None:
         for key, (state_dict, module_strict) in self.module_states.items():
@@ -291,15 +340,19 @@ def prepare_restore(
     load_weights_only: bool = False,
     load_module: ModuleLoader = load_module_state,
     load_optimizer: Callable[[Optimizer, Mapping[str, Any]], None] = load_optimizer_state,
+    meta_placeholders: bool = False,
 ) -> RestorePlan:
-    """Validate restoring ``objects`` from ``checkpoint`` (keys, shapes, groups) without changing anything.
+    """Validate restoring ``objects`` from ``checkpoint`` without changing anything: modules and optimizers (keys,
+    shapes, layouts, groups, class), and stateful objects that have a ``check_state_dict(state_dict)`` method
+    (e.g. :class:`~fabric_ckpt.RNGState`).
 
     With ``load_weights_only`` only the modules in ``objects`` are restored; everything else is left as it is and
-    stays in the remainder.
+    stays in the remainder. ``meta_placeholders``: meta tensors in ``checkpoint`` stand for values read later.
 
     Raises:
         KeyError: ``strict`` and a key of ``objects`` is not in the checkpoint.
         CheckpointMismatchError: a module or optimizer entry does not fit its object.
+        CheckpointError: an entry cannot be loaded at all (a meta tensor, a malformed state), naming it.
     """
     targets = {k: v for k, v in objects.items() if isinstance(v, nn.Module)} if load_weights_only else objects
     check_strict_keys(targets, checkpoint, strict=strict)
@@ -310,13 +363,27 @@ def prepare_restore(
         label = f"Checkpoint entry '{key}'"
         if isinstance(obj, nn.Module):
             module_strict = strict and getattr(obj, "strict_loading", True) is not False
-            module_states[key] = (
-                prepare_module_state(obj, checkpoint[key], strict=module_strict, label=label),
-                module_strict,
+            prepared = prepare_module_state(
+                obj, checkpoint[key], strict=module_strict, label=label, meta_placeholders=meta_placeholders
             )
+            module_states[key] = (prepared, module_strict)
         elif isinstance(obj, Optimizer):
-            validate_optimizer_state(obj, checkpoint[key], label=label)
+            validate_optimizer_state(obj, checkpoint[key], label=label, meta_placeholders=meta_placeholders)
+        elif is_stateful(obj) and callable(getattr(obj, "check_state_dict", None)):
+            try:
+                obj.check_state_dict(checkpoint[key])
+            except (ValueError, TypeError) as err:
+                raise CheckpointError(f"{label} cannot be restored into {type(obj).__name__}: {err}") from err
     return RestorePlan(objects, checkpoint, present, module_states, load_module, load_optimizer, frozenset(present))
+
+
+def _state_to_restore(obj: Any) -> Any:
+    """``obj``'s current state, kept to give back if a later object refuses its checkpoint state."""
+    state = obj.state_dict()
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # not copyable: its own state dict, which load_state_dict usually does not change
+        return state
 
 
 def _storage_address(tensor: torch.Tensor) -> int | None:

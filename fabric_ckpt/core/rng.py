@@ -73,6 +73,17 @@ class RNGState:
             state_dict = ranks[rank]
         _set_own_state(state_dict)
 
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` would restore ``state_dict`` completely.
+
+        ``fabric.load`` calls it before restoring anything, so a state that does not fit (e.g. a generator state of
+        the wrong size) fails the load with every object, generators included, untouched.
+
+        Example:
+            >>> RNGState().check_state_dict(checkpoint["rng"])
+        """
+        check_rng_state(state_dict)
+
     def __repr__(self) -> str:
         return "RNGState()"
 
@@ -109,7 +120,8 @@ def _set_own_state(state_dict: Mapping[str, Any]) -> None:
 
 
 def check_rng_state(state_dict: Any) -> None:
-    """Raise ``ValueError`` unless ``state_dict`` has the shape :meth:`RNGState.state_dict` produces."""
+    """Raise ``ValueError`` unless ``state_dict`` has the shape :meth:`RNGState.state_dict` produces, and each
+    component fits its generator (set on a fresh generator of the same kind, never the process's own)."""
     if isinstance(state_dict, Mapping) and "per_rank" in state_dict:
         ranks = state_dict["per_rank"]
         if not isinstance(ranks, (list, tuple)) or len(state_dict) != 1:
@@ -145,6 +157,50 @@ def check_rng_state(state_dict: Any) -> None:
             isinstance(tensors, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in tensors)
         ):
             raise ValueError(f"the {name!r} RNG state must be a tensor{'' if name == 'torch' else ' list'}")
+    _rehearse(state_dict)
+
+
+def _rehearse(state_dict: Mapping[str, Any]) -> None:
+    """Set each component on a fresh generator of its kind: what would fail on the process's own fails here."""
+    component = ""
+    try:
+        python = state_dict.get("python")
+        if python is not None:
+            component = "python"
+            random.Random().setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+        numpy_state = state_dict.get("numpy")
+        if numpy_state is not None:
+            component = "numpy"
+            _rehearse_numpy(numpy_state)
+        if state_dict.get("torch") is not None:
+            component = "torch"
+            torch.Generator().set_state(state_dict["torch"])
+        cuda = state_dict.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            component = "cuda"  # a state for another number of devices is skipped with a warning instead
+            for index, device_state in enumerate(cuda):
+                torch.Generator(device=f"cuda:{index}").set_state(device_state)
+    except (ValueError, TypeError, RuntimeError, OverflowError, KeyError, IndexError) as err:
+        raise ValueError(f"the {component!r} RNG state does not fit its generator: {err}") from err
+
+
+def _rehearse_numpy(state: Mapping[str, Any]) -> None:
+    try:
+        import numpy
+    except ImportError:
+        return  # restoring skips it with a warning
+    keys = state["keys"]
+    if keys.dim() != 1 or keys.is_floating_point() or keys.is_complex():
+        raise ValueError(f"'keys' must be a 1-D integer tensor, got {list(keys.shape)} {keys.dtype}")
+    numpy.random.RandomState().set_state(
+        (
+            str(state["bit_generator"]),
+            keys.numpy().astype(numpy.uint32),
+            int(state["pos"]),
+            int(state["has_gauss"]),
+            float(state["cached_gaussian"]),
+        )
+    )
 
 
 def _python_state() -> dict[str, Any]:

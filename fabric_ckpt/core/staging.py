@@ -14,7 +14,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fabric_ckpt.core.state import resolved
+
 __all__ = ["Stager"]
+
+# Values nothing can change after the call: kept as they are, not copied.
+_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, range, slice})
 
 
 class Stager:
@@ -49,17 +54,24 @@ class Stager:
     def _walk(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj)
+        if type(obj) in _IMMUTABLE:
+            return obj
         if isinstance(obj, dict):
             staged = copy.copy(obj)  # keeps the type and attributes, e.g. a state dict's _metadata
             for key, value in obj.items():
                 staged[key] = self._walk(value)
+            if getattr(obj, "__dict__", None):
+                staged.__dict__.update(copy.deepcopy(obj.__dict__))
             return staged
         if isinstance(obj, list):
             return [self._walk(value) for value in obj]
         if isinstance(obj, tuple):
             items = [self._walk(value) for value in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return obj
+        if type(obj) in (set, frozenset):
+            return type(obj)(self._walk(value) for value in obj)
+        # Anything else may change after the call (a bytearray, a custom object): the file must hold it as it was.
+        return copy.deepcopy(obj)
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh"):
@@ -73,8 +85,20 @@ class Stager:
                 shape=sharded.shape,
                 stride=sharded.stride(),
             )
-        if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
-            return tensor.detach().to("cpu", copy=True)
+        if tensor.is_meta:
+            # No values to copy: the same description of a tensor, written as the synchronous save writes it.
+            described = tensor.detach()
+            if isinstance(tensor, nn.Parameter):
+                return nn.Parameter(described, requires_grad=tensor.requires_grad)
+            return described
+        if tensor.layout != torch.strided or tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter):
+            return tensor.detach().to("cpu", copy=True)  # a copy keeps a quantized tensor's quantizer
+        if tensor.is_conj() or tensor.is_neg():
+            # The bytes under a conjugate or negative view are not its values: copy the values (memory of their own).
+            values = resolved(tensor.detach()).to("cpu")
+            return (
+                nn.Parameter(values, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else values
+            )
         source = tensor.untyped_storage()
         if source.nbytes() == 0:
             return torch.empty(tensor.shape, dtype=tensor.dtype)

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from fabric_ckpt.core.loader import FabricDataLoader, no_state_message
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
-from fabric_ckpt.errors import CheckpointMismatchError
+from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.types import AttributeDict
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "check_strict_keys",
     "is_stateful",
     "materialize",
+    "refuse_unshardable",
+    "resolved",
     "to_checkpoint",
     "unwrap_objects",
     "validate_filter",
@@ -270,9 +272,34 @@ def materialize(obj: Any, memo: dict[int, torch.UntypedStorage] | None = None) -
     return obj
 
 
+def resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or its values in memory of their own when it is a conjugate or negative view.
+
+    A view such as ``x.conj()``, ``x.mH`` or ``x.conj().imag`` shares ``x``'s memory and applies the sign only when
+    read; anything that rebuilds a tensor from its storage bytes must rebuild it from these values instead.
+
+    Example:
+        >>> x = torch.tensor([1 + 2j])
+        >>> resolved(x.conj()).is_conj(), resolved(x) is x
+        (False, True)
+    """
+    if not (tensor.is_conj() or tensor.is_neg()):
+        return tensor
+    with torch.no_grad():
+        values = tensor.resolve_conj().resolve_neg()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(values, requires_grad=tensor.requires_grad)
+    return values.requires_grad_(tensor.requires_grad) if tensor.requires_grad else values
+
+
 def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) -> torch.Tensor:
-    if tensor.layout != torch.strided or tensor.is_meta or type(tensor) not in (torch.Tensor, nn.Parameter):
-        return tensor.clone()
+    if _not_plain_memory(tensor):
+        if type(tensor) is nn.Parameter:  # e.g. a meta parameter: a parameter again, as torch.load gives it
+            with torch.no_grad():
+                return nn.Parameter(tensor.clone(), requires_grad=tensor.requires_grad)
+        return tensor.clone()  # a quantized tensor's clone keeps its quantizer; a rebuilt view would lose it
+    if tensor.is_conj() or tensor.is_neg():
+        return resolved(tensor)  # fresh memory already; the bytes under the view are not its values
     storage = tensor.untyped_storage()
     key = storage.data_ptr()
     if key == 0:
@@ -285,6 +312,39 @@ def _copy_tensor(tensor: torch.Tensor, memo: dict[int, torch.UntypedStorage]) ->
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(fresh, requires_grad=tensor.requires_grad)
     return fresh.requires_grad_(tensor.requires_grad) if tensor.requires_grad else fresh
+
+
+def refuse_unshardable(checkpoint: Any, description: str, path: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the first entry a sharded checkpoint cannot hold.
+
+    DCP writes a quantized tensor's integers without its quantizer (scale, zero point), so it would load broken;
+    a single file keeps it whole, as ``torch.save`` does.
+
+    Example:
+        >>> refuse_unshardable({"model": model.state_dict()}, "Saving 'checkpoints/step-10'")
+    """
+    if isinstance(checkpoint, torch.Tensor):
+        if checkpoint.is_quantized:
+            raise CheckpointError(
+                f"{description}: entry '{path}' is a quantized tensor, which a sharded checkpoint cannot hold "
+                "(its quantizer would be lost); save it to a single file (e.g. FSDPStrategy(state_dict_type='full'))"
+            )
+    elif isinstance(checkpoint, Mapping):
+        for key, value in checkpoint.items():
+            refuse_unshardable(value, description, f"{path}/{key}" if path else str(key))
+    elif isinstance(checkpoint, (list, tuple)):
+        for index, value in enumerate(checkpoint):
+            refuse_unshardable(value, description, f"{path}/{index}" if path else str(index))
+
+
+def _not_plain_memory(tensor: torch.Tensor) -> bool:
+    """Tensors whose values are not just strided bytes of one storage (or that hold none, such as meta tensors)."""
+    return (
+        tensor.layout != torch.strided
+        or tensor.is_meta
+        or tensor.is_quantized
+        or type(tensor) not in (torch.Tensor, nn.Parameter)
+    )
 
 
 def find_owner_module(optimizer: Optimizer, objects: Mapping[str, Any]) -> nn.Module | None:

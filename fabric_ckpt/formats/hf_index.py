@@ -56,13 +56,18 @@ def find_hf_index(location: Location) -> HFIndex | None:
         >>> find_hf_index(resolve("llama-7b/")).shards
         {'model-00001-of-00002.safetensors': [...], ...}
     """
-    if location.path.endswith(".json") and location.isfile():
-        return read_hf_index(location)
+    if location.path.endswith(".json") and location.isfile() and _starts_like_json(location):
+        return read_hf_index(location)  # the content decides: a checkpoint may be named *.json too
     if location.isdir():
         index = location.child(HF_INDEX_NAME)
         if index.exists() and not sharded.is_sharded(location):
             return read_hf_index(index)
     return None
+
+
+def _starts_like_json(location: Location) -> bool:
+    with location.open() as stream:
+        return stream.read(64).lstrip()[:1] == b"{"
 
 
 def read_hf_index(location: Location) -> HFIndex:

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.core.state import refuse_unshardable
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats.dcp import (
     METADATA_NAME,
@@ -484,6 +485,7 @@ def write_in_one_process(state: dict[str, Any], location: Location) -> None:
     Example:
         >>> write_in_one_process({"model": model.state_dict()}, resolve("checkpoints/sharded"))
     """
+    refuse_unshardable(state, f"Saving '{location.original}'")
     generation = new_generation(location)
     try:
         with warnings.catch_warnings():  # writing from one process is the point here, not an accident

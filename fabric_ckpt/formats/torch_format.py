@@ -31,6 +31,7 @@ from typing_extensions import Buffer
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.core.state import resolved
 from fabric_ckpt.formats.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
@@ -101,6 +102,14 @@ class _StoragePickler(pickle.Pickler):
         self.storages: dict[str, torch.UntypedStorage | LazyTensor] = {}
         self.keys_by_storage: dict[int, str] = {}
         self._dtypes_by_address: dict[int, torch.dtype] = {}
+        # Conjugate/negative views by id, with the tensors of their values written instead (kept alive until done).
+        self.resolved: dict[int, torch.Tensor] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and (obj.is_conj() or obj.is_neg()):
+            values = self.resolved.setdefault(id(obj), resolved(obj))
+            return values.__reduce_ex__(_PICKLE_PROTOCOL)
+        return NotImplemented
 
     def persistent_id(self, obj: Any) -> tuple[str, Any, str, str, int] | None:
         if isinstance(obj, _LazyStorage):
@@ -130,19 +139,23 @@ class _StoragePickler(pickle.Pickler):
         return ("storage", storage_type, key, torch.serialization.location_tag(storage), numel)
 
 
-def _tensor_owners(obj: Any, path: str, owners: dict[int, str]) -> None:
-    """Map each storage (by identity) to the first checkpoint path that holds a tensor on it."""
+def _tensor_owners(obj: Any, path: str, owners: dict[int, str], written: dict[int, torch.Tensor]) -> None:
+    """Map each storage (by identity) to the first checkpoint path that holds a tensor on it.
+
+    ``written`` maps a conjugate/negative view (by id) to the tensor of values written in its place.
+    """
     if isinstance(obj, LazyTensor):
         owners.setdefault(id(obj), path)
     elif isinstance(obj, torch.Tensor):
+        obj = written.get(id(obj), obj)
         if obj.layout == torch.strided and not obj.is_meta:
             owners.setdefault(obj.untyped_storage()._cdata, path)
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            _tensor_owners(value, f"{path}/{key}" if path else str(key), owners)
+            _tensor_owners(value, f"{path}/{key}" if path else str(key), owners, written)
     elif isinstance(obj, (list, tuple)):
         for index, value in enumerate(obj):
-            _tensor_owners(value, f"{path}/{index}" if path else str(index), owners)
+            _tensor_owners(value, f"{path}/{index}" if path else str(index), owners, written)
 
 
 def _cpu_bytes(storage: torch.UntypedStorage) -> tuple[memoryview, torch.UntypedStorage]:
@@ -170,7 +183,7 @@ def _materialize_lazy(lazy: LazyTensor) -> torch.UntypedStorage:
         raise ValueError(
             f"a lazy tensor promised {list(lazy.shape)} {lazy.dtype} but produced {list(tensor.shape)} {tensor.dtype}"
         )
-    tensor = tensor.detach().cpu().contiguous()
+    tensor = resolved(tensor.detach().cpu()).contiguous()
     if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         tensor = tensor.clone()
     return tensor.untyped_storage()
@@ -193,7 +206,7 @@ def write_torch_archive(
     pickler = _StoragePickler(buffer)
     pickler.dump(obj)
     owners: dict[int, str] = {}
-    _tensor_owners(obj, "", owners)
+    _tensor_owners(obj, "", owners, pickler.resolved)
     tensor_names = {f"data/{key}": owners[cdata] for cdata, key in pickler.keys_by_storage.items() if cdata in owners}
     writer = ZipWriter(sink, force_zip64=force_zip64)
     writer.add(f"{ARCHIVE_PREFIX}/data.pkl", buffer.getbuffer())

@@ -7,6 +7,7 @@ live writer's work in progress and removes only the former.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import queue
 import shutil
@@ -27,9 +28,33 @@ __all__ = [
 TEMP_MARKER = ".fabric-tmp-"
 
 
+# The longest file name local filesystems take (bytes), and what a temporary adds to the checkpoint's name: the
+# leading dot, the marker, a PID of up to 10 digits, a dash and 12 hex digits.
+NAME_MAX = 255
+_ADDED = 1 + len(TEMP_MARKER) + 10 + 1 + 12
+
+
+def _temporary_stem(final_name: str) -> str:
+    """``final_name``, or when a temporary of it would pass ``NAME_MAX``, its start and a hash of the whole name.
+
+    The hash keeps two long names that share their start apart, so one's sweep never takes the other's temporary.
+    """
+    encoded = final_name.encode()
+    if len(encoded) + _ADDED <= NAME_MAX:
+        return final_name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    start = encoded[: NAME_MAX - _ADDED - len(digest) - 1].decode(errors="ignore")  # never half a character
+    return f"{start}~{digest}"
+
+
 def temporary_name(final_name: str) -> str:
-    """A hidden name beside ``final_name`` that no other writer (process or thread) picks."""
-    return f".{final_name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """A hidden name beside ``final_name`` that no other writer (process or thread) picks, within ``NAME_MAX``.
+
+    Example:
+        >>> temporary_name("last.ckpt").startswith(".last.ckpt" + TEMP_MARKER)
+        True
+    """
+    return f".{_temporary_stem(final_name)}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def is_temporary_name(name: str) -> bool:
@@ -59,7 +84,7 @@ def _writer_is_dead(name: str) -> bool:
 
 def sweep_temporaries(folder: str, final_name: str) -> list[str]:
     """Remove the temporaries crashed saves of ``final_name`` left in ``folder``; live writers' are left alone."""
-    prefix = f".{final_name}{TEMP_MARKER}"
+    prefix = f".{_temporary_stem(final_name)}{TEMP_MARKER}"
     removed = []
     try:
         names = os.listdir(folder)

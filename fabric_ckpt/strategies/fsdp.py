@@ -33,6 +33,7 @@ from fabric_ckpt.core.state import (
     is_fqn_keyed,
     optimizer_state_to_fqn,
     optimizer_state_to_index,
+    refuse_unshardable,
 )
 from fabric_ckpt.core.wrappers import is_compiled, unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
@@ -294,7 +295,7 @@ class FSDPStrategy(ParallelStrategy):
             return
         location = self._location(path, options.storage_options)
         description = f"Saving '{location.original}'"
-        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        checkpoint = self.agree(lambda: self._build_sharded_checkpoint(state, options, description), description)
         temporary = self._staging_folder(location, description)
         self._write_sharded(checkpoint, temporary, location, description, group=None)
 
@@ -311,12 +312,19 @@ class FSDPStrategy(ParallelStrategy):
         options = self._hooked_save(options, state)
         location = self._location(path, options.storage_options)
         description = f"Saving '{location.original}'"
-        checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
+        checkpoint = self.agree(lambda: self._build_sharded_checkpoint(state, options, description), description)
         staged = stager.stage(checkpoint)
         del checkpoint
         temporary = self._staging_folder(location, description)
         group = self.background_group()
         return lambda: self._write_sharded(staged, temporary, location, description, group=group)
+
+    def _build_sharded_checkpoint(
+        self, state: Mapping[str, Any], options: SaveOptions, description: str
+    ) -> dict[str, Any]:
+        checkpoint = self._build_checkpoint(state, options)
+        refuse_unshardable(checkpoint, description)  # before anything is written
+        return checkpoint
 
     def _staging_folder(self, location: Location, description: str) -> Location:
         """The new generation this save writes into: created by rank 0, reached by name on the others."""
@@ -452,6 +460,7 @@ class FSDPStrategy(ParallelStrategy):
                 load_weights_only=options.load_weights_only,
                 load_module=self._sharded_module_loader(folder, state, options),
                 load_optimizer=load_optimizer,
+                meta_placeholders=True,  # the view's module and optimizer tensors are read in place later
             )
 
         plan = self.agree(prepare, description)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fabric_ckpt.core.progress import ProgressBar, progress_bar
+from fabric_ckpt.core.state import resolved
 from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.formats import save_file, sharded
 from fabric_ckpt.formats.compression import compression_for
@@ -188,7 +189,7 @@ def _write_file(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
 
 def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     """A zero-copy view of a tensor's bytes in memory order, and the contiguous CPU tensor to keep alive meanwhile."""
-    flat = tensor.detach().cpu().contiguous()
+    flat = resolved(tensor.detach().cpu()).contiguous()  # a conjugate/negative view's values, not its base's bytes
     size = flat.numel() * flat.element_size()
     if size == 0:
         return memoryview(b""), flat
