@@ -28,6 +28,7 @@ from fabric_ckpt.core.wrappers import (
 from fabric_ckpt.storage import PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
+from fabric_ckpt.training.callbacks import attach_lightning_module
 from fabric_ckpt.training.data import distribute
 from fabric_ckpt.training.loggers import tell_lightning_the_rank
 from fabric_ckpt.training.loop import TrainingLoop
@@ -126,11 +127,30 @@ class Fabric(TrainingLoop):
         """Place ``module`` (and wrap it for the strategy) and set up its optimizers.
 
         Returns the module alone, or ``(module, *optimizers)``. Under FSDP, optimizers created before the module
-        was sharded are re-pointed at the sharded parameters.
+        was sharded are re-pointed at the sharded parameters. Callbacks' ``on_after_setup(fabric, module)`` hooks
+        are called with the set-up module; a LightningModule is connected to this Fabric (``self.log``,
+        ``self.optimizers()``, and its hooks called by :meth:`call`).
 
         Example:
             >>> model, optimizer = fabric.setup(model, optimizer)
         """
+        wrapped, set_up = self._setup(module, optimizers, move_to_device)
+        self.call("on_after_setup", fabric=self, module=wrapped)
+        return (wrapped, *set_up) if optimizers else wrapped
+
+    def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
+        """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
+
+        Unlike :meth:`setup` (and as in Lightning), callbacks' ``on_after_setup`` hooks are not called.
+
+        Example:
+            >>> model = fabric.setup_module(model)
+        """
+        return self._setup(module, (), move_to_device)[0]
+
+    def _setup(
+        self, module: nn.Module, optimizers: tuple[Optimizer, ...], move_to_device: bool
+    ) -> tuple[FabricModule, list[Optimizer]]:
         self._check_setup_module(module)
         for optimizer in optimizers:
             self._check_setup_optimizer(optimizer)
@@ -142,17 +162,9 @@ class Fabric(TrainingLoop):
         forward_module, prepared = self._strategy.setup_module_and_optimizers(module, optimizers)
         redirect = self._strategy.wraps_modules or forward_module is not module
         wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
-        if not optimizers:
-            return wrapped
-        return (wrapped, *[wrap_optimizer(optimizer, precision) for optimizer in prepared])
-
-    def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
-        """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
-
-        Example:
-            >>> model = fabric.setup_module(model)
-        """
-        return self.setup(module, move_to_device=move_to_device)
+        set_up = [wrap_optimizer(optimizer, precision, self._after_optimizer_step) for optimizer in prepared]
+        attach_lightning_module(_uncompiled(module), self, self._callbacks, set_up if optimizers else None)
+        return wrapped, set_up
 
     @staticmethod
     def _check_setup_module(module: Any) -> None:
@@ -182,7 +194,11 @@ class Fabric(TrainingLoop):
     def _setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         self._check_setup_optimizer(optimizer)
         self._ensure_launched()
-        return wrap_optimizer(self._strategy.setup_optimizer(optimizer), self._strategy.precision)
+        prepared = self._strategy.setup_optimizer(optimizer)
+        return wrap_optimizer(prepared, self._strategy.precision, self._after_optimizer_step)
+
+    def _after_optimizer_step(self, optimizer: Optimizer) -> None:
+        self.call("on_after_optimizer_step", strategy=self._strategy, optimizer=optimizer)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -345,12 +361,13 @@ class Fabric(TrainingLoop):
         self._strategy.load_raw(location, obj, strict=strict, weights_only=weights_only, verify=verify)
         self.barrier("load_raw")
 
-    @staticmethod
-    def _hook_modules(objects: Mapping[str, Any]) -> list[nn.Module]:
+    def _hook_modules(self, objects: Mapping[str, Any]) -> list[nn.Module]:
+        """The modules of ``objects`` whose checkpoint hooks run, except those :meth:`call` reaches anyway (set-up
+        LightningModules are callbacks too)."""
         modules: list[nn.Module] = []
         for obj in objects.values():
             module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
-            if module is not None and all(module is not seen for seen in modules):
+            if module is not None and all(module is not seen for seen in [*modules, *self._callbacks]):
                 modules.append(module)
         return modules
 

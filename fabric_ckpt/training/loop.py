@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from fabric_ckpt.core.collections import apply_to_tensors, move_to
 from fabric_ckpt.core.wrappers import unwrap_optimizer
 from fabric_ckpt.strategies import Strategy
+from fabric_ckpt.training.callbacks import call_hooks
 from fabric_ckpt.training.collectives import rank_zero_first, to_tensors
 from fabric_ckpt.training.gradients import clip_gradients
 from fabric_ckpt.training.loggers import to_scalars
@@ -281,13 +282,11 @@ class TrainingLoop:
         return apply_to_tensors(data, lambda tensor: self._strategy.all_reduce(tensor, reduce_op, group=group))
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it.
+        """Call ``hook_name`` on every callback that defines it (set-up LightningModules included), with ``args``
+        and those of ``kwargs`` the hook takes, as Lightning does.
 
         Example:
             >>> fabric = Fabric(callbacks=[LossLogger()])
             >>> fabric.call("on_train_batch_end", loss=loss)
         """
-        for callback in self._callbacks:
-            method = getattr(callback, hook_name, None)
-            if callable(method):
-                method(*args, **kwargs)
+        call_hooks(self._callbacks, hook_name, args, kwargs)
