@@ -198,7 +198,9 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         state["iter_num"] += 1
-        input_ids, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        # The model's own attribute, read through the set-up (and compiled) module, as litgpt does.
+        input_ids = batch[:, 0 : model.max_seq_length].contiguous()
+        targets = batch[:, 1 : model.max_seq_length + 1].contiguous()
 
         is_accumulating = state["iter_num"] % args.grad_accum != 0
         with fabric.no_backward_sync(model, enabled=is_accumulating):
