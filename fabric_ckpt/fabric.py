@@ -28,7 +28,7 @@ from fabric_ckpt.core.wrappers import (
 from fabric_ckpt.storage import PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions
-from fabric_ckpt.training.callbacks import attach_lightning_module
+from fabric_ckpt.training.callbacks import attach_lightning_module, call_hooks
 from fabric_ckpt.training.data import distribute
 from fabric_ckpt.training.loggers import tell_lightning_the_rank
 from fabric_ckpt.training.loop import TrainingLoop
@@ -83,6 +83,7 @@ class Fabric(TrainingLoop):
             precision, self._strategy.root_device, self._strategy.unsupported_precisions
         )
         self._callbacks = _as_list(callbacks)
+        self._attached_modules: list[nn.Module] = []  # set-up LightningModules, which setup made callbacks too
         self._loggers = _as_list(loggers)
         self._launched = False
         self._background = BackgroundSaver()
@@ -163,7 +164,9 @@ class Fabric(TrainingLoop):
         redirect = self._strategy.wraps_modules or forward_module is not module
         wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
         set_up = [wrap_optimizer(optimizer, precision, self._after_optimizer_step) for optimizer in prepared]
-        attach_lightning_module(_uncompiled(module), self, self._callbacks, set_up if optimizers else None)
+        user_module = _uncompiled(module)
+        if attach_lightning_module(user_module, self, self._callbacks, set_up if optimizers else None):
+            self._attached_modules.append(user_module)
         return wrapped, set_up
 
     @staticmethod
@@ -361,27 +364,32 @@ class Fabric(TrainingLoop):
         self._strategy.load_raw(location, obj, strict=strict, weights_only=weights_only, verify=verify)
         self.barrier("load_raw")
 
-    def _hook_modules(self, objects: Mapping[str, Any]) -> list[nn.Module]:
-        """The modules of ``objects`` whose checkpoint hooks run, except those :meth:`call` reaches anyway (set-up
-        LightningModules are callbacks too)."""
+    def _given_callbacks(self) -> list[Any]:
+        """The callbacks given to ``Fabric(callbacks=...)``: without the LightningModules ``setup`` added."""
+        return [callback for callback in self._callbacks if all(callback is not m for m in self._attached_modules)]
+
+    def _hook_modules(self, objects: Mapping[str, Any], callbacks: list[Any]) -> list[nn.Module]:
+        """The modules of ``objects`` whose checkpoint hooks run, each once (not again if among ``callbacks``)."""
         modules: list[nn.Module] = []
         for obj in objects.values():
             module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
-            if module is not None and all(module is not seen for seen in [*modules, *self._callbacks]):
+            if module is not None and all(module is not seen for seen in [*modules, *callbacks]):
                 modules.append(module)
         return modules
 
     def _save_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
         def on_save(checkpoint: dict[str, Any]) -> None:
-            self.call("on_save_checkpoint", checkpoint)
-            _call_each(self._hook_modules(objects), "on_save_checkpoint", checkpoint)
+            callbacks = self._given_callbacks()
+            call_hooks(callbacks, "on_save_checkpoint", (checkpoint,), {})
+            _call_each(self._hook_modules(objects, callbacks), "on_save_checkpoint", checkpoint)
 
         return on_save
 
     def _load_hooks(self, objects: Mapping[str, Any]) -> Callable[[dict[str, Any]], None]:
         def on_load(checkpoint: dict[str, Any]) -> None:
-            _call_each(self._hook_modules(objects), "on_load_checkpoint", checkpoint)
-            self.call("on_load_checkpoint", checkpoint)
+            callbacks = self._given_callbacks()
+            _call_each(self._hook_modules(objects, callbacks), "on_load_checkpoint", checkpoint)
+            call_hooks(callbacks, "on_load_checkpoint", (checkpoint,), {})
 
         return on_load
 

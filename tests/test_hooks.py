@@ -71,12 +71,22 @@ def test_fabric_call_reaches_a_set_up_lightning_modules_hooks_once():
     assert listed.epochs_started == 1
 
 
-def test_a_lightning_modules_checkpoint_hook_runs_once_per_save(tmp_path):
+def test_a_lightning_modules_checkpoint_hook_runs_once_per_save_that_holds_it(tmp_path):
+    """Checkpoint hooks run for the state's modules and the callbacks given to Fabric, as before the module was set
+    up: once for a set-up LightningModule in the state, never for one a save leaves out."""
     fabric = Fabric(accelerator="cpu")
     module = Classifier()
     model = fabric.setup(module)
     fabric.save(tmp_path / "a.ckpt", {"model": model})
     assert module.saves == 1
+    fabric.save(tmp_path / "b.ckpt", {"step": 1})
+    assert module.saves == 1
+
+    listed = Classifier()  # a callback the user gave: called on every save, once
+    other = Fabric(accelerator="cpu", callbacks=[listed])
+    other.save(tmp_path / "c.ckpt", {"model": other.setup(listed)})
+    other.save(tmp_path / "d.ckpt", {"step": 1})
+    assert listed.saves == 2
 
 
 def test_call_passes_only_the_keyword_arguments_a_hook_takes():

@@ -57,21 +57,24 @@ def keyword_arguments_for(method: Callable[..., Any], kwargs: Mapping[str, Any])
 
 def attach_lightning_module(
     module: nn.Module, fabric: Any, callbacks: list[Any], optimizers: Sequence[Any] | None = None
-) -> None:
+) -> bool:
     """Connect a LightningModule (any module with a ``_fabric`` attribute, Lightning's own test) to ``fabric``.
 
     Its ``self.log``/``self.log_dict`` then go to the Fabric's loggers, ``self.optimizers()`` returns ``optimizers``
-    (when given: ``fabric.setup`` with optimizers), and ``fabric.call`` reaches its hooks. Other modules are left
-    alone.
+    (when given: ``fabric.setup`` with optimizers), and ``fabric.call`` reaches its hooks: it is appended to
+    ``callbacks`` unless there already. Other modules are left alone. Returns whether it was appended.
 
     Example:
         >>> attach_lightning_module(lightning_module, fabric, fabric._callbacks, [optimizer])
+        True
     """
     if not hasattr(module, "_fabric"):
-        return
+        return False
     # Lightning sets these attributes directly (the `fabric` property would store a weak proxy instead).
     vars(module)["_fabric"] = fabric
     if optimizers is not None:
         vars(module)["_fabric_optimizers"] = list(optimizers)
-    if all(callback is not module for callback in callbacks):
-        callbacks.append(module)
+    if any(callback is module for callback in callbacks):
+        return False
+    callbacks.append(module)
+    return True
