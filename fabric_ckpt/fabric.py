@@ -32,6 +32,7 @@ from fabric_ckpt.storage import PathLike, StorageOptions
 from fabric_ckpt.strategies import Strategy, select_strategy
 from fabric_ckpt.strategies.base import SaveOptions
 from fabric_ckpt.strategies.checkpoint_io import CHECKPOINT_IO_METHODS, is_checkpoint_io
+from fabric_ckpt.training.callbacks import attach_lightning_module, call_hooks
 from fabric_ckpt.training.data import distribute
 from fabric_ckpt.training.loggers import tell_lightning_the_rank
 from fabric_ckpt.training.loop import TrainingLoop
@@ -98,6 +99,7 @@ class Fabric(TrainingLoop):
             precision, self._strategy.root_device, self._strategy.unsupported_precisions
         )
         self._callbacks = _as_list(callbacks)
+        self._attached_modules: list[nn.Module] = []  # set-up LightningModules, which setup made callbacks too
         self._loggers = _as_list(loggers)
         self._launched = False
         self._background = BackgroundSaver()
@@ -150,7 +152,9 @@ class Fabric(TrainingLoop):
         """Place ``module`` (and wrap it for the strategy) and set up its optimizers.
 
         Returns the module alone, or ``(module, *optimizers)``. Under FSDP, optimizers created before the module
-        was sharded are re-pointed at the sharded parameters.
+        was sharded are re-pointed at the sharded parameters. Callbacks' ``on_after_setup(fabric, module)`` hooks
+        are called with the set-up module; a LightningModule is connected to this Fabric (``self.log``,
+        ``self.optimizers()``, and its hooks called by :meth:`call`).
 
         Callbacks' ``on_after_setup(fabric=..., module=...)`` hooks run once it is set up, and set-up optimizers call
         their ``on_after_optimizer_step(strategy=..., optimizer=...)`` after every step, as in Lightning.
@@ -175,12 +179,17 @@ class Fabric(TrainingLoop):
         redirect = self._strategy.wraps_modules or forward_module is not module
         wrapped = FabricModule(forward_module, module, precision, redirect_methods=redirect)
         wrapped_optimizers = [self._wrap_optimizer(optimizer) for optimizer in prepared]
+        user_module = _uncompiled(module)
+        if attach_lightning_module(user_module, self, self._callbacks, wrapped_optimizers if optimizers else None):
+            self._attached_modules.append(user_module)
         if announce:
             self.call("on_after_setup", fabric=self, module=wrapped)  # Lightning's hook, from setup() only
         return (wrapped, *wrapped_optimizers) if optimizers else wrapped
 
     def setup_module(self, module: nn.Module, *, move_to_device: bool = True) -> FabricModule:
         """Move ``module`` to the device and wrap it as the strategy needs; the result acts like ``module``.
+
+        Unlike :meth:`setup` (and as in Lightning), callbacks' ``on_after_setup`` hooks are not called.
 
         Example:
             >>> model = fabric.setup_module(model)
@@ -218,14 +227,10 @@ class Fabric(TrainingLoop):
         return self._wrap_optimizer(self._strategy.setup_optimizer(optimizer))
 
     def _wrap_optimizer(self, optimizer: Optimizer) -> Optimizer:
-        after_step = self._after_optimizer_step if self._callbacks else None
-        return wrap_optimizer(optimizer, self._strategy.precision, after_step)
+        return wrap_optimizer(optimizer, self._strategy.precision, self._after_optimizer_step)
 
     def _after_optimizer_step(self, optimizer: Optimizer) -> None:
-        for callback in self._callbacks:
-            hook = getattr(callback, "on_after_optimizer_step", None)
-            if callable(hook):
-                hook(strategy=self._strategy, optimizer=optimizer)
+        self.call("on_after_optimizer_step", strategy=self._strategy, optimizer=optimizer)
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -410,6 +415,10 @@ class Fabric(TrainingLoop):
             world_size=self.world_size,
         )
 
+    def _given_callbacks(self) -> list[Any]:
+        """The callbacks given to ``Fabric(callbacks=...)``: without the LightningModules ``setup`` added."""
+        return [callback for callback in self._callbacks if all(callback is not m for m in self._attached_modules)]
+
 
 class _HookCaller:
     """The ``on_save_checkpoint``/``on_load_checkpoint`` hooks of callbacks and of the modules in the state, called
@@ -419,19 +428,22 @@ class _HookCaller:
         self._fabric = fabric
 
     def on_save(self, checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None:
-        self._fabric.call("on_save_checkpoint", checkpoint)
-        _call_each(_hook_modules(state), "on_save_checkpoint", checkpoint)
+        callbacks = self._fabric._given_callbacks()
+        call_hooks(callbacks, "on_save_checkpoint", (checkpoint,), {}, warn=self._fabric.is_global_zero)
+        _call_each(_hook_modules(state, callbacks), "on_save_checkpoint", checkpoint)
 
     def on_load(self, checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None:
-        _call_each(_hook_modules(state), "on_load_checkpoint", checkpoint)
-        self._fabric.call("on_load_checkpoint", checkpoint)
+        callbacks = self._fabric._given_callbacks()
+        _call_each(_hook_modules(state, callbacks), "on_load_checkpoint", checkpoint)
+        call_hooks(callbacks, "on_load_checkpoint", (checkpoint,), {}, warn=self._fabric.is_global_zero)
 
 
-def _hook_modules(objects: Mapping[str, Any]) -> list[nn.Module]:
+def _hook_modules(objects: Mapping[str, Any], callbacks: list[Any]) -> list[nn.Module]:
+    """The modules of ``objects`` whose checkpoint hooks run, each once (not again if among ``callbacks``)."""
     modules: list[nn.Module] = []
     for obj in objects.values():
         module = unwrap_module(obj) if isinstance(obj, nn.Module) else None
-        if module is not None and all(module is not seen for seen in modules):
+        if module is not None and all(module is not seen for seen in [*modules, *callbacks]):
             modules.append(module)
     return modules
 

@@ -123,10 +123,21 @@ class TestCallbacks:
         fabric.setup_module(make_net())  # Lightning calls on_after_setup from setup() only
         assert len(events) == 3
 
-    def test_without_callbacks_the_optimizer_step_is_the_optimizers_own(self, fabric):
+    def test_a_callback_appended_after_setup_still_sees_every_step(self, fabric):
+        # A LightningModule set up later becomes a callback after optimizers were set up: every set-up optimizer
+        # steps through Fabric, so a callback added afterwards is reached too.
         model = make_net()
         _, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        assert "step" not in type(optimizer).__dict__
+        steps = []
+
+        class Late:
+            def on_after_optimizer_step(self, strategy, optimizer):
+                steps.append(optimizer)
+
+        fabric._callbacks.append(Late())
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        assert len(steps) == 1
 
 
 class TestStrategyNames:

@@ -218,7 +218,7 @@ class FabricOptimizer:
 
     _fabric_original: Optimizer
     _fabric_precision: Precision
-    _fabric_after_step: Callable[[Optimizer], None] | None = None
+    _fabric_after_step: Callable[[Optimizer], None] | None
     _fabric_in_step = False
 
     @property
@@ -228,62 +228,64 @@ class FabricOptimizer:
 
 
 def wrap_optimizer(
-    optimizer: Optimizer, precision: Precision | None = None, after_step: Callable[[Optimizer], None] | None = None
+    optimizer: Optimizer,
+    precision: Precision | None = None,
+    after_step: Callable[[Optimizer], None] | None = None,
 ) -> Optimizer:
     """Return an optimizer of a subclass of ``type(optimizer)`` that shares all of its state.
 
     Sharing ``__dict__`` (not copying it) keeps both handles identical through ``load_state_dict``, LR-scheduler
-    patches and hooks, which replace attributes rather than mutate them. Where ``precision`` scales the loss
-    (``"16-mixed"``), ``step`` goes through its gradient scaler. ``after_step(optimizer)`` runs after every step
-    (Fabric calls its callbacks' ``on_after_optimizer_step`` there, as Lightning does).
+    patches and hooks, which replace attributes rather than mutate them. ``step`` goes through ``precision`` (its
+    gradient scaler, for ``"16-mixed"``), then calls ``after_step(optimizer)`` with the user's optimizer (Fabric's
+    ``on_after_optimizer_step`` callbacks).
 
     Example:
-        >>> optimizer = wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> isinstance(optimizer, torch.optim.SGD) and isinstance(optimizer, FabricOptimizer)
-        True
+        >>> optimizer = wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), after_step=print)
     """
     if isinstance(optimizer, FabricOptimizer):
         return optimizer
-    precision = precision if precision is not None else Precision()
     namespace: dict[str, Any] = {
         "_fabric_original": optimizer,
-        "_fabric_precision": precision,
-        "_fabric_after_step": staticmethod(after_step) if after_step is not None else None,
+        "_fabric_precision": precision if precision is not None else Precision(),
+        "_fabric_after_step": after_step,
+        "step": _StepThroughFabric(),
         "__module__": __name__,
     }
-    if getattr(precision, "scaler", None) is not None or after_step is not None:
-        namespace["step"] = _StepThroughPrecision()
     cls = type(f"Fabric{type(optimizer).__name__}", (FabricOptimizer, type(optimizer)), namespace)
     wrapped: Optimizer = object.__new__(cls)
     wrapped.__dict__ = optimizer.__dict__
     return wrapped
 
 
-def _step_through_precision(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-    """The set-up optimizer's step: the precision's (a gradient scaler's), which calls the optimizer's own step;
-    then the after-step hook, once per step of the user's."""
+def _step_through_fabric(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+    """The set-up optimizer's step: the precision's (a gradient scaler's, which calls the optimizer's own step), then
+    the after-step callback."""
     cls = type(optimizer)
     original = cls._fabric_original
-    if cls._fabric_in_step:  # called back by the scaler (through an LR scheduler's wrapper): the real step
+    if cls._fabric_in_step:  # called back by the precision (through an LR scheduler's wrapper): the real step
         return type(original).step(original, *args, **kwargs)
     cls._fabric_in_step = True
     try:
-        output = cls._fabric_precision.optimizer_step(original, *args, **kwargs)
+        result = cls._fabric_precision.optimizer_step(original, *args, **kwargs)
     finally:
         cls._fabric_in_step = False
     if cls._fabric_after_step is not None:
         cls._fabric_after_step(original)
-    return output
+    return result
 
 
-class _StepThroughPrecision:
-    """``step`` of a set-up optimizer whose precision scales gradients, or whose Fabric has callbacks to call after it.
+class _StepThroughFabric:
+    """``step`` of a set-up optimizer.
 
     An LR scheduler replaces ``optimizer.step`` on the instance with a wrapper that records the call, and the set-up
     optimizer shares the instance ``__dict__`` with the user's. A data descriptor on the class still wins over that
-    instance attribute, so the scaler is never bypassed; the scheduler's wrapper is kept, and runs when the scaler
-    calls the user's optimizer's ``step``.
+    instance attribute, so the precision and the callbacks are never bypassed; the scheduler's wrapper is kept, and
+    runs when the precision calls the user's optimizer's ``step``.
     """
+
+    # torch's Optimizer.__setstate__ (run by load_state_dict) wraps the class's step for the profiler unless it is
+    # marked as wrapped; the user's own step, which this one calls, is wrapped already.
+    hooked = True
 
     def __get__(self, optimizer: Any, owner: type | None = None) -> Any:
         return self if optimizer is None else _BoundStep(optimizer)
@@ -298,13 +300,13 @@ class _StepThroughPrecision:
 class _BoundStep:
     """A bound ``step`` that LR schedulers can inspect and wrap as they do a method (``__func__``, ``__self__``)."""
 
-    __func__ = staticmethod(_step_through_precision)
+    __func__ = staticmethod(_step_through_fabric)
 
     def __init__(self, optimizer: Any) -> None:
         self.__self__ = optimizer
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _step_through_precision(self.__self__, *args, **kwargs)
+        return _step_through_fabric(self.__self__, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # The marker an LR scheduler checks to know it already wrapped this optimizer's step.

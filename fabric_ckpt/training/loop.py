@@ -3,9 +3,7 @@ collectives, seeding, callbacks. ``Fabric`` inherits them; they use its strategy
 
 from __future__ import annotations
 
-import inspect
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, cast
 
@@ -16,12 +14,13 @@ from torch.optim import Optimizer
 from fabric_ckpt.core.collections import apply_to_tensors, move_to
 from fabric_ckpt.core.wrappers import unwrap_optimizer
 from fabric_ckpt.strategies import Strategy
+from fabric_ckpt.training.callbacks import call_hooks
 from fabric_ckpt.training.collectives import rank_zero_first, to_tensors
 from fabric_ckpt.training.gradients import clip_gradients
 from fabric_ckpt.training.loggers import to_scalars
 from fabric_ckpt.training.seeding import seed_everything
 
-__all__ = ["TrainingLoop", "accepted_keywords"]
+__all__ = ["TrainingLoop"]
 
 T = TypeVar("T")
 
@@ -283,7 +282,8 @@ class TrainingLoop:
         return apply_to_tensors(data, lambda tensor: self._strategy.all_reduce(tensor, reduce_op, group=group))
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook_name(*args, **kwargs)`` on every callback that defines it.
+        """Call ``hook_name`` on every callback that defines it (set-up LightningModules included), with ``args``
+        and those of ``kwargs`` the hook takes, as Lightning does.
 
         Each callback gets only the keyword arguments its hook accepts (all of them if it takes ``**kwargs``, or if
         its signature cannot be read), so callbacks of one hook may take different arguments. An attribute of that
@@ -293,38 +293,4 @@ class TrainingLoop:
             >>> fabric = Fabric(callbacks=[LossLogger()])
             >>> fabric.call("on_train_batch_end", loss=loss, batch_idx=3)  # LossLogger's hook may take only `loss`
         """
-        for callback in self._callbacks:
-            method = getattr(callback, hook_name, None)
-            if method is None:
-                continue
-            if not callable(method):
-                if self.is_global_zero:
-                    warnings.warn(
-                        f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-                continue
-            method(*args, **accepted_keywords(method, kwargs))
-
-
-def accepted_keywords(method: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The items of ``kwargs`` that ``method`` accepts by name: all of them if it takes ``**kwargs`` or if its
-    signature cannot be read (e.g. a builtin).
-
-    Example:
-        >>> accepted_keywords(lambda loss: None, {"loss": 0.5, "step": 3})
-        {'loss': 0.5}
-    """
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):
-        return kwargs
-    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
-        return kwargs
-    names = {
-        parameter.name
-        for parameter in parameters
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    return {name: value for name, value in kwargs.items() if name in names}
+        call_hooks(self._callbacks, hook_name, args, kwargs, warn=self.is_global_zero)
