@@ -31,11 +31,14 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.base import ReadOptions
+from fabric_ckpt.formats.torch_file import load_archive
 from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, Storage
 
 __all__ = [
+    "LIGHTNING_META",
     "METADATA_NAME",
     "SafeLoadPlanner",
     "ShardedFolder",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 METADATA_NAME = ".metadata"
+# The entries of a sharded checkpoint that are not modules or optimizers, as Lightning's FSDP strategies write them.
+LIGHTNING_META = "meta.pt"
 
 _SAFE_GLOBALS: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -226,12 +231,18 @@ def read_metadata(folder: Location, display: str | None = None) -> Metadata:
 
 @dataclass
 class ShardedFolder:
-    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata."""
+    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata.
+
+    Lightning's sharded layout keeps the entries that are not modules or optimizers in ``meta.pt`` beside DCP's
+    files (in our folders, when the manifest lists it): they are entries of the checkpoint like the others,
+    read with ``weights_only``.
+    """
 
     location: Location
     manifest: dict[str, Any] | None
     metadata: Metadata
     data: Location  # where the shard files and .metadata are: the folder itself, or its live generation
+    weights_only: bool = True
 
     @functools.cached_property
     def chunks(self) -> dict[str, list[tuple[Any, Any]]]:
@@ -242,12 +253,45 @@ class ShardedFolder:
         return by_fqn
 
     @functools.cached_property
-    def top_level_keys(self) -> list[str]:
-        """The checkpoint's entries (the first component of every flattened key), in order."""
+    def dcp_keys(self) -> list[str]:
+        """The entries held in DCP's files (the first component of every flattened key), in order."""
         keys: dict[str, None] = {}
         for fqn in self.metadata.state_dict_metadata:
             keys.setdefault(str(self._path_of(fqn)[0]), None)
         return list(keys)
+
+    @property
+    def has_meta(self) -> bool:
+        """Whether the checkpoint has Lightning's ``meta.pt`` (listed by our manifest, or present in a bare folder)."""
+        if self.manifest is not None:
+            return LIGHTNING_META in self.manifest.get("files", {})
+        return self.data.child(LIGHTNING_META).exists()
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        """The entries of ``meta.pt`` (empty without one), read and checked (CRC-32s) with ``weights_only``."""
+        if not self.has_meta:
+            return {}
+        location = self.data.child(LIGHTNING_META)
+        display = f"{self.location.original} ({LIGHTNING_META})"
+        if not location.isfile():
+            raise CheckpointError(f"Sharded checkpoint '{self.location.original}': '{LIGHTNING_META}' is not a file")
+        with location.local_file() as local:
+            value, _ = load_archive(local, display, ReadOptions(weights_only=self.weights_only))
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise CheckpointError(f"Sharded checkpoint '{self.location.original}': '{LIGHTNING_META}' holds no dict")
+        both = [key for key in value if key in self.dcp_keys]
+        if both:
+            raise CheckpointError(
+                f"Sharded checkpoint '{self.location.original}': {both} are both in DCP's files and in "
+                f"'{LIGHTNING_META}'"
+            )
+        return value
+
+    @property
+    def top_level_keys(self) -> list[str]:
+        """The checkpoint's entries: DCP's, then those of ``meta.pt``."""
+        return [*self.dcp_keys, *self.meta]
 
     def _path_of(self, fqn: str) -> tuple[Any, ...]:
         planner_data = self.metadata.planner_data or {}
@@ -260,14 +304,6 @@ class ShardedFolder:
             for fqn in self.metadata.state_dict_metadata
             if keys is None or str(self._path_of(fqn)[0]) in keys
         }
-
-    def tensor_shape(self, path: tuple[Any, ...]) -> torch.Size | None:
-        """The global shape of the tensor stored at ``path``, ``None`` if no tensor is there."""
-        for fqn, entry_path in self.entries({str(path[0])}).items():
-            if entry_path == path:
-                md = self.metadata.state_dict_metadata[fqn]
-                return md.size if isinstance(md, TensorStorageMetadata) else None
-        return None
 
 
 def check_metadata(metadata: Metadata) -> None:
@@ -349,7 +385,9 @@ def load_full(
             except CheckpointException as err:
                 raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
         values.update(to_read)
-    return unflatten(values, entries)
+    nested = unflatten(values, entries)
+    nested.update((key, value) for key, value in folder.meta.items() if keys is None or key in keys)
+    return nested
 
 
 def unflatten(flat: dict[str, Any], paths: dict[str, tuple[Any, ...]]) -> dict[str, Any]:

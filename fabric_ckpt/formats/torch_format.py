@@ -31,13 +31,14 @@ from typing_extensions import Buffer
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
-from fabric_ckpt.formats.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
+from fabric_ckpt.formats.zip_archive import Writable, ZipDirectory, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
     "MANIFEST_RECORD",
     "LazyTensor",
     "MARKER",
     "ArchiveInfo",
+    "archive_info",
     "Problem",
     "read_archive_info",
     "verify_archive",
@@ -268,6 +269,12 @@ def read_archive_info(data: Buffer) -> ArchiveInfo:
         ZipFormatError: the archive itself is unreadable.
     """
     directory = read_zip_directory(data)
+    view = memoryview(data).cast("B")
+    return archive_info(directory, lambda entry: bytes(view[entry.data_offset : entry.data_offset + entry.size]))
+
+
+def archive_info(directory: ZipDirectory, read_record: Callable[[ZipEntry], bytes]) -> ArchiveInfo:
+    """The :class:`ArchiveInfo` of an archive's ``directory``; ``read_record`` reads a record's bytes (the manifest)."""
     first = next(iter(directory.entries), "")
     prefix = first.split("/", 1)[0] if "/" in first else ""
     records = {
@@ -282,8 +289,7 @@ def read_archive_info(data: Buffer) -> ArchiveInfo:
             info.manifest_problem = "the integrity manifest is missing"
         return info
     info.claims_fabric = True
-    view = memoryview(data).cast("B")
-    raw = bytes(view[manifest_entry.data_offset : manifest_entry.data_offset + manifest_entry.size])
+    raw = read_record(manifest_entry)
     if crc32(raw) != manifest_entry.crc32:
         info.manifest_problem = "the integrity manifest is damaged (CRC-32 mismatch)"
         return info

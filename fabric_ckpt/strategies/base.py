@@ -39,7 +39,7 @@ from fabric_ckpt.core.state import (
 )
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
-from fabric_ckpt.formats import open_checkpoint, save_file
+from fabric_ckpt.formats import open_source, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
 from fabric_ckpt.storage import Location, PathLike
 from fabric_ckpt.strategies.module_init import skip_init
@@ -379,8 +379,10 @@ class Strategy(ABC):
         with ExitStack() as stack:
 
             def prepare() -> _Plan:
-                opened = open_checkpoint(path, weights_only=options.weights_only, verify=options.verify)
-                checkpoint = stack.enter_context(opened)
+                loaded = stack.enter_context(
+                    open_source(path, weights_only=options.weights_only, verify=options.verify)
+                )
+                checkpoint = loaded.value
                 if not isinstance(checkpoint, dict):
                     if state:
                         raise CheckpointError(
@@ -388,7 +390,7 @@ class Strategy(ABC):
                             "load it with fabric.load_raw() or fabric.load(path) without a state"
                         )
                     return _Returning(checkpoint)
-                return self._prepare_restore(checkpoint, state, options)
+                return self._prepare_restore(checkpoint, state, options, native=loaded.native)
 
             plan = self.agree(prepare, f"Loading '{path}'")
             return self._apply(plan, f"Loading '{path}'")
@@ -402,14 +404,17 @@ class Strategy(ABC):
         self.agree(plan.apply_optimizers, description)
         return self.agree(plan.finish, description)
 
-    def _prepare_restore(self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions) -> _Plan:
+    def _prepare_restore(
+        self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions, *, native: bool = False
+    ) -> _Plan:
         if options.on_load is not None:
             options.on_load(checkpoint)
         apply_ignore_keys(checkpoint, options.ignore_keys)
         if not state:
             return _Returning(checkpoint)
-        # Other tools' layouts (Lightning Trainer, Composer, a bare state dict) mapped onto the requested keys.
-        checkpoint = adapt(checkpoint, state)
+        # Other tools' layouts (Lightning Trainer, Composer, a bare state dict) mapped onto the requested keys;
+        # never our own files (``native``), whatever their entries are called.
+        checkpoint = adapt(checkpoint, state, native=native)
         _index_optimizer_entries(checkpoint, state)
         return prepare_restore(
             state,
@@ -438,8 +443,9 @@ class Strategy(ABC):
         with ExitStack() as stack:
 
             def prepare() -> Callable[[], None]:
-                state_dict = stack.enter_context(open_checkpoint(path, weights_only=weights_only, verify=verify))
-                state_dict = adapt_raw(state_dict, obj)  # from a Lightning Trainer or Composer checkpoint
+                loaded = stack.enter_context(open_source(path, weights_only=weights_only, verify=verify))
+                # From a Lightning Trainer or Composer checkpoint (never one of ours, whatever its entry names).
+                state_dict = adapt_raw(loaded.value, obj, native=loaded.native)
                 if isinstance(obj, nn.Module):
                     module = unwrap_module(obj)
                     _reject_full_checkpoint(state_dict, label)

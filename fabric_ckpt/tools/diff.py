@@ -1,29 +1,28 @@
 """Comparing two checkpoints entry by entry, across layouts (a file against a sharded folder, local against remote).
 
-Entries are matched by their ``/``-joined path (``model/fc1.weight``, ``optimizer/state/0/exp_avg``), so a file and
-the sharded folder made from it compare equal even though DCP stores integer keys as strings. Tensors are compared
-bitwise, one at a time (sharded folders are read one tensor at a time, files are memory-mapped).
+Both are read through their formats (:func:`fabric_ckpt.formats.registry.open_lazily`), so diff sees exactly the
+bytes every other reader sees. Entries are matched by their ``/``-joined path (``model/fc1.weight``,
+``optimizer/state/0/exp_avg``), so a file and the sharded folder made from it compare equal even though DCP stores
+integer keys as strings. Tensors are compared bitwise, one at a time (sharded folders and safetensors files are read
+one tensor at a time, torch files are memory-mapped).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fabric_ckpt.core.progress import progress_bar
-from fabric_ckpt.formats import open_checkpoint, sharded
-from fabric_ckpt.formats.dcp import ShardedFolder, load_full
-from fabric_ckpt.formats.reading import existing_location
+from fabric_ckpt.formats.registry import open_lazily
+from fabric_ckpt.formats.reports import flatten
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import PathLike
-from fabric_ckpt.tools.inspection import flatten
 
-__all__ = ["Change", "CheckpointDiff", "diff", "open_lazily"]
+__all__ = ["Change", "CheckpointDiff", "diff"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bounds the float64 scratch memory of a difference to 128 MiB
 
@@ -107,31 +106,6 @@ def _finite_or_text(value: float | None) -> float | str | None:
     return value if value is None or math.isfinite(value) else str(value)
 
 
-@contextmanager
-def open_lazily(path: PathLike, *, weights_only: bool = True, verify: bool = True) -> Iterator[Any]:
-    """Yield the checkpoint at ``path`` without holding all its tensors in memory.
-
-    Sharded folders yield :class:`~fabric_ckpt.formats.torch_format.LazyTensor` placeholders (read one at a time); files
-    come from :func:`~fabric_ckpt.formats.open_checkpoint` (memory-mapped when local).
-
-    Example:
-        >>> with open_lazily("checkpoints/step-1000") as checkpoint:
-        ...     weight = checkpoint["model"]["fc1.weight"].load()
-    """
-
-    location = existing_location(path)
-    if location.isdir() and sharded.is_sharded(location):
-
-        def read(folder: ShardedFolder) -> dict[str, Any]:
-            sharded.verify_folder(folder, checksums=verify)
-            return load_full(folder, weights_only=weights_only, tensors="lazy")
-
-        yield sharded.with_consistent_generation(location, read)
-        return
-    with open_checkpoint(path, weights_only=weights_only, verify=verify) as checkpoint:
-        yield checkpoint
-
-
 def diff(
     a: PathLike, b: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
 ) -> CheckpointDiff:
@@ -151,7 +125,7 @@ def diff(
         open_lazily(a, weights_only=weights_only, verify=verify) as first,
         open_lazily(b, weights_only=weights_only, verify=verify) as second,
     ):
-        left, right = flatten(first), flatten(second)
+        left, right = flatten(first.value), flatten(second.value)
         result.removed = [path for path in left if path not in right]
         result.added = [path for path in right if path not in left]
         common = [path for path in left if path in right]
