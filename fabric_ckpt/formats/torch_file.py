@@ -32,6 +32,8 @@ from fabric_ckpt.formats.single_file import save_file
 from fabric_ckpt.formats.torch_format import (
     ArchiveInfo,
     archive_info,
+    compressed_record_problem,
+    compressed_records,
     read_archive_info,
     verify_archive,
     verify_archive_parallel,
@@ -65,20 +67,22 @@ class TorchZipFormat(Format):
     def load(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
         with location.local_file() as local:
             value, info = load_archive(local, location.original, options)
-            yield Loaded(value, _format_of(info.claims_fabric), native=info.claims_fabric)
+            yield Loaded(value, _format_of(info.claims_fabric), native=info.native)
 
     def describe(self, location: Location, options: ReadOptions) -> Description:
         skeleton = read_zip_skeleton(location, weights_only=options.weights_only)
         tree = as_infos(skeleton.obj)
-        native = skeleton.info.claims_fabric
+        native = skeleton.info.native
         return Description(location.original, skeleton.format, tree, location.size(), native=native)
 
     def verify(self, location: Location, options: ReadOptions) -> VerifyReport:
         with location.local_file() as local:
             return verify_zip_file(local, location.original)
 
-    def write(self, location: Location, checkpoint: Any, *, on_storage_written: Any = None) -> None:
-        save_file(location, checkpoint, on_storage_written=on_storage_written)
+    def write(
+        self, location: Location, checkpoint: Any, *, on_storage_written: Any = None, entries: str = "fabric"
+    ) -> None:
+        save_file(location, checkpoint, on_storage_written=on_storage_written, entries=entries)
 
 
 class LegacyPickleFormat(Format):
@@ -125,7 +129,7 @@ def load_archive(local: str, display: str, options: ReadOptions) -> tuple[Any, A
         except ZipFormatError as err:
             damage = str(err)
         else:
-            if info.is_torch_checkpoint and options.verify:
+            if info.is_torch_checkpoint and not compressed_records(info) and options.verify:
                 if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
                     mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
                 with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
@@ -151,10 +155,14 @@ def _load_mapped(local: str, display: str, options: ReadOptions) -> Any:
     return torch_load(local, display, weights_only=options.weights_only, mmap=True, map_location=options.map_location)
 
 
-def _refuse_non_checkpoint(info: ArchiveInfo, display: str) -> None:
+def _refuse_non_checkpoint(info: ArchiveInfo, display: str, *, compressed: bool = True) -> None:
     if not info.is_torch_checkpoint:
         what = "a TorchScript archive (use torch.jit.load)" if info.is_torchscript else "a zip archive without data.pkl"
         raise CheckpointError(f"'{display}' is not a checkpoint: it is {what}")
+    records = compressed_records(info) if compressed else []
+    if records:  # checked with or without verification: a directory field costs nothing to read
+        entry = records[0]
+        raise CheckpointError(f"Checkpoint '{display}': record {entry.name!r} is {compressed_record_problem(entry)}")
 
 
 # ---------------------------------------------------------------------------------------------- the skeleton
@@ -228,9 +236,7 @@ def read_zip_skeleton(location: Location, *, weights_only: bool = True, display:
             directory = read_zip_directory_at(read_at, size, resolve_offsets=False)
             info = archive_info(directory, lambda entry: read_at(*_span(resolve_entry(read_at, entry, directory))))
             _refuse_non_checkpoint(info, display)
-            pickled_entry = resolve_entry(read_at, info.records["data.pkl"], directory)
-            _refuse_compressed(pickled_entry, display)
-            pickled = read_at(*_span(pickled_entry))
+            pickled = read_at(*_span(resolve_entry(read_at, info.records["data.pkl"], directory)))
     except ZipFormatError as err:
         raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {err}") from err
     storages: dict[str, int] = {}
@@ -248,14 +254,6 @@ def _span(entry: ZipEntry) -> tuple[int, int]:
     return entry.data_offset, entry.compressed_size
 
 
-def _refuse_compressed(entry: ZipEntry, display: str) -> None:
-    if entry.method != 0:
-        raise CheckpointError(
-            f"Checkpoint '{display}': record {entry.name!r} is compressed (method {entry.method}); torch stores "
-            "every record uncompressed and reads the raw bytes"
-        )
-
-
 # ---------------------------------------------------------------------------------------------- verifying
 def verify_zip_file(local: str, display: str) -> VerifyReport:
     """Every record of a local zip checkpoint against its CRC-32 and our manifest, then its structure."""
@@ -266,7 +264,7 @@ def verify_zip_file(local: str, display: str) -> VerifyReport:
         except ZipFormatError as err:
             report.problems.append(f"the zip archive is truncated or damaged: {err}")
             return report
-        _refuse_non_checkpoint(info, display)
+        _refuse_non_checkpoint(info, display, compressed=False)  # compressed records are problems, reported
         problems = verify_archive(mapped, info, first_only=False)  # ~12 GB/s: no progress bar needed
         report.format = _format_of(info.claims_fabric)
         report.records = len(info.records)

@@ -36,6 +36,7 @@ from fabric_ckpt.formats.compression import compression_for
 from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_composer, to_fabric
 from fabric_ckpt.formats.registry import format_named, open_lazily
 from fabric_ckpt.formats.reports import flatten
+from fabric_ckpt.formats.torch_file import TorchZipFormat
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import PathLike, resolve
 
@@ -150,7 +151,11 @@ def convert(
         tensors = [value for value in flatten(checkpoint).values() if isinstance(value, (torch.Tensor, LazyTensor))]
         total = sum(_nbytes(tensor) for tensor in tensors)
         with progress_bar(total, f"convert {location.name}", enabled=progress) as bar:
-            writer.write(location, checkpoint, on_storage_written=bar.update)
+            if isinstance(writer, TorchZipFormat):  # the file records the layout of its entries
+                entries = "composer" if to == "composer" else "fabric"  # Lightning Fabric files are ours already
+                writer.write(location, checkpoint, on_storage_written=bar.update, entries=entries)
+            else:
+                writer.write(location, checkpoint, on_storage_written=bar.update)
     return ConvertResult(str(source), location.original, fmt, len(tensors), total)
 
 

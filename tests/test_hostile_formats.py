@@ -1,0 +1,154 @@
+"""Hostile input at the format level (issue 16): records torch reads that nothing checked, forged sharded folders,
+paths that are not what they claim, foreign layouts taken for ours, and tiny files claiming gigabytes.
+
+Every class ends in a documented refusal, the same in every reader (load, inspect, verify, diff, convert), with the
+target untouched; or loads exactly what was saved. The classes are counted in the reliability figures.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import fabric_ckpt
+from fabric_ckpt import CheckpointError, Fabric
+from fabric_ckpt.formats.zip_archive import read_zip_directory
+from tests.conftest import assert_same_state, make_net, snapshot
+from tests.reliability_figures import record
+from tests.test_hostile_input import no_hang
+
+COUNTS: Counter[str] = Counter()  # examples tried, by kind: the figures of docs/reliability.md
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    for kind, count in sorted(COUNTS.items()):
+        record("hostile", kind, inputs=count)
+
+
+def every_reader_refuses(path: Path, tmp_path: Path, match: str) -> None:
+    """load (with and without a state), inspect, verify, diff and convert all refuse ``path``; the model untouched."""
+    model = make_net(1)
+    before = snapshot(model)
+    fabric = Fabric(accelerator="cpu")
+    with no_hang():
+        with pytest.raises(CheckpointError, match=match):
+            fabric.load(path)
+        with pytest.raises(CheckpointError, match=match):
+            fabric.load(path, {"model": model}, strict=False)
+        assert_same_state(snapshot(model), before)
+        with pytest.raises(CheckpointError, match=match):
+            fabric_ckpt.describe(path)
+        try:
+            report = fabric_ckpt.verify(path)
+        except CheckpointError as err:
+            assert err.args and __import__("re").search(match, str(err))
+        else:
+            assert not report.ok and any(__import__("re").search(match, p) for p in report.problems), report
+        with pytest.raises(CheckpointError, match=match):
+            fabric_ckpt.diff(path, path)
+        with pytest.raises(CheckpointError, match=match):
+            fabric_ckpt.convert(path, tmp_path / "converted.ckpt")
+    assert not (tmp_path / "converted.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- zip records
+def central_record(data: bytes, name: str) -> int:
+    directory = read_zip_directory(data)
+    position = data.find(b"PK\x01\x02" + b"", directory.central_directory_offset)
+    while position >= 0:
+        name_len = struct.unpack_from("<H", data, position + 28)[0]
+        if data[position + 46 : position + 46 + name_len].decode() == name:
+            return position
+        position = data.find(b"PK\x01\x02", position + 4)
+    raise KeyError(name)
+
+
+def saved_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    state = {"model": make_net(0).state_dict(), "step": 3}
+    if kind == "ours":
+        Fabric(accelerator="cpu").save(path, state)
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ours", "torch"])
+@pytest.mark.parametrize("damage", [True, False], ids=["and-a-damaged-byte", "alone"])
+def test_a_record_whose_method_field_says_compressed_is_refused_by_every_reader(tmp_path, kind, damage):
+    """torch.load maps a record's raw bytes whatever its method field says; a CRC check skipped for "compressed"
+    records let one damaged byte load as a wrong weight while verify said OK."""
+    path = saved_file(tmp_path, kind)
+    data = bytearray(path.read_bytes())
+    entry = next(e for n, e in read_zip_directory(bytes(data)).entries.items() if n.endswith("/data/0"))
+    struct.pack_into("<H", data, central_record(bytes(data), entry.name) + 10, 8)  # deflate
+    if damage:
+        data[entry.data_offset + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    every_reader_refuses(path, tmp_path, r"compressed \(method 8;")
+    COUNTS["zip method flips"] += 1
+
+
+def zip_with(path: Path, source: Path, extra_name: str, extra: bytes, *, first: bool) -> None:
+    """Rewrite ``source`` with one more record called ``extra_name`` (before or after its namesake)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(path, "w") as new, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it is asked to write
+        for info in old.infolist():
+            if first and info.filename.lower() == extra_name.lower():
+                new.writestr(extra_name, extra)
+            new.writestr(info.filename, old.read(info.filename))
+            if not first and info.filename.lower() == extra_name.lower():
+                new.writestr(extra_name, extra)
+        new.comment = old.comment
+
+
+@pytest.mark.parametrize("kind", ["ours", "torch"])
+@pytest.mark.parametrize(
+    "name", ["{prefix}/data/0", "{prefix}/DATA/0", "{prefix}/data.pkl"], ids=["same", "case", "data.pkl"]
+)
+@pytest.mark.parametrize("first", [True, False], ids=["before", "after"])
+def test_two_records_of_one_name_are_refused_by_every_reader(tmp_path, kind, name, first):
+    source = saved_file(tmp_path, kind)
+    prefix = next(iter(read_zip_directory(source.read_bytes()).entries)).split("/")[0]
+    original = zipfile.ZipFile(source).read(f"{prefix}/data/0" if "data/0" in name.lower() else f"{prefix}/data.pkl")
+    forged = bytes(reversed(original)) if "pkl" not in name else original
+    path = tmp_path / "twice.ckpt"
+    zip_with(path, source, name.format(prefix=prefix), forged, first=first)
+    every_reader_refuses(path, tmp_path, "two records are named")
+    COUNTS["duplicate zip records"] += 1
+
+
+# ---------------------------------------------------------------------------------------------- marker decides
+def test_our_checkpoint_with_trainer_like_entries_is_never_taken_for_a_lightning_trainer_file(tmp_path):
+    """Our files carry a marker (the archive comment, the manifest): entry names decide nothing."""
+    ours, other = make_net(1), make_net(2)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
+    state = {"model": ours, "state_dict": other.state_dict(), "global_step": 7}
+    Fabric(accelerator="cpu").save(tmp_path / "ours.ckpt", state)
+    fabric_ckpt.convert(tmp_path / "ours.ckpt", f"{tmp_path}/sharded/")
+    for path in (tmp_path / "ours.ckpt", tmp_path / "sharded"):
+        target = make_net(3)
+        remainder = Fabric(accelerator="cpu").load(path, {"model": target, "optimizer": optimizer}, strict=False)
+        assert_same_state(snapshot(target), snapshot(ours))  # the `model` entry, not the `state_dict` one
+        assert remainder["global_step"] == 7 and set(remainder) == {"state_dict", "global_step"}
+        raw = make_net(4)
+        with pytest.raises(CheckpointError, match="not a plain state dict"):
+            Fabric(accelerator="cpu").load_raw(path, raw)  # ours: a whole checkpoint, never mapped
+        assert not any("lightning-trainer" in note for note in fabric_ckpt.describe(path).notes)
+    fabric_ckpt.convert(tmp_path / "ours.ckpt", tmp_path / "converted.ckpt")
+    converted = Fabric(accelerator="cpu").load(tmp_path / "converted.ckpt")
+    assert set(converted) == {"model", "state_dict", "global_step"}
+    # The control: the same entries in a plain torch.save file are a Trainer checkpoint, mapped as such.
+    torch.save({"state_dict": other.state_dict(), "global_step": 7}, tmp_path / "trainer.ckpt")
+    target = make_net(3)
+    Fabric(accelerator="cpu").load(tmp_path / "trainer.ckpt", {"model": target, "optimizer": optimizer}, strict=False)
+    assert_same_state(snapshot(target), snapshot(other))
+    COUNTS["foreign-layout names in our files"] += 3
