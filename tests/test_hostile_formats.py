@@ -7,20 +7,28 @@ target untouched; or loads exactly what was saved. The classes are counted in th
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import shutil
 import struct
 import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import fabric_ckpt
 from fabric_ckpt import CheckpointError, Fabric
+from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.formats.zip_archive import read_zip_directory
-from tests.conftest import assert_same_state, make_net, snapshot
+from tests.conftest import assert_same_state, bitwise_equal, make_net, snapshot
 from tests.reliability_figures import record
+from tests.sharded_files import live_generation
 from tests.test_hostile_input import no_hang
 
 COUNTS: Counter[str] = Counter()  # examples tried, by kind: the figures of docs/reliability.md
@@ -152,3 +160,150 @@ def test_our_checkpoint_with_trainer_like_entries_is_never_taken_for_a_lightning
     Fabric(accelerator="cpu").load(tmp_path / "trainer.ckpt", {"model": target, "optimizer": optimizer}, strict=False)
     assert_same_state(snapshot(target), snapshot(other))
     COUNTS["foreign-layout names in our files"] += 3
+
+
+# ---------------------------------------------------------------------------------------------- forged DCP metadata
+CHECKPOINT = {"model": {"w": torch.arange(24.0).reshape(6, 4), "b": torch.arange(4.0)}, "step": 3}
+
+
+def bare_dcp(folder: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(CHECKPOINT, checkpoint_id=folder, no_dist=True)
+    return folder
+
+
+def forge_metadata(folder: Path, forge: Any) -> None:
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own file: trusted here
+    forge(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _drop_chunks(metadata: Any) -> None:
+    metadata.state_dict_metadata["model.w"].chunks = []
+    for index in [index for index in metadata.storage_data if index.fqn == "model.w"]:
+        del metadata.storage_data[index]
+
+
+def _shrink_chunk(metadata: Any) -> None:
+    chunk = metadata.state_dict_metadata["model.w"].chunks[0]
+    chunk.sizes = torch.Size([3, 4])  # the chunk covers rows 0-2; rows 3-5 would be whatever memory held
+
+
+def _overlap(metadata: Any) -> None:
+    """Rows 0-2 and 2-4: as many elements as the tensor has, but row 2 twice and row 5 never."""
+    md = metadata.state_dict_metadata["model.w"]
+    index, info = next((index, info) for index, info in metadata.storage_data.items() if index.fqn == "model.w")
+    chunk = type(md.chunks[0])
+    md.chunks = [chunk(offsets=torch.Size([0, 0]), sizes=torch.Size([3, 4]))]
+    md.chunks.append(chunk(offsets=torch.Size([2, 0]), sizes=torch.Size([3, 4])))
+    metadata.storage_data[type(index)(fqn="model.w", offset=torch.Size([2, 0]), index=1)] = info
+
+
+def _storage_elsewhere(metadata: Any) -> None:
+    index = next(index for index in metadata.storage_data if index.fqn == "model.w")
+    info = metadata.storage_data.pop(index)
+    metadata.storage_data[type(index)(fqn="model.w", offset=torch.Size([3, 0]), index=index.index)] = info
+
+
+FORGERIES = {
+    "no-chunk": (_drop_chunks, "no chunk|cover"),
+    "chunk-short-of-the-tensor": (_shrink_chunk, "cover"),
+    "overlapping-chunks": (_overlap, "cover|overlap"),
+    "storage-of-another-chunk": (_storage_elsewhere, "stored chunks"),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+@pytest.mark.parametrize("manifest", [False, True], ids=["bare", "resealed-manifest"])
+def test_a_tensor_its_chunks_do_not_cover_is_refused(tmp_path, forgery, manifest):
+    """Today's failure: the uncovered part of the tensor came back as uninitialised memory."""
+    forge, match = FORGERIES[forgery]
+    if manifest:
+        Fabric(accelerator="cpu").save(tmp_path / "src.ckpt", CHECKPOINT)
+        path = tmp_path / "sharded"
+        fabric_ckpt.convert(tmp_path / "src.ckpt", f"{path}/")
+        forge_metadata(Path(live_generation(path)), forge)
+        reseal(path, ".metadata")
+    else:
+        path = bare_dcp(tmp_path / "bare")
+        forge_metadata(path, forge)
+    every_reader_refuses(path, tmp_path, match)
+    COUNTS["forged DCP chunks"] += 1
+
+
+def reseal(path: Path, name: str) -> None:
+    """Forge the manifest's size and CRC-32 of file ``name`` to match its current bytes (as an attacker could)."""
+    wrapper = json.loads((path / "fabric_ckpt.json").read_text())
+    body = wrapper["manifest"]
+    data = (Path(live_generation(path)) / name).read_bytes()
+    body["files"][name].update(size=len(data), crc32=crc32(data), items=[])
+    put_manifest(path, body)
+
+
+def put_manifest(path: Path, body: Any) -> None:
+    encoded = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    (path / "fabric_ckpt.json").write_text(json.dumps({"manifest": body, "crc32": crc32(encoded.encode())}))
+
+
+# ---------------------------------------------------------------------------------------------- names and paths
+@pytest.fixture
+def sharded(tmp_path) -> Path:
+    Fabric(accelerator="cpu").save(tmp_path / "src.ckpt", CHECKPOINT)
+    path = tmp_path / "run" / "sharded"
+    fabric_ckpt.convert(tmp_path / "src.ckpt", f"{path}/")
+    return path
+
+
+def test_a_manifest_naming_the_parent_folder_as_its_generation_is_refused_by_verify_too(sharded, tmp_path):
+    generation = Path(live_generation(sharded))
+    for name in os.listdir(generation):  # a reader following ".." finds valid files there
+        shutil.copy(generation / name, sharded.parent / name)
+    body = json.loads((sharded / "fabric_ckpt.json").read_text())["manifest"]
+    put_manifest(sharded, {**body, "generation": ".."})
+    every_reader_refuses(sharded, tmp_path, "malformed")
+    COUNTS["manifest names leaving the folder"] += 1
+
+
+@pytest.mark.parametrize("what", ["generation", "shard", "metadata"])
+def test_a_symlink_out_of_the_folder_is_refused(sharded, tmp_path, what):
+    generation = Path(live_generation(sharded))
+    outside = tmp_path / "outside"
+    if what == "generation":
+        shutil.move(generation, outside)  # the bytes are intact: only where they are is wrong
+        generation.symlink_to(outside, target_is_directory=True)
+    else:
+        name = "__0_0.distcp" if what == "shard" else ".metadata"
+        outside.mkdir()
+        shutil.move(generation / name, outside / name)
+        (generation / name).symlink_to(outside / name)
+    every_reader_refuses(sharded, tmp_path, "outside the checkpoint folder")
+    COUNTS["manifest names leaving the folder"] += 1
+
+
+def test_a_symlink_inside_the_folder_still_loads(sharded):
+    generation = Path(live_generation(sharded))
+    shutil.move(generation / "__0_0.distcp", sharded / "moved.distcp")
+    (generation / "__0_0.distcp").symlink_to(Path("..") / "moved.distcp")
+    assert bitwise_equal(Fabric(accelerator="cpu").load(sharded)["model"]["w"], CHECKPOINT["model"]["w"])
+
+
+@pytest.mark.parametrize("where", ["file", "bare-metadata", "bare-shard", "sharded-shard"])
+def test_a_fifo_is_refused_without_blocking(tmp_path, where):
+    if where == "file":
+        path = tmp_path / "fifo.ckpt"
+        os.mkfifo(path)
+    elif where.startswith("bare"):
+        path = bare_dcp(tmp_path / "bare")
+        fifo = path / (".metadata" if where == "bare-metadata" else "__0_0.distcp")
+        fifo.unlink()
+        os.mkfifo(fifo)
+    else:
+        Fabric(accelerator="cpu").save(tmp_path / "src.ckpt", CHECKPOINT)
+        path = tmp_path / "sharded"
+        fabric_ckpt.convert(tmp_path / "src.ckpt", f"{path}/")
+        fifo = Path(live_generation(path)) / "__0_0.distcp"
+        fifo.unlink()
+        os.mkfifo(fifo)
+    every_reader_refuses(path, tmp_path, "not a regular file|FIFO|missing|bytes")
+    COUNTS["paths that are not regular files"] += 1

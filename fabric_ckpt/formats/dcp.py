@@ -43,7 +43,6 @@ __all__ = [
     "SafeLoadPlanner",
     "ShardedFolder",
     "StorageFileSystem",
-    "check_metadata",
     "load_full",
     "read_metadata",
     "read_tensor",
@@ -304,45 +303,6 @@ class ShardedFolder:
             for fqn in self.metadata.state_dict_metadata
             if keys is None or str(self._path_of(fqn)[0]) in keys
         }
-
-
-def check_metadata(metadata: Metadata) -> None:
-    """Raise ``TypeError``/``ValueError`` unless every field later code reads has the type DCP writes.
-
-    Chunk files must be plain names inside the folder: a hostile ``.metadata`` must not point reads elsewhere.
-    """
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
-        raise TypeError("state_dict_metadata and storage_data must be dicts")
-    for fqn, md in metadata.state_dict_metadata.items():
-        if not isinstance(fqn, str):
-            raise TypeError(f"key {fqn!r} is not a string")
-        if isinstance(md, BytesStorageMetadata):
-            continue
-        if not isinstance(md, TensorStorageMetadata):
-            raise TypeError(f"'{fqn}' has an entry of type {type(md).__name__}")
-        if not isinstance(md.size, torch.Size) or not isinstance(md.properties.dtype, torch.dtype):
-            raise TypeError(f"'{fqn}' has no valid size or dtype")
-        for chunk in md.chunks:
-            if len(chunk.offsets) != len(md.size) or len(chunk.sizes) != len(md.size):
-                raise ValueError(f"'{fqn}' has a chunk of the wrong rank")
-            if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, md.size, strict=True)):
-                raise ValueError(f"'{fqn}' has a chunk outside the tensor")
-    for index, info in metadata.storage_data.items():
-        name = info.relative_path
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"'{index.fqn}' is stored in {name!r}, which is not a file of the folder")
-        if not isinstance(info.offset, int) or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
-            raise ValueError(f"'{index.fqn}' has an invalid offset or length")
-    if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
-        raise TypeError("planner_data must be a dict")
-    entries = len(metadata.state_dict_metadata)
-    for fqn, path in (metadata.planner_data or {}).items():
-        # Paths rebuild the nested state dict: every step a key (str) or a list index, and no list can be longer
-        # than the number of entries (a forged index must not make the rebuild allocate a huge list).
-        if not isinstance(path, (tuple, list)) or not path:
-            raise TypeError(f"the path of '{fqn}' is not a non-empty sequence")
-        if not all(isinstance(step, str) or (type(step) is int and 0 <= step < max(entries, 1)) for step in path):
-            raise TypeError(f"the path of '{fqn}' has a step that is neither a key nor a list index")
 
 
 def load_full(

@@ -29,6 +29,7 @@ __all__ = [
     "flatten",
     "format_bytes",
     "is_leaf",
+    "refuse_expanded",
 ]
 
 # Values (containers and leaves) a walk visits before refusing: far above any real checkpoint's entry count.
@@ -183,6 +184,24 @@ def as_infos(obj: Any) -> Any:
         else:
             parent[key] = value
     return holder[""]
+
+
+def refuse_expanded(checkpoint: Any, target: str) -> None:
+    """Raise ``ValueError`` naming the first tensor whose elements claim more bytes than its storage holds (zero or
+    overlapping strides), for a ``target`` format that stores every element: a few bytes must not become gigabytes.
+
+    Example:
+        >>> refuse_expanded({"w": torch.ones(1).expand(1 << 30)}, "safetensors")
+        Traceback (most recent call last):
+        ValueError: 'w' claims 4.0 GiB of elements over 4 B of storage (zero or overlapping strides); ...
+    """
+    for path, value in flatten(checkpoint).items():
+        if isinstance(value, torch.Tensor) and (info := TensorInfo.of(value)).expanded:
+            raise ValueError(
+                f"'{path}' claims {format_bytes(info.nbytes)} of elements over {format_bytes(info.stored or 0)} of "
+                f"storage (zero or overlapping strides); {target} stores every element, so it is not expanded "
+                "(our torch file keeps it as it is)"
+            )
 
 
 def format_bytes(count: int) -> str:

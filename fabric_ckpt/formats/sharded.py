@@ -47,13 +47,13 @@ from fabric_ckpt.formats.dcp import (
     LIGHTNING_META,
     METADATA_NAME,
     ShardedFolder,
-    check_metadata,
     load_full,
     read_metadata,
     translate_dcp_error,
     verify_chunk_archives,
     writer_for,
 )
+from fabric_ckpt.formats.dcp_checks import check_metadata
 from fabric_ckpt.storage import Location
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "is_sharded",
     "new_generation",
     "open_folder",
+    "outside_files",
     "own_files",
     "read_consolidated",
     "read_manifest",
@@ -242,6 +243,7 @@ def open_folder(location: Location, generation: str | None = None, *, weights_on
     if generation is not None and generation != live:
         raise _GenerationChanged(location, generation, live)
     data = location.child(live) if live else location
+    _refuse_outside(location, data, [METADATA_NAME, *(manifest or {}).get("files", {})])
     try:
         if manifest is not None and METADATA_NAME in manifest.get("files", {}):
             check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
@@ -261,7 +263,31 @@ def open_folder(location: Location, generation: str | None = None, *, weights_on
         folder.dcp_keys, folder.chunks  # noqa: B018 - computed (and cached) for their errors
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"Sharded checkpoint '{location.original}': the metadata is malformed ({err})") from None
+    _refuse_outside(location, data, [LIGHTNING_META, *{info.relative_path for info in metadata.storage_data.values()}])
     return folder
+
+
+def outside_files(location: Location, data: Location, names: list[str]) -> list[tuple[str, str]]:
+    """``(name, why)`` for the generation ``data`` and each of its files in ``names`` that must not be read: really
+    outside the checkpoint folder (a symbolic link out of it), or not a regular file (a FIFO would block a reader).
+
+    Example:
+        >>> outside_files(resolve("ckpt"), resolve("ckpt/.gen-1a2b"), [".metadata"])
+        []
+    """
+    storage = location.storage
+    problem = storage.confinement_problem(data.path, location.path)
+    if problem is not None:
+        return [(data.name, problem)]
+    found = ((name, storage.confinement_problem(data.child(name).path, location.path)) for name in names)
+    return [(name, problem) for name, problem in found if problem is not None]
+
+
+def _refuse_outside(location: Location, data: Location, names: list[str]) -> None:
+    outside = outside_files(location, data, names)
+    if outside:
+        name, problem = outside[0]
+        raise CheckpointError(f"Sharded checkpoint '{location.original}': '{name}' {problem}: refused")
 
 
 class _GenerationChanged(CheckpointError):

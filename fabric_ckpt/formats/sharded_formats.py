@@ -26,8 +26,9 @@ from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, Unsafe
 from fabric_ckpt.formats import dcp as dcp_format
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.base import Format, Loaded, Probe, ReadOptions
+from fabric_ckpt.formats.dcp_checks import check_metadata
 from fabric_ckpt.formats.reading import relocate
-from fabric_ckpt.formats.reports import Description, VerifyReport, as_infos
+from fabric_ckpt.formats.reports import Description, VerifyReport, as_infos, refuse_expanded
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import Location
 
@@ -134,6 +135,9 @@ class ShardedFormat(DcpFormat):
         return verify_sharded(location, options.progress)
 
     def write(self, location: Location, checkpoint: Any, *, on_storage_written: Any = None) -> None:
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"a sharded folder holds a dict of entries, not a {type(checkpoint).__name__}")
+        refuse_expanded(checkpoint, "a sharded folder")
         sharded.write_in_one_process(dict(_materialized(checkpoint)), location)
 
 
@@ -206,6 +210,7 @@ def write_lightning_folder(location: Location, checkpoint: Any) -> None:
         >>> write_lightning_folder(resolve("for-lightning/"), {"model": model.state_dict(), "step": 3})
     """
     for_dcp, for_meta = lightning_split(checkpoint)
+    refuse_expanded(for_dcp, "Lightning's sharded layout")
     if location.exists():
         raise FileExistsError(errno.EEXIST, "Lightning's sharded layout is written to a new folder", location.url)
     location.parent.makedirs()
@@ -239,8 +244,12 @@ def verify_sharded(location: Location, progress: bool | None) -> VerifyReport:
     assert manifest is not None
     generation = manifest.get("generation")
     data = location.child(generation) if generation else location
-    names = _entry_names(data, location, report)
     files = manifest.get("files", {})
+    outside = sharded.outside_files(location, data, [dcp_format.METADATA_NAME, *files])
+    if outside:
+        report.problems.extend(f"file '{name}': {problem}" for name, problem in outside)
+        return report
+    names = _entry_names(data, location, report)
     report.files = len(files)
     total = sum(int(info.get("size", 0)) for info in files.values())
     with progress_bar(total, f"verify {location.name}", enabled=progress) as bar:
@@ -255,6 +264,11 @@ def _entry_names(data: Location, location: Location, report: VerifyReport) -> di
         metadata = dcp_format.read_metadata(data, display=location.original)
     except (CheckpointError, OSError) as err:
         report.problems.append(f"file '{dcp_format.METADATA_NAME}': unreadable ({err})")
+        return {}
+    try:
+        check_metadata(metadata)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        report.problems.append(f"file '{dcp_format.METADATA_NAME}': the metadata is malformed ({err})")
         return {}
     planner_data = metadata.planner_data or {}
     report.records = len(metadata.storage_data)
