@@ -12,6 +12,9 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
+import textwrap
 import warnings
 import zipfile
 from collections import Counter
@@ -21,11 +24,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
 import fabric_ckpt
 from fabric_ckpt import CheckpointError, Fabric
 from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.formats.zip_archive import read_zip_directory
+from fabric_ckpt.tools.cli import main as cli
 from tests.conftest import assert_same_state, bitwise_equal, make_net, snapshot
 from tests.reliability_figures import record
 from tests.sharded_files import live_generation
@@ -307,3 +312,141 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, where):
         os.mkfifo(fifo)
     every_reader_refuses(path, tmp_path, "not a regular file|FIFO|missing|bytes")
     COUNTS["paths that are not regular files"] += 1
+
+
+# ---------------------------------------------------------------------------------------------- resource bounds
+def run_isolated(code: str, *, file_limit: int | None = None) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (optionally unable to write files over ``file_limit`` bytes); it prints
+    one JSON line, returned with the process's peak memory in MiB."""
+    script = (
+        textwrap.dedent(f"""
+        import json, resource, signal, sys
+        if {file_limit!r} is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit!r}, {file_limit!r}))
+        import torch, fabric_ckpt
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        def outcome(fn):
+            try:
+                return {{"ok": repr(fn())[:300]}}
+            except Exception as err:
+                return {{"error": type(err).__name__, "mro": [c.__name__ for c in type(err).__mro__],
+                         "message": str(err)}}
+    """)
+        + textwrap.dedent(code)
+        + textwrap.dedent("""
+        result["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10) - baseline
+        print(json.dumps(result))
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_tiny_tarball_of_a_sparse_member_claiming_hundreds_of_mib_is_refused_before_writing_it(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"w": torch.ones(4)}, work / "checkpoint.pt")
+    with open(work / "checkpoint.pt", "r+b") as f:
+        f.truncate(300 << 20)  # a zip with 300 MiB of holes appended
+    bomb = tmp_path / "bomb.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(bomb), "-C", str(work), "checkpoint.pt"], check=True)
+    assert (tmp_path / "bomb.tar.gz").stat().st_size < 4096
+    result = run_isolated(
+        f"""
+        path = {str(tmp_path / "bomb.tar.gz")!r}
+        result = {{
+            "load": outcome(lambda: fabric_ckpt.Fabric(accelerator="cpu").load(path)),
+            "inspect": outcome(lambda: fabric_ckpt.describe(path)),
+            "verify": outcome(lambda: fabric_ckpt.verify(path).problems),
+        }}
+        """,
+        file_limit=32 << 20,
+    )
+    for reader in ("load", "inspect"):
+        assert "CheckpointError" in result[reader]["mro"], result
+        assert "sparse" in result[reader]["message"], result
+    assert "sparse" in result["verify"].get("ok", "") + result["verify"].get("message", ""), result
+    COUNTS["sparse tar members"] += 1
+
+
+def test_a_tensor_with_zero_strides_claiming_a_gib_costs_no_gib(tmp_path, capsys):
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.full((1,), 3.0).expand(1 << 28), "b": torch.ones(2)}, path)  # 1 GiB claimed, 4 B stored
+    assert path.stat().st_size < 8192
+    assert cli(["inspect", str(path)]) == 0  # reported, exit 0
+    out = capsys.readouterr().out
+    assert "claims 1.0 GiB of elements over 4 B of storage" in out
+    result = run_isolated(
+        f"""
+        path = {str(path)!r}
+        result = {{
+            "diff": outcome(lambda: fabric_ckpt.diff(path, path).equal),
+            "to-torch": outcome(lambda: fabric_ckpt.convert(path, {str(tmp_path / "copy.ckpt")!r}).bytes),
+            "to-safetensors": outcome(lambda: fabric_ckpt.convert(path, {str(tmp_path / "w.safetensors")!r})),
+        }}
+        """
+    )
+    assert result["peak_mib"] < 256, result  # a dense copy would take 1024 MiB
+    assert result["diff"] == {"ok": "True"}, result
+    assert "ok" in result["to-torch"], result
+    assert "ValueError" in result["to-safetensors"]["mro"], result
+    assert "'w'" in result["to-safetensors"]["message"] and "stride" in result["to-safetensors"]["message"]
+    assert "\n" not in result["to-safetensors"]["message"]
+    assert (tmp_path / "copy.ckpt").stat().st_size < 16384 and not (tmp_path / "w.safetensors").exists()
+    copied = Fabric(accelerator="cpu").load(tmp_path / "copy.ckpt")["w"]
+    assert copied.shape == (1 << 28,) and copied.stride() == (0,) and float(copied[12345]) == 3.0
+    COUNTS["zero-stride tensors"] += 1
+
+
+def deep(depth: int) -> Any:
+    value: Any = {"leaf": torch.arange(3.0)}
+    for level in range(depth):
+        value = [value] if level % 2 else {"x": value}
+    return value
+
+
+def test_a_deeply_nested_pickle_torch_loads_loads_describes_and_verifies(tmp_path, capsys):
+    path = tmp_path / "deep.pt"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        torch.save({"deep": deep(5000), "w": torch.ones(2)}, path)  # torch's pickler recurses: ours never does
+    finally:
+        sys.setrecursionlimit(limit)
+    reference = torch.load(path, weights_only=True)
+    loaded = Fabric(accelerator="cpu").load(path)
+    theirs, ours = reference["deep"], loaded["deep"]
+    for _ in range(5000):
+        theirs, ours = (theirs[0], ours[0]) if isinstance(theirs, list) else (theirs["x"], ours["x"])
+    assert bitwise_equal(ours["leaf"], theirs["leaf"])
+    model = nn.Linear(2, 1)
+    Fabric(accelerator="cpu").load(path, {"model": model}, strict=False)  # the deep entry is the remainder
+    assert cli(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "nested" in out and len(out) < 20_000
+    assert cli(["inspect", "--json", str(path)]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert [e["path"].count("/") for e in entries if e["path"].endswith("leaf")] == [5001]
+    assert fabric_ckpt.verify(path).ok
+    assert fabric_ckpt.diff(path, path).equal
+    COUNTS["deeply nested pickles"] += 1
+
+
+def test_shared_references_that_would_be_exponential_stay_linear(tmp_path, capsys):
+    """A few hundred bytes: each level holds the next one twice, 2**60 paths in all."""
+    value: Any = [torch.ones(1)]
+    for _ in range(60):
+        value = [value, value]
+    path = tmp_path / "dag.pt"
+    torch.save({"dag": value}, path)
+    assert path.stat().st_size < 4096
+    with no_hang(120):
+        loaded = Fabric(accelerator="cpu").load(path)  # materialised once per container
+        assert loaded["dag"][0] is loaded["dag"][1]
+        assert cli(["inspect", str(path)]) == 2  # refused in one line, never enumerated
+        assert "nested values" in capsys.readouterr().err
+        assert fabric_ckpt.verify(path).ok
+    COUNTS["deeply nested pickles"] += 1

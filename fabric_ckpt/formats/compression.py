@@ -141,6 +141,7 @@ def _copy_member(local: str, target: str, display: str) -> None:
             if len(members) != 1:
                 names = [m.name for m in members]
                 raise CheckpointError(f"Checkpoint '{display}' is a tarball of {len(members)} files {names}, not one")
+            _refuse_inflated(members[0], local, display)
             source = archive.extractfile(members[0])
             assert source is not None
             with source, open(target, "wb") as out:
@@ -150,6 +151,26 @@ def _copy_member(local: str, target: str, display: str) -> None:
                 pass
     except _DECOMPRESSION_ERRORS as err:
         raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
+
+
+def _refuse_inflated(member: tarfile.TarInfo, local: str, display: str) -> None:
+    """Refuse a member whose claimed size the archive's real data cannot back, before writing a byte of it.
+
+    A sparse member (holes that extraction fills with zeros) lets a ~100-byte tarball claim hundreds of MiB; no
+    checkpoint is sparse. An uncompressed tarball cannot hold more bytes than the file has.
+    """
+    if member.issparse():
+        sparse_map: Any = member.sparse or []  # (offset, size) of each stored region
+        stored = sum(size for _, size in sparse_map)
+        raise CheckpointError(
+            f"Checkpoint '{display}': tar member {member.name!r} is a sparse file claiming {member.size} bytes of "
+            f"which {stored} are stored: refused"
+        )
+    if _compression_of(local) == "tar" and member.offset_data + member.size > os.path.getsize(local):
+        raise CheckpointError(
+            f"Checkpoint '{display}': tar member {member.name!r} claims {member.size} bytes, more than the archive "
+            "holds: refused"
+        )
 
 
 def _is_tarball(local: str) -> bool:
@@ -236,7 +257,10 @@ class CompressedFormat(Format):
                     kind = sniff_compression(stream.read(512)) or "?"
                 report = VerifyReport(location.original, f"compressed ({kind})", "file", files=1)
                 report.bytes = location.size()
-                report.problems.append(f"the {kind} stream is damaged: {type(err).__name__}: {err}")
+                if "refused" in str(err):  # our own refusal (a sparse member, an inflated size): said as it is
+                    report.problems.append(str(err))
+                else:
+                    report.problems.append(f"the {kind} stream is damaged: {type(err).__name__}: {err}")
                 return report
             report = self._format_of(inner).verify(inner, options)
         report.format = f"{report.format} ({kind})"

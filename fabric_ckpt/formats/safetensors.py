@@ -24,7 +24,7 @@ import torch
 from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.formats.base import Format, Loaded, Probe, ReadOptions
 from fabric_ckpt.formats.reading import relocate
-from fabric_ckpt.formats.reports import Description, TensorInfo, VerifyReport
+from fabric_ckpt.formats.reports import Description, TensorInfo, VerifyReport, refuse_expanded
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import Location
 
@@ -278,6 +278,7 @@ def write_safetensors(
     """
     if sys.byteorder != "little":
         raise CheckpointError("safetensors files are little-endian; this machine is not")
+    refuse_expanded(state_dict, "safetensors")
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in state_dict.items():
