@@ -157,11 +157,12 @@ def _strip_fqn_prefix(optimizer_state: Any, prefix: str) -> Any:
 def _composer_timestamp(serialized: Any) -> Any:
     """Composer's ``{"Timestamp": {...}}`` (``timedelta`` clocks) as our :class:`Timestamp` state; else unchanged."""
     inner = serialized.get("Timestamp", serialized) if isinstance(serialized, Mapping) else serialized
-    if not isinstance(inner, Mapping) or not all(name in inner for name in TIMESTAMP_FIELDS):
+    counters = [name for name in TIMESTAMP_FIELDS if not name.endswith("_wct")]
+    if not isinstance(inner, Mapping) or not all(name in inner for name in counters):
         return serialized
-    try:
+    try:  # wall-clock fields are optional, as in Composer's own loader (files converted by us leave them out)
         return {
-            name: float(_seconds(inner[name])) if name.endswith("_wct") else int(inner[name])
+            name: float(_seconds(inner.get(name, 0.0))) if name.endswith("_wct") else int(inner[name])
             for name in TIMESTAMP_FIELDS
         }
     except (TypeError, ValueError):
