@@ -11,8 +11,8 @@ once in :mod:`fabric_ckpt.formats.registry`; ``fabric.load``, ``load_raw``, ``de
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
@@ -193,9 +193,3 @@ class Format(ABC):
 
 def _size(location: Location) -> int | None:
     return location.size() if location.isfile() else None
-
-
-@contextmanager
-def loaded_value(value: Any, fmt: str, native: bool = False) -> Iterator[Loaded]:
-    """A :class:`Loaded` context for formats whose value needs nothing closed afterwards."""
-    yield Loaded(value, fmt, native)
