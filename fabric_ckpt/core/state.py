@@ -5,7 +5,6 @@ Nothing here knows about files: strategies call these rules and hand the result 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import warnings
 from collections import OrderedDict
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fabric_ckpt.core.collections import rebuild
 from fabric_ckpt.core.loader import FabricDataLoader, no_state_message
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
@@ -256,20 +256,9 @@ def materialize(obj: Any, memo: dict[int, torch.UntypedStorage] | None = None) -
     Example:
         >>> owned = materialize(checkpoint["extra"])
     """
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        return _copy_tensor(obj, memo)
-    if isinstance(obj, dict):
-        result = copy.copy(obj)
-        for key, value in obj.items():
-            result[key] = materialize(value, memo)
-        return result
-    if isinstance(obj, list):
-        return [materialize(value, memo) for value in obj]
-    if isinstance(obj, tuple):
-        items = [materialize(value, memo) for value in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+    storages = {} if memo is None else memo
+    # Iterative, at any depth: torch.load accepts pickles nested deeper than Python's recursion limit.
+    return rebuild(obj, lambda value: _copy_tensor(value, storages) if isinstance(value, torch.Tensor) else value)
 
 
 def resolved(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ name, and members with absolute or ``..`` paths are refused.
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import lzma
 import os
@@ -18,12 +19,22 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from fabric_ckpt.errors import CheckpointError
+from fabric_ckpt.errors import CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.base import Format, FormatFinder, Loaded, Probe, ReadOptions
+from fabric_ckpt.formats.reports import Description, VerifyReport
+from fabric_ckpt.storage import Location, resolve
 
-__all__ = ["MEMBER_NAME", "compression_for", "decompressed", "sniff_compression", "write_compressed"]
+__all__ = [
+    "MEMBER_NAME",
+    "CompressedFormat",
+    "compression_for",
+    "decompressed",
+    "sniff_compression",
+    "write_compressed",
+]
 
 MEMBER_NAME = "checkpoint.pt"
 # What the decompressors raise on damaged input (zlib raises its own error type, not an OSError).
@@ -130,6 +141,7 @@ def _copy_member(local: str, target: str, display: str) -> None:
             if len(members) != 1:
                 names = [m.name for m in members]
                 raise CheckpointError(f"Checkpoint '{display}' is a tarball of {len(members)} files {names}, not one")
+            _refuse_inflated(members[0], local, display)
             source = archive.extractfile(members[0])
             assert source is not None
             with source, open(target, "wb") as out:
@@ -139,6 +151,26 @@ def _copy_member(local: str, target: str, display: str) -> None:
                 pass
     except _DECOMPRESSION_ERRORS as err:
         raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
+
+
+def _refuse_inflated(member: tarfile.TarInfo, local: str, display: str) -> None:
+    """Refuse a member whose claimed size the archive's real data cannot back, before writing a byte of it.
+
+    A sparse member (holes that extraction fills with zeros) lets a ~100-byte tarball claim hundreds of MiB; no
+    checkpoint is sparse. An uncompressed tarball cannot hold more bytes than the file has.
+    """
+    if member.issparse():
+        sparse_map: Any = member.sparse or []  # (offset, size) of each stored region
+        stored = sum(size for _, size in sparse_map)
+        raise CheckpointError(
+            f"Checkpoint '{display}': tar member {member.name!r} is a sparse file claiming {member.size} bytes of "
+            f"which {stored} are stored: refused"
+        )
+    if _compression_of(local) == "tar" and member.offset_data + member.size > os.path.getsize(local):
+        raise CheckpointError(
+            f"Checkpoint '{display}': tar member {member.name!r} claims {member.size} bytes, more than the archive "
+            "holds: refused"
+        )
 
 
 def _is_tarball(local: str) -> bool:
@@ -162,3 +194,92 @@ def _copy_stream(local: str, target: str, display: str) -> None:
             shutil.copyfileobj(source, out, _CHUNK)
     except _DECOMPRESSION_ERRORS as err:
         raise CheckpointError(f"Checkpoint '{display}' is a damaged compressed archive: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------- the format
+# A compressed file holds a checkpoint, or (zstd of a tarball, gzip of a tarball) one more layer around it.
+_MAX_LAYERS = 2
+
+
+class CompressedFormat(Format):
+    """gzip, bzip2, xz and Zstandard streams and tarballs around a checkpoint file: decompressed to a local file,
+    whose own format (found by the same registry) then reads it.
+
+    Example:
+        >>> fmt, _ = registry.detect(resolve("ep3.tar.gz"))
+        >>> fmt.describe(resolve("ep3.tar.gz"), ReadOptions()).format
+        'fabric_ckpt (gz)'
+    """
+
+    name = "compressed"
+
+    def __init__(self, finder: FormatFinder) -> None:
+        self._finder = finder
+
+    def sniff(self, probe: Probe) -> bool:
+        return not probe.folder and sniff_compression(probe.head) is not None
+
+    def _inner(self, location: Location, stack: ExitStack) -> tuple[Format, Location, str]:
+        """The inner format, a local location of the decompressed checkpoint (named as the outer one), the kind."""
+        inner, kind = _decompress(location, stack)
+        return self._format_of(inner), inner, kind
+
+    def _format_of(self, inner: Location) -> Format:
+        fmt, _ = self._finder.detect(inner)
+        if isinstance(fmt, CompressedFormat):
+            raise CheckpointError(f"'{inner.original}' is compressed more than {_MAX_LAYERS} times: refused")
+        return fmt
+
+    @contextmanager
+    def load(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
+        with ExitStack() as stack:
+            fmt, inner, kind = self._inner(location, stack)
+            loaded = stack.enter_context(fmt.load(inner, options))
+            yield Loaded(loaded.value, f"{loaded.format} ({kind})", loaded.native)
+
+    def describe(self, location: Location, options: ReadOptions) -> Description:
+        with ExitStack() as stack:
+            fmt, inner, kind = self._inner(location, stack)
+            description = fmt.describe(inner, options)
+        description.format = f"{description.format} ({kind})"
+        description.size = location.size()
+        return description
+
+    def verify(self, location: Location, options: ReadOptions) -> VerifyReport:
+        with ExitStack() as stack:
+            try:
+                inner, kind = _decompress(location, stack)
+            except Exception as err:  # decompressors raise their own types (zlib.error, LZMAError, ZstdError, ...)
+                if isinstance(err, (FileNotFoundError, UnsafeCheckpointError)):
+                    raise
+                # gzip, bzip2, xz and zstd check their own CRCs while decompressing: a failure is damage.
+                with location.open() as stream:
+                    kind = sniff_compression(stream.read(512)) or "?"
+                report = VerifyReport(location.original, f"compressed ({kind})", "file", files=1)
+                report.bytes = location.size()
+                if "refused" in str(err):  # our own refusal (a sparse member, an inflated size): said as it is
+                    report.problems.append(str(err))
+                else:
+                    report.problems.append(f"the {kind} stream is damaged: {type(err).__name__}: {err}")
+                return report
+            report = self._format_of(inner).verify(inner, options)
+        report.format = f"{report.format} ({kind})"
+        return report
+
+
+def _decompress(location: Location, stack: ExitStack) -> tuple[Location, str]:
+    """A local location holding the decompressed checkpoint (shown under the outer name), and the outer kind."""
+    local = stack.enter_context(location.local_file())
+    outer = None
+    for _ in range(_MAX_LAYERS):
+        kind = _compression_of(local)
+        if kind is None:
+            break
+        outer = outer or kind
+        local = stack.enter_context(decompressed(local, kind, location.original))
+    return dataclasses.replace(resolve(local), original=location.original), outer or "?"
+
+
+def _compression_of(local: str) -> str | None:
+    with open(local, "rb") as f:
+        return sniff_compression(f.read(512))

@@ -31,16 +31,18 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.base import ReadOptions
+from fabric_ckpt.formats.torch_file import load_archive
 from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, Storage
 
 __all__ = [
+    "LIGHTNING_META",
     "METADATA_NAME",
     "SafeLoadPlanner",
     "ShardedFolder",
     "StorageFileSystem",
-    "check_metadata",
     "load_full",
     "read_metadata",
     "read_tensor",
@@ -52,6 +54,8 @@ __all__ = [
 ]
 
 METADATA_NAME = ".metadata"
+# The entries of a sharded checkpoint that are not modules or optimizers, as Lightning's FSDP strategies write them.
+LIGHTNING_META = "meta.pt"
 
 _SAFE_GLOBALS: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -226,12 +230,18 @@ def read_metadata(folder: Location, display: str | None = None) -> Metadata:
 
 @dataclass
 class ShardedFolder:
-    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata."""
+    """A committed sharded checkpoint, opened: its location, manifest (``None`` for bare DCP) and metadata.
+
+    Lightning's sharded layout keeps the entries that are not modules or optimizers in ``meta.pt`` beside DCP's
+    files (in our folders, when the manifest lists it): they are entries of the checkpoint like the others,
+    read with ``weights_only``.
+    """
 
     location: Location
     manifest: dict[str, Any] | None
     metadata: Metadata
     data: Location  # where the shard files and .metadata are: the folder itself, or its live generation
+    weights_only: bool = True
 
     @functools.cached_property
     def chunks(self) -> dict[str, list[tuple[Any, Any]]]:
@@ -242,12 +252,45 @@ class ShardedFolder:
         return by_fqn
 
     @functools.cached_property
-    def top_level_keys(self) -> list[str]:
-        """The checkpoint's entries (the first component of every flattened key), in order."""
+    def dcp_keys(self) -> list[str]:
+        """The entries held in DCP's files (the first component of every flattened key), in order."""
         keys: dict[str, None] = {}
         for fqn in self.metadata.state_dict_metadata:
             keys.setdefault(str(self._path_of(fqn)[0]), None)
         return list(keys)
+
+    @property
+    def has_meta(self) -> bool:
+        """Whether the checkpoint has Lightning's ``meta.pt`` (listed by our manifest, or present in a bare folder)."""
+        if self.manifest is not None:
+            return LIGHTNING_META in self.manifest.get("files", {})
+        return self.data.child(LIGHTNING_META).exists()
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        """The entries of ``meta.pt`` (empty without one), read and checked (CRC-32s) with ``weights_only``."""
+        if not self.has_meta:
+            return {}
+        location = self.data.child(LIGHTNING_META)
+        display = f"{self.location.original} ({LIGHTNING_META})"
+        if not location.isfile():
+            raise CheckpointError(f"Sharded checkpoint '{self.location.original}': '{LIGHTNING_META}' is not a file")
+        with location.local_file() as local:
+            value, _ = load_archive(local, display, ReadOptions(weights_only=self.weights_only))
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise CheckpointError(f"Sharded checkpoint '{self.location.original}': '{LIGHTNING_META}' holds no dict")
+        both = [key for key in value if key in self.dcp_keys]
+        if both:
+            raise CheckpointError(
+                f"Sharded checkpoint '{self.location.original}': {both} are both in DCP's files and in "
+                f"'{LIGHTNING_META}'"
+            )
+        return value
+
+    @property
+    def top_level_keys(self) -> list[str]:
+        """The checkpoint's entries: DCP's, then those of ``meta.pt``."""
+        return [*self.dcp_keys, *self.meta]
 
     def _path_of(self, fqn: str) -> tuple[Any, ...]:
         planner_data = self.metadata.planner_data or {}
@@ -260,53 +303,6 @@ class ShardedFolder:
             for fqn in self.metadata.state_dict_metadata
             if keys is None or str(self._path_of(fqn)[0]) in keys
         }
-
-    def tensor_shape(self, path: tuple[Any, ...]) -> torch.Size | None:
-        """The global shape of the tensor stored at ``path``, ``None`` if no tensor is there."""
-        for fqn, entry_path in self.entries({str(path[0])}).items():
-            if entry_path == path:
-                md = self.metadata.state_dict_metadata[fqn]
-                return md.size if isinstance(md, TensorStorageMetadata) else None
-        return None
-
-
-def check_metadata(metadata: Metadata) -> None:
-    """Raise ``TypeError``/``ValueError`` unless every field later code reads has the type DCP writes.
-
-    Chunk files must be plain names inside the folder: a hostile ``.metadata`` must not point reads elsewhere.
-    """
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
-        raise TypeError("state_dict_metadata and storage_data must be dicts")
-    for fqn, md in metadata.state_dict_metadata.items():
-        if not isinstance(fqn, str):
-            raise TypeError(f"key {fqn!r} is not a string")
-        if isinstance(md, BytesStorageMetadata):
-            continue
-        if not isinstance(md, TensorStorageMetadata):
-            raise TypeError(f"'{fqn}' has an entry of type {type(md).__name__}")
-        if not isinstance(md.size, torch.Size) or not isinstance(md.properties.dtype, torch.dtype):
-            raise TypeError(f"'{fqn}' has no valid size or dtype")
-        for chunk in md.chunks:
-            if len(chunk.offsets) != len(md.size) or len(chunk.sizes) != len(md.size):
-                raise ValueError(f"'{fqn}' has a chunk of the wrong rank")
-            if any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, md.size, strict=True)):
-                raise ValueError(f"'{fqn}' has a chunk outside the tensor")
-    for index, info in metadata.storage_data.items():
-        name = info.relative_path
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"'{index.fqn}' is stored in {name!r}, which is not a file of the folder")
-        if not isinstance(info.offset, int) or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
-            raise ValueError(f"'{index.fqn}' has an invalid offset or length")
-    if metadata.planner_data is not None and not isinstance(metadata.planner_data, dict):
-        raise TypeError("planner_data must be a dict")
-    entries = len(metadata.state_dict_metadata)
-    for fqn, path in (metadata.planner_data or {}).items():
-        # Paths rebuild the nested state dict: every step a key (str) or a list index, and no list can be longer
-        # than the number of entries (a forged index must not make the rebuild allocate a huge list).
-        if not isinstance(path, (tuple, list)) or not path:
-            raise TypeError(f"the path of '{fqn}' is not a non-empty sequence")
-        if not all(isinstance(step, str) or (type(step) is int and 0 <= step < max(entries, 1)) for step in path):
-            raise TypeError(f"the path of '{fqn}' has a step that is neither a key nor a list index")
 
 
 def load_full(
@@ -349,7 +345,9 @@ def load_full(
             except CheckpointException as err:
                 raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
         values.update(to_read)
-    return unflatten(values, entries)
+    nested = unflatten(values, entries)
+    nested.update((key, value) for key, value in folder.meta.items() if keys is None or key in keys)
+    return nested
 
 
 def unflatten(flat: dict[str, Any], paths: dict[str, tuple[Any, ...]]) -> dict[str, Any]:

@@ -1,20 +1,24 @@
-"""Hugging Face sharded safetensors: an index (``model.safetensors.index.json``) mapping tensors to shard files."""
+"""Hugging Face sharded safetensors: an index (``model.safetensors.index.json``) mapping tensors to shard files.
+
+Recognised by content, never by name: a folder holding the index, or a JSON file (an index is JSON; a JSON file
+without a ``weight_map`` is refused as not a checkpoint). Shards are read by the safetensors reader.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.formats import sharded
-from fabric_ckpt.formats.safetensors import load_safetensors
+from fabric_ckpt.formats.base import Format, Loaded, Probe, ReadOptions
+from fabric_ckpt.formats.reports import Description, TensorInfo, VerifyReport
+from fabric_ckpt.formats.safetensors import SafetensorsFormat, check_file, read_safetensors_header
 from fabric_ckpt.storage import Location
 
-__all__ = ["HF_INDEX_NAME", "HFIndex", "find_hf_index", "read_hf_index", "read_hf_sharded"]
+__all__ = ["HF_INDEX_NAME", "HFIndex", "HFIndexFormat", "read_hf_index"]
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 _MAX_INDEX_BYTES = 64 << 20
@@ -44,30 +48,6 @@ class HFIndex:
     def shard_location(self, shard: str) -> Location:
         """Where the shard file ``shard`` is: beside the index."""
         return self.location.sibling(shard)
-
-
-def find_hf_index(location: Location) -> HFIndex | None:
-    """The Hugging Face index at ``location``, ``None`` when there is none.
-
-    ``location`` is a ``.json`` index file, or a folder holding ``model.safetensors.index.json`` (and no sharded
-    checkpoint of ours, which wins).
-
-    Example:
-        >>> find_hf_index(resolve("llama-7b/")).shards
-        {'model-00001-of-00002.safetensors': [...], ...}
-    """
-    if location.path.endswith(".json") and location.isfile() and _starts_like_json(location):
-        return read_hf_index(location)  # the content decides: a checkpoint may be named *.json too
-    if location.isdir():
-        index = location.child(HF_INDEX_NAME)
-        if index.exists() and not sharded.is_sharded(location):
-            return read_hf_index(index)
-    return None
-
-
-def _starts_like_json(location: Location) -> bool:
-    with location.open() as stream:
-        return stream.read(64).lstrip()[:1] == b"{"
 
 
 def read_hf_index(location: Location) -> HFIndex:
@@ -104,30 +84,98 @@ def read_hf_index(location: Location) -> HFIndex:
     return HFIndex(location, {str(k): v for k, v in weight_map.items()}, metadata)
 
 
-def read_hf_sharded(index: HFIndex, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face sharded checkpoint, in index order (remote shards are downloaded one at a time).
-
-    Raises:
-        CheckpointError: a shard is missing, unreadable, or lacks a tensor the index places in it.
+class HFIndexFormat(Format):
+    """Hugging Face sharded safetensors: the index (a folder holding it, or the JSON file itself) and its shards.
 
     Example:
-        >>> model.load_state_dict(read_hf_sharded(find_hf_index(resolve("llama-7b/"))))
+        >>> HFIndexFormat().describe(resolve("llama-7b/"), ReadOptions()).format
+        'hf-safetensors'
     """
 
-    loaded: dict[str, torch.Tensor] = {}
-    for shard, keys in index.shards.items():
-        location = index.shard_location(shard)
-        if not location.isfile():
-            raise CheckpointError(
-                f"Hugging Face index '{index.location.original}' names the shard '{shard}', which does not exist"
-            )
-        with location.local_file() as local:
-            tensors = load_safetensors(local, location.original)
-        missing = [key for key in keys if not isinstance(tensors, Mapping) or key not in tensors]
-        if missing:
-            raise CheckpointError(
-                f"Hugging Face shard '{location.original}' lacks {missing[:5]}, which the index places in it"
-            )
-        for key in keys:
-            loaded[key] = tensors[key]
-    return {key: loaded[key] for key in index.weight_map}
+    name = "hf-safetensors"
+
+    def sniff(self, probe: Probe) -> bool:
+        if probe.folder:
+            return HF_INDEX_NAME in probe.names
+        return probe.head.lstrip()[:1] == b"{"
+
+    @staticmethod
+    def index_of(location: Location) -> HFIndex:
+        """The index at ``location``: the file itself, or the index file inside the folder."""
+        return read_hf_index(location.child(HF_INDEX_NAME) if location.isdir() else location)
+
+    @contextmanager
+    def load(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
+        index = self.index_of(location)
+        reader = SafetensorsFormat()
+        loaded: dict[str, Any] = {}
+        with ExitStack() as stack:
+            for shard, keys in index.shards.items():
+                shard_location = _existing_shard(index, shard)
+                tensors = stack.enter_context(reader.load(shard_location, options)).value
+                _check_keys(index, shard_location, keys, tensors)
+                loaded.update((key, tensors[key]) for key in keys)
+            ordered = {key: loaded[key] for key in index.weight_map}
+            yield Loaded(ordered, self.name)
+
+    @contextmanager
+    def open_lazily(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
+        index = self.index_of(location)
+        reader = SafetensorsFormat()
+        lazy: dict[str, Any] = {}
+        with ExitStack() as stack:
+            for shard, keys in index.shards.items():
+                shard_location = _existing_shard(index, shard)
+                tensors = stack.enter_context(reader.open_lazily(shard_location, options)).value
+                _check_keys(index, shard_location, keys, tensors)
+                lazy.update((key, tensors[key]) for key in keys)
+            yield Loaded({key: lazy[key] for key in index.weight_map}, self.name)
+
+    def describe(self, location: Location, options: ReadOptions) -> Description:
+        index = self.index_of(location)
+        tree: dict[str, Any] = {}
+        size = 0
+        for shard in index.shards:
+            shard_location = _existing_shard(index, shard)
+            entries, _ = read_safetensors_header(shard_location)
+            size += shard_location.size()
+            tree.update({name: TensorInfo(entry.shape, entry.dtype) for name, entry in entries.items()})
+        ordered = {key: tree.get(key, "(missing from its shard)") for key in index.weight_map}
+        note = f"Hugging Face sharded safetensors: {len(index.shards)} shard file(s)"
+        return Description(index.location.original, self.name, ordered, size, [note])
+
+    def verify(self, location: Location, options: ReadOptions) -> VerifyReport:
+        index = self.index_of(location)
+        report = VerifyReport(index.location.original, self.name, "folder", files=1)
+        for shard, keys in index.shards.items():
+            shard_location = index.shard_location(shard)
+            if not shard_location.isfile():
+                report.problems.append(f"file '{shard}': missing, the index places {len(keys)} tensor(s) in it")
+                continue
+            size = shard_location.size()
+            report.files += 1
+            report.bytes += size
+            entries = check_file(report, shard_location, size, shard)
+            report.records += len(entries)
+            if entries:
+                missing = [key for key in keys if key not in entries]
+                report.problems.extend(f"file '{shard}' (entry '{key}'): missing from the shard" for key in missing)
+        report.unchecked.append("safetensors files carry no checksums: tensor values")
+        return report
+
+
+def _existing_shard(index: HFIndex, shard: str) -> Location:
+    location = index.shard_location(shard)
+    if not location.isfile():
+        raise CheckpointError(
+            f"Hugging Face index '{index.location.original}' names the shard '{shard}', which does not exist"
+        )
+    return location
+
+
+def _check_keys(index: HFIndex, shard: Location, keys: list[str], tensors: dict[str, Any]) -> None:
+    missing = [key for key in keys if key not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"Hugging Face shard '{shard.original}' lacks {missing[:5]}, which the index places in it"
+        )

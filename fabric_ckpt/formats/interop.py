@@ -27,6 +27,7 @@ __all__ = [
     "adapt",
     "adapt_raw",
     "detect",
+    "to_composer",
     "to_fabric",
 ]
 
@@ -156,11 +157,12 @@ def _strip_fqn_prefix(optimizer_state: Any, prefix: str) -> Any:
 def _composer_timestamp(serialized: Any) -> Any:
     """Composer's ``{"Timestamp": {...}}`` (``timedelta`` clocks) as our :class:`Timestamp` state; else unchanged."""
     inner = serialized.get("Timestamp", serialized) if isinstance(serialized, Mapping) else serialized
-    if not isinstance(inner, Mapping) or not all(name in inner for name in TIMESTAMP_FIELDS):
+    counters = [name for name in TIMESTAMP_FIELDS if not name.endswith("_wct")]
+    if not isinstance(inner, Mapping) or not all(name in inner for name in counters):
         return serialized
-    try:
+    try:  # wall-clock fields are optional, as in Composer's own loader (files converted by us leave them out)
         return {
-            name: float(_seconds(inner[name])) if name.endswith("_wct") else int(inner[name])
+            name: float(_seconds(inner.get(name, 0.0))) if name.endswith("_wct") else int(inner[name])
             for name in TIMESTAMP_FIELDS
         }
     except (TypeError, ValueError):
@@ -218,7 +220,7 @@ def _kind(obj: Any) -> str | None:
     return None
 
 
-def adapt(checkpoint: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, Any]:
+def adapt(checkpoint: dict[str, Any], requested: Mapping[str, Any], *, native: bool = False) -> dict[str, Any]:
     """Map a foreign checkpoint onto the entries a ``fabric.load`` state asks for, where that is unambiguous.
 
     Only when some requested key is missing from ``checkpoint``: a Lightning Trainer or Composer checkpoint is put
@@ -226,6 +228,9 @@ def adapt(checkpoint: dict[str, Any], requested: Mapping[str, Any]) -> dict[str,
     the request takes the ``model`` (``optimizer``, ...) entry under its own key. A plain state dict (e.g. a
     safetensors file) becomes the entry of the request's single module when none of the requested keys is in it.
     Anything else is returned unchanged, so the usual strict-key errors apply.
+
+    A ``native`` checkpoint (one of ours: its file carries our marker) is never taken for another tool's layout,
+    whatever its entries are called (``state_dict``, ``global_step``, ``state``).
 
     Also, in any checkpoint: an optimizer entry whose parameters are indices but whose ``state`` keys are their
     strings (how DCP stores an index-keyed optimizer state) gets its integer keys back.
@@ -238,6 +243,8 @@ def adapt(checkpoint: dict[str, Any], requested: Mapping[str, Any]) -> dict[str,
     if all(key in checkpoint for key in requested):
         return checkpoint
     source = detect(checkpoint)
+    if native and source in (LIGHTNING_TRAINER, COMPOSER):
+        return checkpoint
     if source is None or (source == STATE_DICT and any(key in checkpoint for key in requested)):
         return checkpoint
     converted = to_fabric(checkpoint)
@@ -271,15 +278,106 @@ def _is_digits(key: Any) -> bool:
     return isinstance(key, str) and key.isdigit()
 
 
-def adapt_raw(loaded: Any, target: nn.Module | Optimizer) -> Any:
+def adapt_raw(loaded: Any, target: nn.Module | Optimizer, *, native: bool = False) -> Any:
     """What ``fabric.load_raw`` should load into ``target`` from a Trainer or Composer checkpoint; else ``loaded``.
+
+    A ``native`` checkpoint (one of ours) is returned as it is.
 
     Example:
         >>> adapt_raw(trainer_checkpoint, model) is trainer_checkpoint["state_dict"]
         True
     """
-    if detect(loaded) not in (LIGHTNING_TRAINER, COMPOSER):
+    if native or detect(loaded) not in (LIGHTNING_TRAINER, COMPOSER):
         return loaded
     converted = to_fabric(loaded)
     name = "model" if isinstance(target, nn.Module) else "optimizer"
     return converted.get(name, loaded)
+
+
+# ---------------------------------------------------------------------------------------------- to Composer's layout
+def _is_optimizer_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("state"), Mapping) and "param_groups" in value
+
+
+def _is_scheduler_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and "last_epoch" in value and "base_lrs" in value
+
+
+def _is_module_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(hasattr(v, "shape") for v in value.values())
+
+
+def to_composer(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint in our layout as Composer writes its files: ``{"state": {...}, "rng": [...]}``.
+
+    ``state["model"]`` is the module's state dict (the ``model`` entry, or the checkpoint's single module state
+    dict); optimizers and schedulers go to ``state["optimizers"]``/``state["schedulers"]`` keyed by their entry
+    names (Composer keys them by class name, which a state dict does not record); a ``Timestamp`` entry becomes
+    Composer's counters (wall-clock fields left out: Composer stores them as ``timedelta``, which
+    ``torch.load(weights_only=True)`` refuses); an ``RNGState`` entry becomes Composer's per-rank ``rng`` list.
+    Everything else stays in ``state`` under its name. The result loads with ``torch.load(weights_only=True)``.
+
+    Raises:
+        ValueError: the checkpoint is not a dict, or no module state dict can be told apart for ``model``.
+
+    Example:
+        >>> torch.save(to_composer({"model": model.state_dict(), "step": 3}), "composer.pt")
+        >>> torch.load("composer.pt")["state"]["model"]["fc.weight"].shape
+        torch.Size([2, 4])
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"Composer's layout holds a dict of entries, not a {type(checkpoint).__name__}")
+    model_key = "model" if _is_module_state(checkpoint.get("model")) else None
+    if model_key is None:
+        modules = [key for key, value in checkpoint.items() if _is_module_state(value)]
+        if len(modules) != 1:
+            raise ValueError(
+                f"Composer's layout has one 'model'; the checkpoint has {len(modules)} module state dicts {modules}"
+            )
+        model_key = modules[0]
+    state: dict[str, Any] = {"model": checkpoint[model_key]}
+    optimizers: dict[str, Any] = {}
+    schedulers: dict[str, Any] = {}
+    rng: list[Any] = []
+    for key, value in checkpoint.items():
+        if key == model_key:
+            continue
+        if _is_optimizer_state(value):
+            optimizers[str(key)] = value
+        elif _is_scheduler_state(value):
+            schedulers[str(key)] = value
+        elif key == "timestamp" and isinstance(value, Mapping) and all(f in value for f in TIMESTAMP_FIELDS):
+            state["timestamp"] = {name: int(value[name]) for name in TIMESTAMP_FIELDS if not name.endswith("_wct")}
+        elif key == "rng" and isinstance(value, Mapping):
+            rng = [_composer_rank_of(rank) for rank in value.get("per_rank", [value])]
+        else:
+            state[str(key)] = value
+    if optimizers:
+        state["optimizers"] = optimizers
+    if schedulers:
+        state["schedulers"] = schedulers
+    return {"state": state, "rng": rng}
+
+
+def _composer_rank_of(rank: Mapping[str, Any]) -> dict[str, Any]:
+    """One rank of our :class:`RNGState` state as Composer's ``{python, numpy, torch, cuda}`` (plain types only)."""
+    converted: dict[str, Any] = {}
+    python = rank.get("python")
+    if isinstance(python, Mapping):
+        converted["python"] = (int(python["version"]), tuple(int(w) for w in python["state"]), python["gauss_next"])
+    numpy_state = rank.get("numpy")
+    if isinstance(numpy_state, Mapping):
+        keys = numpy_state["keys"]
+        converted["numpy"] = (
+            str(numpy_state["bit_generator"]),
+            [int(word) for word in (keys.tolist() if hasattr(keys, "tolist") else keys)],
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    if isinstance(rank.get("torch"), torch.Tensor):
+        converted["torch"] = rank["torch"]
+    cuda = rank.get("cuda")
+    if isinstance(cuda, list) and cuda and isinstance(cuda[0], torch.Tensor):
+        converted["cuda"] = cuda[0]
+    return converted

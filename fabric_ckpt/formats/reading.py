@@ -1,48 +1,28 @@
-"""Reading one checkpoint file: find it, recognise its format, verify it, and unpickle it safely.
+"""What every reader shares: finding a checkpoint, unpickling it safely, placing tensors as ``torch.load`` would.
 
-Local zip archives are memory-mapped (``torch.load(mmap=True)``), so tensors are views of the page cache until they
-are copied into their destinations. Remote files are first streamed to a temporary local file. Every failure becomes
-a documented exception that names the path: ``FileNotFoundError``, :class:`CheckpointError` (not a checkpoint,
-truncated, unreadable), :class:`CheckpointCorruptedError` (bytes fail their checksums) or
-:class:`UnsafeCheckpointError` (needs ``weights_only=False``).
+Every failure becomes a documented exception that names the path: ``FileNotFoundError``, :class:`CheckpointError`
+(not a checkpoint, truncated, unreadable), :class:`CheckpointCorruptedError` (bytes fail their checksums) or
+:class:`UnsafeCheckpointError` (needs ``weights_only=False``). The formats themselves are in
+:mod:`fabric_ckpt.formats.registry`.
 """
 
 from __future__ import annotations
 
-import copy
 import errno
-import mmap
-import os
 import pickle
 import struct
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
-from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError, folder_not_a_checkpoint
-from fabric_ckpt.formats import sharded
-from fabric_ckpt.formats.compression import decompressed, sniff_compression
-from fabric_ckpt.formats.hf_index import find_hf_index, read_hf_sharded
-from fabric_ckpt.formats.safetensors import load_safetensors
-from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
-from fabric_ckpt.formats.zip_archive import ZipFormatError
+from fabric_ckpt.core.collections import rebuild
+from fabric_ckpt.errors import CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.base import MapLocation
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
-from fabric_ckpt.storage.pointers import follow_pointer
 
-__all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "MapLocation", "open_checkpoint", "sniff_format"]
+__all__ = ["MapLocation", "existing_location", "relocate", "torch_load", "unsafe_refusal"]
 
-# Where loaded tensors go, as ``torch.load``'s ``map_location`` says it: a device, a ``{saved: target}`` dict of
-# location strings, or a callable ``(storage, saved_location) -> storage``.
-MapLocation = str | torch.device | dict[str, str] | Callable[[Any, str], Any]
-
-FORMAT_ZIP = "zip"
-FORMAT_LEGACY = "legacy-pickle"
-FORMAT_SAFETENSORS = "safetensors"
-_MAX_SAFETENSORS_HEADER = 100 << 20
 # Harmless types that real checkpoints carry: Composer stores torch.__version__ (a str subclass).
 _SAFE_EXTRA_GLOBALS: list[Any] = [torch.torch_version.TorchVersion]
 _UNSAFE_HINTS = (
@@ -53,149 +33,25 @@ _UNSAFE_HINTS = (
 )
 
 
-def sniff_format(head: bytes, size: int) -> str | None:
-    """Recognise a checkpoint format from the first bytes of the file (its name is not trusted)."""
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return FORMAT_ZIP
-    if head[:1] == b"\x80":
-        return FORMAT_LEGACY
-    if len(head) >= 9:
-        header_len = struct.unpack("<Q", head[:8])[0]
-        if 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER) and head[8:9] == b"{":
-            return FORMAT_SAFETENSORS
-    return None
-
-
 def existing_location(path: PathLike | Location, options: StorageOptions | None = None) -> Location:
-    """Resolve ``path`` and check that something is there, with the error a user expects."""
+    """Resolve ``path`` and check that something is there, with the error a user expects.
+
+    Example:
+        >>> existing_location("checkpoints/last.ckpt").size()
+        1536
+    """
     location = resolve(path, options)
     if not location.exists():
         raise FileNotFoundError(errno.ENOENT, "Checkpoint not found", location.original)
     return location
 
 
-def existing_file(path: PathLike | Location) -> Location:
-    """Resolve ``path`` and check that it names a file."""
-    location = existing_location(path)
-    if location.isdir():
-        raise folder_not_a_checkpoint(location.original)
-    return location
-
-
-@contextmanager
-def open_checkpoint(
-    path: PathLike | Location,
-    *,
-    weights_only: bool = True,
-    verify: bool = True,
-    progress: bool | None = None,
-    map_location: MapLocation = "cpu",
-) -> Iterator[Any]:
-    """Yield the object stored at ``path``; tensors may be views of a memory map.
-
-    ``progress`` forces the download's progress bar on or off (default: the location's storage options).
-
-    A sharded checkpoint folder is verified and consolidated in memory (full tensors). Copy what must outlive the
-    ``with`` block (see :func:`fabric_ckpt.core.state.materialize`). ``map_location`` places tensors as ``torch.load``
-    does; formats that record no device (safetensors, sharded folders) count as saved on ``"cpu"``.
+def torch_load(local: str, display: str, *, weights_only: bool, mmap: bool, map_location: MapLocation = "cpu") -> Any:
+    """``torch.load`` of a local file, its failures as our documented errors naming ``display``.
 
     Example:
-        >>> with open_checkpoint("model.ckpt") as checkpoint:
-        ...     model.load_state_dict(checkpoint["model"])
+        >>> torch_load("/tmp/ckpt.pt", "s3://bucket/ckpt.pt", weights_only=True, mmap=True)
     """
-    location = follow_pointer(existing_location(path))  # a manager's `latest` on an object store
-    if progress is not None:
-        location = resolve(location, location.storage.options.replace(progress=progress))
-    hf_index = find_hf_index(location)  # a .json index file, or a folder holding model.safetensors.index.json
-    if hf_index is not None:
-        yield relocate(read_hf_sharded(hf_index, verify=verify), map_location)
-        return
-    if location.isdir():
-        if not sharded.is_sharded(location):
-            raise folder_not_a_checkpoint(location.original)
-        yield relocate(sharded.read_consolidated(location, weights_only=weights_only, verify=verify), map_location)
-        return
-    with location.local_file() as local, ExitStack() as stack:
-        for _ in range(2):  # e.g. a zstd stream, or a gzip of a tarball of the checkpoint
-            kind = _compression_of(local)
-            if kind is None:
-                break
-            local = stack.enter_context(decompressed(local, kind, location.original))
-        yield load_local_file(
-            local, location.original, weights_only=weights_only, verify=verify, map_location=map_location
-        )
-
-
-def _compression_of(local: str) -> str | None:
-    with open(local, "rb") as f:
-        return sniff_compression(f.read(300))
-
-
-def load_local_file(
-    local: str, display: str, *, weights_only: bool, verify: bool, map_location: MapLocation = "cpu"
-) -> Any:
-    size = os.path.getsize(local)
-    if size == 0:
-        raise CheckpointError(f"Checkpoint '{display}' is empty (0 bytes)")
-    with open(local, "rb") as f:
-        head = f.read(16)
-    kind = sniff_format(head, size)
-    if kind == FORMAT_ZIP:
-        return _load_archive(local, display, weights_only=weights_only, verify=verify, map_location=map_location)
-    if kind == FORMAT_LEGACY:
-        return _torch_load(local, display, weights_only=weights_only, mmap=False, map_location=map_location)
-    if kind == FORMAT_SAFETENSORS:
-        return relocate(load_safetensors(local, display), map_location)
-    raise CheckpointError(
-        f"'{display}' is not a checkpoint: its first bytes {head[:8]!r} match no known format "
-        "(torch zip archive, legacy torch pickle, safetensors)"
-    )
-
-
-def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool, map_location: MapLocation) -> Any:
-    """Unpickle a zip checkpoint (memory-mapped) while its CRC-32s are checked on other threads.
-
-    The checks run in parallel with ``torch.load``'s unpickling, so verification costs little wall time; every
-    error is raised only after the mapping is closed (a traceback holding views of it would block the close).
-    """
-
-    damage = None
-    problems: list[Any] = []
-    loaded: Any = None
-    load_error: BaseException | None = None
-    with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        try:
-            info = read_archive_info(mapped)
-        except ZipFormatError as err:
-            damage = str(err)
-        else:
-            if info.is_torch_checkpoint and verify:
-                if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-                    mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
-                with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
-                    checking = pool.submit(verify_archive_parallel, mapped, info)
-                    try:
-                        loaded = _torch_load(
-                            local, display, weights_only=weights_only, mmap=True, map_location=map_location
-                        )
-                    except BaseException as err:  # reported after the checks: damage explains most failures
-                        load_error = err
-                    problems = checking.result()
-    if damage is not None:
-        raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {damage}")
-    if not info.is_torch_checkpoint:
-        what = "a TorchScript archive (use torch.jit.load)" if info.is_torchscript else "a zip archive without data.pkl"
-        raise CheckpointError(f"'{display}' is not a checkpoint: it is {what}")
-    if problems:
-        raise CheckpointCorruptedError(f"Checkpoint '{display}' is corrupted: {problems[0]}")
-    if load_error is not None:
-        raise load_error
-    if not verify:
-        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True, map_location=map_location)
-    return loaded
-
-
-def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool, map_location: MapLocation = "cpu") -> Any:
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
@@ -220,7 +76,8 @@ def relocate(obj: Any, map_location: MapLocation) -> Any:
         map_location = map_location.get("cpu", "cpu")
     if not callable(map_location) and torch.device(map_location).type == "cpu":
         return obj
-    return _relocated(obj, map_location, {})
+    memo: dict[int, torch.UntypedStorage] = {}
+    return rebuild(obj, lambda value: _relocated(value, map_location, memo))
 
 
 def _relocated(obj: Any, map_location: MapLocation, memo: dict[int, torch.UntypedStorage]) -> Any:
@@ -231,16 +88,6 @@ def _relocated(obj: Any, map_location: MapLocation, memo: dict[int, torch.Untype
         target = memo[storage._cdata]
         moved = torch.empty((0,), dtype=obj.dtype, device=target.device)
         return moved.set_(target, obj.storage_offset(), obj.size(), obj.stride())
-    if isinstance(obj, dict):
-        result = copy.copy(obj)
-        for key, value in obj.items():
-            result[key] = _relocated(value, map_location, memo)
-        return result
-    if isinstance(obj, list):
-        return [_relocated(value, map_location, memo) for value in obj]
-    if isinstance(obj, tuple):
-        items = [_relocated(value, map_location, memo) for value in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 

@@ -45,15 +45,16 @@ from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.state import refuse_unshardable
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, folder_not_a_checkpoint
 from fabric_ckpt.formats.dcp import (
+    LIGHTNING_META,
     METADATA_NAME,
     ShardedFolder,
-    check_metadata,
     load_full,
     read_metadata,
     translate_dcp_error,
     verify_chunk_archives,
     writer_for,
 )
+from fabric_ckpt.formats.dcp_checks import check_metadata
 from fabric_ckpt.storage import Location
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "is_sharded",
     "new_generation",
     "open_folder",
+    "outside_files",
     "own_files",
     "read_consolidated",
     "read_manifest",
@@ -77,8 +79,6 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "fabric_ckpt.json"
-# The non-tensor entries of a sharded checkpoint written by Lightning's FSDP strategy.
-_LIGHTNING_META = "meta.pt"
 GENERATION_PREFIX = ".gen-"
 FORMAT_VERSION = 1
 # How many times a reader resolves the manifest again when its generation vanished under it.
@@ -211,7 +211,7 @@ def is_checkpoint_part(name: Any) -> bool:
     if is_generation_name(name):
         return True
     return isinstance(name, str) and (
-        name in (METADATA_NAME, _LIGHTNING_META) or re.fullmatch(r"__\d+_\d+\.distcp", name) is not None
+        name in (METADATA_NAME, LIGHTNING_META) or re.fullmatch(r"__\d+_\d+\.distcp", name) is not None
     )
 
 
@@ -230,12 +230,12 @@ def is_sharded(location: Location) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def open_folder(location: Location, generation: str | None = None) -> ShardedFolder:
+def open_folder(location: Location, generation: str | None = None, *, weights_only: bool = True) -> ShardedFolder:
     """Read the manifest and metadata of a sharded checkpoint folder (file sizes are checked by
     :func:`verify_folder`).
 
     ``generation`` pins the generation to read (every rank of a distributed load reads the one rank 0 resolved);
-    it must be the one the manifest names.
+    it must be the one the manifest names. ``weights_only`` is how Lightning's ``meta.pt`` is read, when needed.
     """
     manifest = read_manifest(location)
     if manifest is None and not location.child(METADATA_NAME).exists():
@@ -244,6 +244,7 @@ def open_folder(location: Location, generation: str | None = None) -> ShardedFol
     if generation is not None and generation != live:
         raise _GenerationChanged(location, generation, live)
     data = location.child(live) if live else location
+    _refuse_outside(location, data, [METADATA_NAME, *(manifest or {}).get("files", {})])
     try:
         if manifest is not None and METADATA_NAME in manifest.get("files", {}):
             check_files(data, manifest, [METADATA_NAME], checksums=True, display=location.original)
@@ -257,13 +258,37 @@ def open_folder(location: Location, generation: str | None = None) -> ShardedFol
         raise CheckpointCorruptedError(
             f"Sharded checkpoint '{location.original}' is corrupted: file '{METADATA_NAME}' is missing"
         ) from None
-    folder = ShardedFolder(location, manifest, metadata, data)
+    folder = ShardedFolder(location, manifest, metadata, data, weights_only)
     try:  # everything later reads these fields: fail here, with the path, if they are not what DCP writes
         check_metadata(metadata)
-        folder.top_level_keys, folder.chunks  # noqa: B018 - computed (and cached) for their errors
+        folder.dcp_keys, folder.chunks  # noqa: B018 - computed (and cached) for their errors
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"Sharded checkpoint '{location.original}': the metadata is malformed ({err})") from None
+    _refuse_outside(location, data, [LIGHTNING_META, *{info.relative_path for info in metadata.storage_data.values()}])
     return folder
+
+
+def outside_files(location: Location, data: Location, names: list[str]) -> list[tuple[str, str]]:
+    """``(name, why)`` for the generation ``data`` and each of its files in ``names`` that must not be read: really
+    outside the checkpoint folder (a symbolic link out of it), or not a regular file (a FIFO would block a reader).
+
+    Example:
+        >>> outside_files(resolve("ckpt"), resolve("ckpt/.gen-1a2b"), [".metadata"])
+        []
+    """
+    storage = location.storage
+    problem = storage.confinement_problem(data.path, location.path)
+    if problem is not None:
+        return [(data.name, problem)]
+    found = ((name, storage.confinement_problem(data.child(name).path, location.path)) for name in names)
+    return [(name, problem) for name, problem in found if problem is not None]
+
+
+def _refuse_outside(location: Location, data: Location, names: list[str]) -> None:
+    outside = outside_files(location, data, names)
+    if outside:
+        name, problem = outside[0]
+        raise CheckpointError(f"Sharded checkpoint '{location.original}': '{name}' {problem}: refused")
 
 
 class _GenerationChanged(CheckpointError):
@@ -282,7 +307,9 @@ def generation_of(folder: ShardedFolder) -> str | None:
     return (folder.manifest or {}).get("generation")
 
 
-def with_consistent_generation(location: Location, read: Callable[[ShardedFolder], T]) -> T:
+def with_consistent_generation(
+    location: Location, read: Callable[[ShardedFolder], T], *, weights_only: bool = True
+) -> T:
     """``read(open_folder(location))``, starting over on the live generation if a save replaced the one being read.
 
     A retired generation stays until the grace period ends or the next save of the folder starts; a read that
@@ -293,7 +320,7 @@ def with_consistent_generation(location: Location, read: Callable[[ShardedFolder
     for _ in range(READ_ATTEMPTS):
         folder: ShardedFolder | None = None
         try:
-            folder = open_folder(location)
+            folder = open_folder(location, weights_only=weights_only)
             return read(folder)
         except Exception as err:
             replaced = isinstance(err, _GenerationChanged) or (
@@ -378,7 +405,7 @@ def read_consolidated(location: Location, *, weights_only: bool = True, verify: 
         verify_folder(folder, checksums=verify)
         return load_full(folder, weights_only=weights_only)
 
-    return with_consistent_generation(location, read)
+    return with_consistent_generation(location, read, weights_only=weights_only)
 
 
 # ---------------------------------------------------------------------------------------------- writing

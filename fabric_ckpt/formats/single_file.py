@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fabric_ckpt.formats.compression import compression_for, write_compressed
-from fabric_ckpt.formats.torch_format import ArchiveSummary, write_torch_archive
+from fabric_ckpt.formats.torch_format import FABRIC_ENTRIES, ArchiveSummary, write_torch_archive
 from fabric_ckpt.storage import Location, PathLike, resolve
 
 __all__ = ["save_file"]
@@ -18,10 +18,12 @@ def save_file(
     *,
     force_zip64: bool = False,
     on_storage_written: Callable[[int], object] | None = None,
+    entries: str = FABRIC_ENTRIES,
 ) -> ArchiveSummary:
     """Write ``obj`` atomically to ``path`` as a ``torch.load``-able single-file checkpoint.
 
     A compressed name (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.lzma``, ``.zst``) compresses it.
+    ``entries`` records another tool's layout (``"composer"``) when ``obj`` is in one.
 
     Example:
         >>> save_file("memory://ckpt/model.pt", {"model": model.state_dict()})
@@ -32,12 +34,16 @@ def save_file(
     def write() -> ArchiveSummary:
         with location.atomic_write() as sink:
             if compression is None:
-                return write_torch_archive(sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written)
+                return write_torch_archive(
+                    sink, obj, force_zip64=force_zip64, on_storage_written=on_storage_written, entries=entries
+                )
             summaries: list[ArchiveSummary] = []
             write_compressed(
                 sink,
                 compression,
-                lambda out: summaries.append(write_torch_archive(out, obj, on_storage_written=on_storage_written)),
+                lambda out: summaries.append(
+                    write_torch_archive(out, obj, on_storage_written=on_storage_written, entries=entries)
+                ),
             )
             return summaries[0]
 

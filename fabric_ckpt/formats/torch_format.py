@@ -32,13 +32,15 @@ from typing_extensions import Buffer
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.state import resolved
-from fabric_ckpt.formats.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
+from fabric_ckpt.formats.zip_archive import Writable, ZipDirectory, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
     "MANIFEST_RECORD",
     "LazyTensor",
     "MARKER",
     "ArchiveInfo",
+    "archive_info",
+    "compressed_records",
     "Problem",
     "read_archive_info",
     "verify_archive",
@@ -49,6 +51,8 @@ ARCHIVE_PREFIX = "archive"
 MANIFEST_RECORD = ".data/fabric_ckpt.json"
 MARKER = b"fabric_ckpt/1"
 FORMAT_NAME = "fabric_ckpt"
+# The layout of a file's entries: ours, unless ``convert --to`` wrote another tool's (recorded in the manifest).
+FABRIC_ENTRIES = "fabric"
 FORMAT_VERSION = 1
 _PICKLE_PROTOCOL = 2  # what torch.save writes
 
@@ -195,8 +199,12 @@ def write_torch_archive(
     *,
     force_zip64: bool = False,
     on_storage_written: Callable[[int], object] | None = None,
+    entries: str = FABRIC_ENTRIES,
 ) -> ArchiveSummary:
     """Write ``obj`` to ``sink`` as a ``torch.load``-able archive with an integrity manifest.
+
+    ``entries`` names the layout of the object's entries (ours, or another tool's that ``convert`` wrote), so that
+    readers map a foreign layout even in a file of ours.
 
     Example:
         >>> with open("model.pt", "wb") as f:
@@ -221,12 +229,12 @@ def write_torch_archive(
         del view, _keepalive
     writer.add(f"{ARCHIVE_PREFIX}/version", b"3\n")
     writer.add(f"{ARCHIVE_PREFIX}/.data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
-    writer.add(f"{ARCHIVE_PREFIX}/{MANIFEST_RECORD}", _manifest(writer.entries, tensor_names))
+    writer.add(f"{ARCHIVE_PREFIX}/{MANIFEST_RECORD}", _manifest(writer.entries, tensor_names, entries))
     size = writer.finish(comment=MARKER)
     return ArchiveSummary(size=size, storages=len(pickler.storages))
 
 
-def _manifest(entries: list[ZipEntry], tensor_names: dict[str, str]) -> bytes:
+def _manifest(entries: list[ZipEntry], tensor_names: dict[str, str], layout: str) -> bytes:
     prefix_len = len(ARCHIVE_PREFIX) + 1
     manifest = {
         "format": FORMAT_NAME,
@@ -238,6 +246,8 @@ def _manifest(entries: list[ZipEntry], tensor_names: dict[str, str]) -> bytes:
         "records": [[e.name[prefix_len:], e.size, e.crc32] for e in entries],
         "tensors": tensor_names,
     }
+    if layout != FABRIC_ENTRIES:
+        manifest["entries"] = layout
     return json.dumps(manifest, separators=(",", ":")).encode()
 
 
@@ -266,6 +276,12 @@ class ArchiveInfo:
     tensor_names: dict[str, str] = field(default_factory=dict)
 
     @property
+    def native(self) -> bool:
+        """Whether the file is ours and its entries are in our layout (never to be taken for another tool's)."""
+        entries = (self.manifest or {}).get("entries", FABRIC_ENTRIES)
+        return self.claims_fabric and entries == FABRIC_ENTRIES
+
+    @property
     def is_torch_checkpoint(self) -> bool:
         return "data.pkl" in self.records
 
@@ -281,6 +297,12 @@ def read_archive_info(data: Buffer) -> ArchiveInfo:
         ZipFormatError: the archive itself is unreadable.
     """
     directory = read_zip_directory(data)
+    view = memoryview(data).cast("B")
+    return archive_info(directory, lambda entry: bytes(view[entry.data_offset : entry.data_offset + entry.size]))
+
+
+def archive_info(directory: ZipDirectory, read_record: Callable[[ZipEntry], bytes]) -> ArchiveInfo:
+    """The :class:`ArchiveInfo` of an archive's ``directory``; ``read_record`` reads a record's bytes (the manifest)."""
     first = next(iter(directory.entries), "")
     prefix = first.split("/", 1)[0] if "/" in first else ""
     records = {
@@ -295,8 +317,7 @@ def read_archive_info(data: Buffer) -> ArchiveInfo:
             info.manifest_problem = "the integrity manifest is missing"
         return info
     info.claims_fabric = True
-    view = memoryview(data).cast("B")
-    raw = bytes(view[manifest_entry.data_offset : manifest_entry.data_offset + manifest_entry.size])
+    raw = read_record(manifest_entry)
     if crc32(raw) != manifest_entry.crc32:
         info.manifest_problem = "the integrity manifest is damaged (CRC-32 mismatch)"
         return info
@@ -355,7 +376,10 @@ def verify_archive(
             problems.append(Problem(name, entry_name, "the record is not listed in the integrity manifest"))
         elif expected is not None and tuple(expected) != (entry.size, entry.crc32):
             problems.append(Problem(name, entry_name, "the zip directory disagrees with the integrity manifest"))
-        elif entry.method == 0 and (entry.crc32 != 0 or info.claims_fabric):
+        elif entry.method != 0 or entry.compressed_size != entry.size:
+            # torch.load maps a record's raw bytes whatever this field says: its CRC must cover them as stored.
+            problems.append(Problem(name, entry_name, compressed_record_problem(entry)))
+        elif entry.crc32 != 0 or info.claims_fabric:
             actual = crc32(view[entry.data_offset : entry.data_offset + entry.size])
             if actual != entry.crc32:
                 problems.append(
@@ -370,6 +394,19 @@ def verify_archive(
     for name in listed or {}:
         problems.append(Problem(name, info.tensor_names.get(name), "the record listed in the manifest is missing"))
     return problems
+
+
+def compressed_record_problem(entry: ZipEntry) -> str:
+    """Why a record marked compressed (or whose sizes differ) is refused: torch would read its raw bytes."""
+    return (
+        f"compressed (method {entry.method}; {entry.compressed_size} bytes stored for {entry.size}): torch stores "
+        "every record uncompressed and reads its raw bytes"
+    )
+
+
+def compressed_records(info: ArchiveInfo) -> list[ZipEntry]:
+    """The records whose directory entry says they are compressed: no torch checkpoint has any."""
+    return [entry for entry in info.records.values() if entry.method != 0 or entry.compressed_size != entry.size]
 
 
 def _manifest_records(info: ArchiveInfo) -> dict[str, tuple[int, int]] | None:

@@ -20,7 +20,17 @@ from typing_extensions import Buffer
 
 from fabric_ckpt.core.checksum import crc32
 
-__all__ = ["ALIGNMENT", "ZipEntry", "ZipFormatError", "ZipWriter", "read_zip_directory"]
+__all__ = [
+    "ALIGNMENT",
+    "ReadAt",
+    "ZipDirectory",
+    "ZipEntry",
+    "ZipFormatError",
+    "ZipWriter",
+    "read_zip_directory",
+    "read_zip_directory_at",
+    "resolve_entry",
+]
 
 ALIGNMENT = 64
 
@@ -232,6 +242,10 @@ class ZipDirectory:
     central_directory_offset: int
 
 
+# Reads ``length`` bytes at ``offset`` (fewer only at the end of the data).
+ReadAt = Callable[[int, int], bytes]
+
+
 def read_zip_directory(data: Buffer) -> ZipDirectory:
     """Parse the central directory of the zip archive held in ``data`` (bytes or a memory map).
 
@@ -239,26 +253,55 @@ def read_zip_directory(data: Buffer) -> ZipDirectory:
         ZipFormatError: the archive is truncated, damaged or not a zip at all; the message says which part.
     """
     view = memoryview(data).cast("B")
+
+    def read_at(offset: int, length: int) -> bytes:
+        return bytes(view[offset : offset + length])
+
     try:
-        return _read_directory(view, getattr(data, "madvise", None))
-    except struct.error as err:  # a field read past the end: damage the checks above did not foresee
-        raise ZipFormatError(f"a zip record runs past the end of the data ({err})") from None
+        directory = _read_directory(read_at, view.nbytes, False)
+        advise = getattr(data, "madvise", None)
+        if advise is not None:
+            _prefetch_local_headers(advise, list(directory.entries.values()), directory.central_directory_offset)
+        return _resolved(read_at, directory)
     finally:
         view.release()
 
 
-def _read_directory(view: memoryview, advise: Callable[..., None] | None = None) -> ZipDirectory:
-    eocd_pos = _find_end_record(view)
-    _, disk, cd_disk, _, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(view, eocd_pos)
-    comment = bytes(view[eocd_pos + _EOCD.size : eocd_pos + _EOCD.size + comment_len])
+def read_zip_directory_at(read_at: ReadAt, size: int, *, resolve_offsets: bool = True) -> ZipDirectory:
+    """:func:`read_zip_directory` for an archive of ``size`` bytes read piece by piece (a remote file).
+
+    Only the end records, the central directory and (with ``resolve_offsets``) each local header are read; without
+    it, entries have ``data_offset`` -1 until :func:`resolve_entry` reads the header of the one needed.
+    """
+    return _read_directory(read_at, size, resolve_offsets)
+
+
+def resolve_entry(read_at: ReadAt, entry: ZipEntry, directory: ZipDirectory) -> ZipEntry:
+    """``entry`` with its ``data_offset``, read from its local header."""
+    return _resolve_data_offset(read_at, entry, directory.central_directory_offset)
+
+
+def _read_directory(read_at: ReadAt, size: int, resolve_offsets: bool) -> ZipDirectory:
+    try:
+        return _parse_directory(read_at, size, resolve_offsets)
+    except struct.error as err:  # a field read past the end: damage the checks below did not foresee
+        raise ZipFormatError(f"a zip record runs past the end of the data ({err})") from None
+
+
+def _parse_directory(read_at: ReadAt, size: int, resolve_offsets: bool) -> ZipDirectory:
+    tail_start, tail = _read_tail(read_at, size)
+    eocd_pos = tail_start + _find_end_record(tail, size)
+    _, disk, cd_disk, _, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(tail, eocd_pos - tail_start)
+    comment = tail[eocd_pos - tail_start + _EOCD.size : eocd_pos - tail_start + _EOCD.size + comment_len]
     if disk != 0 or cd_disk != 0:
         raise ZipFormatError("multi-disk zip archives are not supported")
     locator_pos = eocd_pos - _ZIP64_LOCATOR.size
-    if locator_pos >= 0 and struct.unpack_from("<I", view, locator_pos)[0] == _ZIP64_LOCATOR_SIG:
-        zip64_pos = _ZIP64_LOCATOR.unpack_from(view, locator_pos)[2]
+    locator = read_at(locator_pos, _ZIP64_LOCATOR.size) if locator_pos >= 0 else b""
+    if len(locator) == _ZIP64_LOCATOR.size and struct.unpack_from("<I", locator)[0] == _ZIP64_LOCATOR_SIG:
+        zip64_pos = _ZIP64_LOCATOR.unpack(locator)[2]
         if zip64_pos + _ZIP64_EOCD.size > locator_pos:
             raise ZipFormatError("the zip64 end record points outside the archive")
-        sig, *_, count, cd_size, cd_offset = _ZIP64_EOCD.unpack_from(view, zip64_pos)
+        sig, *_, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(read_at(zip64_pos, _ZIP64_EOCD.size))
         if sig != _ZIP64_EOCD_SIG:
             raise ZipFormatError("the zip64 end record is damaged")
         directory_end = zip64_pos
@@ -269,17 +312,29 @@ def _read_directory(view: memoryview, advise: Callable[..., None] | None = None)
             f"the central directory ({cd_size} bytes at {cd_offset}) lies beyond the end of the data "
             f"({directory_end} bytes): the file is truncated or damaged"
         )
+    records = read_at(cd_offset, cd_size)
     central: list[ZipEntry] = []
-    pos = cd_offset
+    pos = 0
+    seen: dict[bytes, str] = {}
     for _ in range(count):
-        entry, pos = _parse_central_record(view, pos, cd_offset + cd_size)
+        entry, raw_name, pos = _parse_central_record(records, pos, cd_offset)
+        # Two records of one name: readers disagree on which one counts (torch reads the first, a dict keeps the
+        # last), so none of them is trusted. Case is ignored: some zip readers look names up without it.
+        folded = raw_name.lower()
+        if folded in seen:
+            raise ZipFormatError(f"two records are named {entry.name!r} (and {seen[folded]!r}): refused")
+        seen[folded] = entry.name
         central.append(entry)
-    if pos != cd_offset + cd_size:
+    if pos != cd_size:
         raise ZipFormatError("the central directory's size does not match its records")
-    if advise is not None:
-        _prefetch_local_headers(advise, central, cd_offset)
-    entries = {entry.name: _resolve_data_offset(view, entry, cd_offset) for entry in central}
-    return ZipDirectory(entries, comment, cd_offset)
+    directory = ZipDirectory({entry.name: entry for entry in central}, comment, cd_offset)
+    return _resolved(read_at, directory) if resolve_offsets else directory
+
+
+def _resolved(read_at: ReadAt, directory: ZipDirectory) -> ZipDirectory:
+    limit = directory.central_directory_offset
+    entries = {name: _resolve_data_offset(read_at, entry, limit) for name, entry in directory.entries.items()}
+    return ZipDirectory(entries, directory.comment, limit)
 
 
 def _prefetch_local_headers(advise: Callable[..., None], entries: list[ZipEntry], limit: int) -> None:
@@ -299,40 +354,48 @@ def _prefetch_local_headers(advise: Callable[..., None], entries: list[ZipEntry]
                 advise(willneed, start, min(2 * page, limit - start))
 
 
-def _find_end_record(view: memoryview) -> int:
-    size = view.nbytes
+def _read_tail(read_at: ReadAt, size: int) -> tuple[int, bytes]:
+    """The last bytes of the archive, where the end record and its comment (up to 64 KiB) are."""
     if size < _EOCD.size:
         raise ZipFormatError(f"only {size} bytes, too short for a zip archive")
     start = max(0, size - _EOCD.size - _U16)
-    tail = bytes(view[start:])
+    tail = read_at(start, size - start)
+    if len(tail) != size - start:
+        raise ZipFormatError("the archive is shorter than its size says")
+    return start, tail
+
+
+def _find_end_record(tail: bytes, size: int) -> int:
+    """The end record's position in ``tail`` (the last bytes of the archive)."""
     pos = tail.rfind(b"PK\x05\x06")
     while pos >= 0:
         # A record cut short of its fixed 22 bytes is not an end record, whatever its first bytes say.
         if pos + _EOCD.size <= len(tail):
             comment_len = struct.unpack_from("<H", tail, pos + 20)[0]
             if pos + _EOCD.size + comment_len == len(tail):
-                return start + pos
+                return pos
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
     raise ZipFormatError("no end-of-central-directory record: the file is truncated or not a zip archive")
 
 
-def _parse_central_record(view: memoryview, pos: int, end: int) -> tuple[ZipEntry, int]:
+def _parse_central_record(records: bytes, pos: int, cd_offset: int) -> tuple[ZipEntry, bytes, int]:
+    end = len(records)
     if pos + _CENTRAL.size > end:
         raise ZipFormatError("the central directory ends in the middle of a record")
     (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, _, _, _, offset) = (
-        _CENTRAL.unpack_from(view, pos)
+        _CENTRAL.unpack_from(records, pos)
     )
     if sig != _CENTRAL_SIG:
-        raise ZipFormatError(f"bad central directory record signature at offset {pos}")
+        raise ZipFormatError(f"bad central directory record signature at offset {cd_offset + pos}")
     name_start = pos + _CENTRAL.size
     next_pos = name_start + name_len + extra_len + comment_len
     if next_pos > end:
         raise ZipFormatError("a central directory record runs past the directory's end")
-    raw_name = bytes(view[name_start : name_start + name_len])
+    raw_name = records[name_start : name_start + name_len]
     name = raw_name.decode("utf-8" if flags & (1 << 11) else "cp437", errors="replace")
-    extra = bytes(view[name_start + name_len : name_start + name_len + extra_len])
+    extra = records[name_start + name_len : name_start + name_len + extra_len]
     usize, csize, offset = _apply_zip64_extra(extra, usize, csize, offset, name)
-    return ZipEntry(name, offset, -1, usize, crc, csize, method), next_pos
+    return ZipEntry(name, offset, -1, usize, crc, csize, method), raw_name, next_pos
 
 
 def _apply_zip64_extra(extra: bytes, usize: int, csize: int, offset: int, name: str) -> tuple[int, int, int]:
@@ -355,10 +418,10 @@ def _apply_zip64_extra(extra: bytes, usize: int, csize: int, offset: int, name: 
     return usize, csize, offset
 
 
-def _resolve_data_offset(view: memoryview, entry: ZipEntry, limit: int) -> ZipEntry:
+def _resolve_data_offset(read_at: ReadAt, entry: ZipEntry, limit: int) -> ZipEntry:
     if entry.header_offset + _LOCAL.size > limit:
         raise ZipFormatError(f"record {entry.name!r} starts beyond the data area")
-    sig, *_, name_len, extra_len = _LOCAL.unpack_from(view, entry.header_offset)
+    sig, *_, name_len, extra_len = _LOCAL.unpack(read_at(entry.header_offset, _LOCAL.size))
     if sig != _LOCAL_SIG:
         raise ZipFormatError(f"record {entry.name!r} has a damaged local header")
     data_offset = entry.header_offset + _LOCAL.size + name_len + extra_len

@@ -139,6 +139,13 @@ class Storage(ABC):
         """The target of the symlink at ``path``, or ``None`` when it is not one."""
         return None
 
+    def confinement_problem(self, path: str, folder: str) -> str | None:
+        """Why the file (or folder) at ``path`` must not be read as part of ``folder``: it really lies outside it (a
+        symbolic link out), or it is not a regular file (a FIFO or a device, which would block or never end).
+        ``None`` when it is fine, or missing (callers report missing files themselves).
+        """
+        return None
+
     # ------------------------------------------------------------------ policy
     def retrying(self, operation: Callable[[], T], description: str) -> T:
         """Run ``operation``, retried on transient errors where the backend has them (remote stores)."""

@@ -11,6 +11,7 @@ import errno
 import io
 import mmap
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -78,12 +79,12 @@ class LocalStorage(Storage):
     # ------------------------------------------------------------------ reading
     @contextmanager
     def open(self, path: str) -> Iterator[BinaryIO]:
-        with open(path, "rb") as stream:
+        with _open_regular(path) as stream:
             yield stream
 
     @contextmanager
     def view(self, path: str) -> Iterator[Buffer]:
-        with open(path, "rb") as stream:
+        with _open_regular(path) as stream:
             if os.fstat(stream.fileno()).st_size == 0:
                 yield b""
                 return
@@ -181,6 +182,18 @@ class LocalStorage(Storage):
     def readlink(self, path: str) -> str | None:
         return os.readlink(path) if os.path.islink(path) else None
 
+    def confinement_problem(self, path: str, folder: str) -> str | None:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return None
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            return "lies outside the checkpoint folder (a symbolic link out of it)"
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return "is not a regular file (a FIFO, a device or a socket)"
+        return None
+
     def __repr__(self) -> str:
         return "LocalStorage()"
 
@@ -193,6 +206,20 @@ class _DurableWriter(io.BufferedWriter):
             self.flush()
             os.fsync(self.fileno())
         super().close()
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """Open a regular file for reading; anything else (a FIFO, a device) is refused without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket): refused", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def fsync_folder(folder: str) -> None:

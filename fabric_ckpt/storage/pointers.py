@@ -60,7 +60,7 @@ def follow_pointer(location: Location) -> Location:
     """
     current = location
     for _ in range(_MAX_HOPS):
-        if current.isdir() or current.size() > MAX_POINTER_BYTES:
+        if not current.isfile() or current.size() > MAX_POINTER_BYTES:  # a folder, a FIFO or device, a checkpoint
             return current
         with current.open() as source:
             target = pointer_target(source.read(MAX_POINTER_BYTES + 1))

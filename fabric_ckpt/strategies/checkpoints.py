@@ -43,7 +43,7 @@ from fabric_ckpt.core.state import (
 )
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError, UnpicklableStateError
-from fabric_ckpt.formats import open_checkpoint, save_file
+from fabric_ckpt.formats import open_source, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
 from fabric_ckpt.strategies.checkpoint_io import FabricCheckpointIO, check_checkpoint_io, is_ours
@@ -348,15 +348,17 @@ class SingleFileCheckpoints:
         )
         return self._load_checkpoint(path, state, self._hooked_load(options, state))
 
-    def _read(self, path: PathLike | Location, options: LoadOptions, stack: ExitStack) -> Any:
-        """What ``path`` holds: through a user's ``CheckpointIO`` (once per load), or our verified reader."""
+    def _read(self, path: PathLike | Location, options: LoadOptions, stack: ExitStack) -> tuple[Any, bool]:
+        """What ``path`` holds, and whether it is one of our own files: through a user's ``CheckpointIO`` (once per
+        load), or our verified reader."""
         user_io = self._user_checkpoint_io()
         if user_io is not None:
-            return user_io.load_checkpoint(path, weights_only=options.weights_only)
-        opened = open_checkpoint(
+            return user_io.load_checkpoint(path, weights_only=options.weights_only), False
+        opened = open_source(
             self._location(path), weights_only=options.weights_only, verify=options.verify, progress=options.progress
         )
-        return stack.enter_context(opened)
+        loaded = stack.enter_context(opened)
+        return loaded.value, loaded.native
 
     def _load_checkpoint(
         self, path: PathLike | Location, state: dict[str, Any] | None, options: LoadOptions
@@ -366,7 +368,7 @@ class SingleFileCheckpoints:
         with ExitStack() as stack:
 
             def prepare() -> _Plan:
-                checkpoint = self._read(path, options, stack)
+                checkpoint, native = self._read(path, options, stack)
                 if not isinstance(checkpoint, dict):
                     if state:
                         raise CheckpointError(
@@ -374,7 +376,7 @@ class SingleFileCheckpoints:
                             "load it with fabric.load_raw() or fabric.load(path) without a state"
                         )
                     return _Returning(checkpoint)
-                return self._prepare_restore(checkpoint, state, options)
+                return self._prepare_restore(checkpoint, state, options, native=native)
 
             plan = self.agree(prepare, f"Loading '{path}'")
             return self._apply(plan, f"Loading '{path}'")
@@ -388,14 +390,17 @@ class SingleFileCheckpoints:
         self.agree(plan.apply_optimizers, description)
         return self.agree(plan.finish, description)
 
-    def _prepare_restore(self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions) -> _Plan:
+    def _prepare_restore(
+        self, checkpoint: dict[str, Any], state: dict[str, Any] | None, options: LoadOptions, *, native: bool = False
+    ) -> _Plan:
         if options.on_load is not None:
             options.on_load(checkpoint)
         apply_ignore_keys(checkpoint, options.ignore_keys)
         if not state:
             return _Returning(checkpoint)
-        # Other tools' layouts (Lightning Trainer, Composer, a bare state dict) mapped onto the requested keys.
-        checkpoint = adapt(checkpoint, state)
+        # Other tools' layouts (Lightning Trainer, Composer, a bare state dict) mapped onto the requested keys;
+        # never our own files (``native``), whatever their entries are called.
+        checkpoint = adapt(checkpoint, state, native=native)
         _index_optimizer_entries(checkpoint, state)
         return prepare_restore(
             state,
@@ -426,8 +431,9 @@ class SingleFileCheckpoints:
         with ExitStack() as stack:
 
             def prepare() -> Callable[[], None]:
-                state_dict = self._read(path, options, stack)
-                state_dict = adapt_raw(state_dict, obj)  # from a Lightning Trainer or Composer checkpoint
+                loaded, native = self._read(path, options, stack)
+                # From a Lightning Trainer or Composer checkpoint (never one of ours, whatever its entry names).
+                state_dict = adapt_raw(loaded, obj, native=native)
                 if isinstance(obj, nn.Module):
                     module = unwrap_module(obj)
                     _reject_full_checkpoint(state_dict, label)

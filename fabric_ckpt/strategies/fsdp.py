@@ -401,7 +401,9 @@ class FSDPStrategy(ParallelStrategy):
         self, location: Location, generation: str | None, state: dict[str, Any] | None, options: LoadOptions
     ) -> dict[str, Any]:
         description = f"Loading '{location.original}'"
-        folder = self.agree(lambda: sharded.open_folder(location, generation), description)
+        folder = self.agree(
+            lambda: sharded.open_folder(location, generation, weights_only=options.weights_only), description
+        )
         share = (self.global_rank, self.world_size)
         self.agree(lambda: sharded.verify_folder(folder, checksums=options.verify, share=share), description)
         if not state:
@@ -438,7 +440,7 @@ class FSDPStrategy(ParallelStrategy):
         if options.on_load is not None:
             options.on_load(view)
         apply_ignore_keys(view, options.ignore_keys)
-        view = adapt(view, state)
+        view = adapt(view, state, native=folder.manifest is not None)
         sharded_loader = self._sharded_optimizer_loader(folder, state, options)
 
         def load_optimizer(optimizer: Optimizer, entry: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from fabric_ckpt._version import __version__
 from fabric_ckpt.errors import CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.tools.consolidate import consolidate
-from fabric_ckpt.tools.convert import FORMATS, convert
+from fabric_ckpt.tools.convert import FORMATS, LAYOUTS, convert
 from fabric_ckpt.tools.diff import diff
 from fabric_ckpt.tools.inspection import describe, format_bytes
 from fabric_ckpt.tools.verify import verify
@@ -74,6 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
         args.output,
         format=args.format,
         entry=args.entry,
+        to=args.to,
         weights_only=not args.trust,
         verify=not args.no_verify,
         progress=_progress(args),
@@ -179,15 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert a checkpoint between formats: our file, safetensors, sharded folder, compressed file.",
         "The output format follows the output's name (.safetensors, a trailing '/' for a sharded folder, .tar.gz,\n"
         ".tgz, .tar.bz2, .tar.xz, .tar.lzma, .tar, .zst; anything else: our single file) unless --format says.\n"
-        "Lightning Trainer and Composer checkpoints are put in our layout (model, optimizer, scheduler, ...).\n\n"
+        "Lightning Trainer and Composer checkpoints are put in our layout (model, optimizer, scheduler, ...);\n"
+        "--to writes another layout: lightning (a sharded folder Lightning's FSDP/ModelParallel strategies load)\n"
+        "or composer (a single file {'state': {...}, 'rng': [...]}).\n\n"
         "example:\n  fabric-ckpt convert last.ckpt model.safetensors --entry model\n"
-        "  fabric-ckpt convert last.ckpt last-sharded/\n  fabric-ckpt convert ep3.pt ep3.tar.gz",
+        "  fabric-ckpt convert last.ckpt last-sharded/\n  fabric-ckpt convert ep3.pt ep3.tar.gz\n"
+        "  fabric-ckpt convert step-1000/ for-lightning/ --to lightning\n"
+        "  fabric-ckpt convert last.ckpt composer.pt --to composer",
     )
     convert_parser.add_argument("input", help="the checkpoint to convert")
     convert_parser.add_argument("output", help="where to write (overwritten atomically)")
     convert_parser.add_argument("--format", choices=FORMATS, help="the output format (default: from the name)")
     convert_parser.add_argument(
         "--entry", help="safetensors: the entry holding the module's weights (default: the single one)"
+    )
+    convert_parser.add_argument(
+        "--to", choices=LAYOUTS, default="fabric", help="the layout inside the output (default: fabric, ours)"
     )
     convert_parser.add_argument("--no-verify", action="store_true", help="skip checking the input's checksums")
     _add_common(convert_parser)

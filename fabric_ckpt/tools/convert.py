@@ -1,8 +1,11 @@
-"""Converting checkpoints between formats: our torch file, safetensors, sharded folders, and compressed files.
+"""Converting checkpoints between formats and layouts: our torch file, safetensors, sharded folders, compressed files,
+and the layouts of Lightning's sharded folders and of Composer.
 
-Anything :func:`fabric_ckpt.formats.open_checkpoint` reads is an input (torch files, safetensors, sharded and bare DCP
-folders, Hugging Face indexes; local or remote), and Lightning Trainer and Composer checkpoints are put in our layout
-on the way (:func:`fabric_ckpt.formats.interop.to_fabric`). The output format follows the output's name (or ``format``):
+Anything the format registry reads is an input (torch files, safetensors, sharded, Lightning and bare DCP folders,
+Hugging Face indexes; local or remote), read lazily (one tensor in memory at a time where the format allows), and
+Lightning Trainer and Composer checkpoints are put in our layout on the way
+(:func:`fabric_ckpt.formats.interop.to_fabric`; never our own files, whatever their entries are called). The output
+format follows the output's name (or ``format``):
 
 | format | output name | what is written |
 |---|---|---|
@@ -14,38 +17,42 @@ on the way (:func:`fabric_ckpt.formats.interop.to_fabric`). The output format fo
 | ``tar`` | ``*.tar`` | the same, uncompressed |
 | ``zst`` | ``*.zst`` | our single file compressed with Zstandard (the ``zstd`` extra) |
 
-Compressed files are written by :func:`fabric_ckpt.formats.save_file`, which picks the compression from the name.
+``to`` picks the layout inside: ``fabric`` (ours, the default), ``lightning`` (a folder becomes Lightning's sharded
+layout, DCP files plus ``meta.pt``, which Lightning's FSDP and ModelParallel strategies load; a file is ours
+already, as Lightning Fabric saves plain dicts), or ``composer`` (a file ``{"state": {...}, "rng": [...]}``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fabric_ckpt.core.progress import ProgressBar, progress_bar
-from fabric_ckpt.core.state import resolved
-from fabric_ckpt.errors import CheckpointError
-from fabric_ckpt.formats import save_file, sharded
+from fabric_ckpt.core.progress import progress_bar
 from fabric_ckpt.formats.compression import compression_for
-from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_fabric
-from fabric_ckpt.formats.safetensors import NAMES_OF_DTYPES
+from fabric_ckpt.formats.interop import COMPOSER, LIGHTNING_TRAINER, detect, to_composer, to_fabric
+from fabric_ckpt.formats.registry import format_named, open_lazily
+from fabric_ckpt.formats.reports import flatten
+from fabric_ckpt.formats.torch_file import TorchZipFormat
 from fabric_ckpt.formats.torch_format import LazyTensor
-from fabric_ckpt.storage import Location, PathLike, resolve
-from fabric_ckpt.tools.diff import open_lazily
-from fabric_ckpt.tools.inspection import flatten
+from fabric_ckpt.storage import PathLike, resolve
 
-__all__ = ["COMPRESSED_FORMATS", "FORMATS", "ConvertResult", "convert", "output_format"]
+__all__ = ["COMPRESSED_FORMATS", "FORMATS", "LAYOUTS", "ConvertResult", "convert", "output_format"]
 
 # Output format -> the compression fabric_ckpt.formats.compression.compression_for reads from the name.
 COMPRESSED_FORMATS = {"tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz", "tar": "tar", "zst": "zst"}
 FORMATS = ("torch", "safetensors", "sharded", *COMPRESSED_FORMATS)
+LAYOUTS = ("fabric", "lightning", "composer")
+# The registered format that writes each output format (compressed files: our file, compressed by the name).
+_WRITERS = {
+    "torch": "torch-zip",
+    "safetensors": "safetensors",
+    "sharded": "sharded",
+    **dict.fromkeys(COMPRESSED_FORMATS, "torch-zip"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,44 +107,55 @@ def convert(
     *,
     format: str | None = None,
     entry: str | None = None,
+    to: str = "fabric",
     weights_only: bool = True,
     verify: bool = True,
     progress: bool | None = None,
 ) -> ConvertResult:
-    """Write the checkpoint at ``source`` to ``destination`` in another format (see the module's table).
+    """Write the checkpoint at ``source`` to ``destination`` in another format or layout (see the module's table).
 
     Args:
         format: ``torch``, ``safetensors``, ``sharded`` or a compressed format; by default from the output's name.
         entry: for safetensors output, the entry holding the module's weights (``"model"``, or a ``/`` path);
             by default the checkpoint itself when it is a flat dict of tensors, else its single such entry.
+        to: the layout: ``fabric`` (ours), ``lightning`` (a sharded output in Lightning's layout), or ``composer``
+            (a single file in Composer's layout).
         weights_only: refuse arbitrary unpickling of the source; pass ``False`` for trusted files only.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
         CheckpointError: ``source`` is not a checkpoint, or is damaged.
-        ValueError: the format is unknown, or no single module entry can be written as safetensors.
+        ValueError: the format or layout is unknown, or does not fit the checkpoint or the output.
 
     Example:
         >>> convert("lightning_logs/version_0/checkpoints/last.ckpt", "model.safetensors")
         >>> convert("checkpoints/last.ckpt", "checkpoints/last-sharded/")
+        >>> convert("checkpoints/step-1000", "for-lightning/", to="lightning")
     """
 
     fmt = output_format(destination, format)
+    if to not in LAYOUTS:
+        raise ValueError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
+    if to == "composer" and fmt in ("safetensors", "sharded"):
+        raise ValueError(f"Composer's layout is a single file; {fmt!r} output cannot hold it")
+    writer = format_named("lightning-sharded" if (to, fmt) == ("lightning", "sharded") else _WRITERS[fmt])
     location = resolve(os.fspath(destination).rstrip("/") if fmt == "sharded" else destination)
-    with open_lazily(source, weights_only=weights_only, verify=verify) as checkpoint:
-        if detect(checkpoint) in (LIGHTNING_TRAINER, COMPOSER):
+    with open_lazily(source, weights_only=weights_only, verify=verify) as loaded:
+        checkpoint = loaded.value
+        if not loaded.native and detect(checkpoint) in (LIGHTNING_TRAINER, COMPOSER):
             checkpoint = to_fabric(checkpoint)
         if fmt == "safetensors":
             checkpoint = _module_entry(checkpoint, entry, str(source))
+        elif to == "composer":
+            checkpoint = to_composer(checkpoint)
         tensors = [value for value in flatten(checkpoint).values() if isinstance(value, (torch.Tensor, LazyTensor))]
         total = sum(_nbytes(tensor) for tensor in tensors)
         with progress_bar(total, f"convert {location.name}", enabled=progress) as bar:
-            if fmt == "safetensors":
-                _write_safetensors(checkpoint, location, bar)
-            elif fmt == "sharded":
-                _write_sharded(checkpoint, location, bar)
+            if isinstance(writer, TorchZipFormat):  # the file records the layout of its entries
+                entries = "composer" if to == "composer" else "fabric"  # Lightning Fabric files are ours already
+                writer.write(location, checkpoint, on_storage_written=bar.update, entries=entries)
             else:
-                _write_file(checkpoint, location, bar)
+                writer.write(location, checkpoint, on_storage_written=bar.update)
     return ConvertResult(str(source), location.original, fmt, len(tensors), total)
 
 
@@ -179,66 +197,3 @@ def _module_entry(checkpoint: Any, entry: str | None, display: str) -> Mapping[s
             f"(entry=...): {found}"
         )
     return checkpoint[candidates[0]]
-
-
-# ---------------------------------------------------------------------------------------------- writers
-def _write_file(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
-
-    save_file(location.original, checkpoint, on_storage_written=bar.update)  # compresses by the name's extension
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
-    """A zero-copy view of a tensor's bytes in memory order, and the contiguous CPU tensor to keep alive meanwhile."""
-    flat = resolved(tensor.detach().cpu()).contiguous()  # a conjugate/negative view's values, not its base's bytes
-    size = flat.numel() * flat.element_size()
-    if size == 0:
-        return memoryview(b""), flat
-    return memoryview((ctypes.c_ubyte * size).from_address(flat.data_ptr())).cast("B"), flat
-
-
-def _write_safetensors(state_dict: Mapping[str, Any], location: Location, bar: ProgressBar) -> None:
-    """Stream a safetensors file (header, then each tensor's bytes), one tensor in memory at a time."""
-    if sys.byteorder != "little":
-        raise CheckpointError("safetensors files are little-endian; this machine is not")
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in state_dict.items():
-        if tensor.dtype not in NAMES_OF_DTYPES:
-            raise ValueError(f"'{name}' has dtype {tensor.dtype}, which safetensors cannot store")
-        size = _nbytes(tensor)
-        header[str(name)] = {
-            "dtype": NAMES_OF_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-    with location.atomic_write() as sink:
-        sink.write(len(encoded).to_bytes(8, "little"))
-        sink.write(encoded)
-        for tensor in state_dict.values():
-            real = tensor.load() if isinstance(tensor, LazyTensor) else tensor
-            view, _keepalive = _tensor_bytes(real)
-            sink.write(view)
-            bar.update(view.nbytes)
-            del view, _keepalive, real
-
-
-def _materialized(obj: Any) -> Any:
-    if isinstance(obj, LazyTensor):
-        return obj.load()
-    if isinstance(obj, Mapping):
-        return {key: _materialized(value) for key, value in obj.items()}
-    if isinstance(obj, list):
-        return [_materialized(value) for value in obj]
-    return obj
-
-
-def _write_sharded(checkpoint: Any, location: Location, bar: ProgressBar) -> None:
-    """One process writes a sharded folder: DCP files into a new generation, checksummed, then committed."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"a sharded folder holds a dict of entries, not a {type(checkpoint).__name__}")
-    state = _materialized(checkpoint)
-    sharded.write_in_one_process(dict(state), location)
-    bar.update(sum(_nbytes(t) for t in flatten(state).values() if isinstance(t, torch.Tensor)))

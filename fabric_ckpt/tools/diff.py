@@ -1,15 +1,16 @@
 """Comparing two checkpoints entry by entry, across layouts (a file against a sharded folder, local against remote).
 
-Entries are matched by their ``/``-joined path (``model/fc1.weight``, ``optimizer/state/0/exp_avg``), so a file and
-the sharded folder made from it compare equal even though DCP stores integer keys as strings. Tensors are compared
-bitwise, one at a time (sharded folders are read one tensor at a time, files are memory-mapped).
+Both are read through their formats (:func:`fabric_ckpt.formats.registry.open_lazily`), so diff sees exactly the
+bytes every other reader sees. Entries are matched by their ``/``-joined path (``model/fc1.weight``,
+``optimizer/state/0/exp_avg``), so a file and the sharded folder made from it compare equal even though DCP stores
+integer keys as strings. Tensors are compared bitwise, one at a time (sharded folders and safetensors files are read
+one tensor at a time, torch files are memory-mapped).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +18,14 @@ import torch
 
 from fabric_ckpt.core.progress import progress_bar
 from fabric_ckpt.core.state import resolved
-from fabric_ckpt.formats import open_checkpoint, sharded
-from fabric_ckpt.formats.dcp import ShardedFolder, load_full
-from fabric_ckpt.formats.reading import existing_location
+from fabric_ckpt.formats.registry import open_lazily
+from fabric_ckpt.formats.reports import flatten
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import PathLike
-from fabric_ckpt.tools.inspection import flatten
 
-__all__ = ["Change", "CheckpointDiff", "diff", "open_lazily"]
+__all__ = ["Change", "CheckpointDiff", "diff"]
 
-_CHUNK_ELEMENTS = 1 << 24  # bounds the float64 scratch memory of a difference to 128 MiB
+_CHUNK_ELEMENTS = 1 << 22  # bounds the scratch memory of a comparison (float64 differences: 32 MiB a side)
 
 
 @dataclass(frozen=True)
@@ -108,31 +107,6 @@ def _finite_or_text(value: float | None) -> float | str | None:
     return value if value is None or math.isfinite(value) else str(value)
 
 
-@contextmanager
-def open_lazily(path: PathLike, *, weights_only: bool = True, verify: bool = True) -> Iterator[Any]:
-    """Yield the checkpoint at ``path`` without holding all its tensors in memory.
-
-    Sharded folders yield :class:`~fabric_ckpt.formats.torch_format.LazyTensor` placeholders (read one at a time); files
-    come from :func:`~fabric_ckpt.formats.open_checkpoint` (memory-mapped when local).
-
-    Example:
-        >>> with open_lazily("checkpoints/step-1000") as checkpoint:
-        ...     weight = checkpoint["model"]["fc1.weight"].load()
-    """
-
-    location = existing_location(path)
-    if location.isdir() and sharded.is_sharded(location):
-
-        def read(folder: ShardedFolder) -> dict[str, Any]:
-            sharded.verify_folder(folder, checksums=verify)
-            return load_full(folder, weights_only=weights_only, tensors="lazy")
-
-        yield sharded.with_consistent_generation(location, read)
-        return
-    with open_checkpoint(path, weights_only=weights_only, verify=verify) as checkpoint:
-        yield checkpoint
-
-
 def diff(
     a: PathLike, b: PathLike, *, weights_only: bool = True, verify: bool = True, progress: bool | None = None
 ) -> CheckpointDiff:
@@ -152,7 +126,7 @@ def diff(
         open_lazily(a, weights_only=weights_only, verify=verify) as first,
         open_lazily(b, weights_only=weights_only, verify=verify) as second,
     ):
-        left, right = flatten(first), flatten(second)
+        left, right = flatten(first.value), flatten(second.value)
         result.removed = [path for path in left if path not in right]
         result.added = [path for path in right if path not in left]
         common = [path for path in left if path in right]
@@ -207,8 +181,8 @@ def _compare_tensors(path: str, first: Any, second: Any) -> Change | None:
         return Change(path, "dtype {} -> {}".format(*names))
     if tuple(first.shape) != tuple(second.shape):
         return Change(path, f"shape {list(first.shape)} -> {list(second.shape)}")
-    x, y = _real(first), _real(second)
-    if _bitwise_equal(x, y):
+    x, y = _collapsed(_real(first), _real(second))
+    if all(_bitwise_equal(a, b) for a, b in _blocks(x, y)):
         return None
     largest = _max_abs_diff(x, y)
     return Change(path, f"max abs diff {largest:.6g}", largest)
@@ -218,20 +192,60 @@ def _real(value: Any) -> torch.Tensor:
     tensor = value.load() if isinstance(value, LazyTensor) else value
     if tensor.layout != torch.strided or tensor.device.type != "cpu":
         tensor = tensor.to_dense().cpu() if tensor.layout != torch.strided else tensor.cpu()
-    return resolved(tensor.detach()).reshape(-1)  # compared by value: a conjugate view's bytes are its base's
+    return resolved(tensor.detach())  # compared by value: a conjugate view's bytes are its base's
+
+
+def _collapsed(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors without the dimensions along which both repeat one value (stride 0: an ``expand``).
+
+    Along such a dimension every slice is the same in each tensor, so comparing one slice decides them all: a file
+    of a few bytes claiming gigabytes through zero strides is compared in the bytes it really holds.
+    """
+    for dim in reversed(range(x.dim())):
+        if x.stride(dim) == 0 and y.stride(dim) == 0 and x.shape[dim] > 1:
+            x, y = x.narrow(dim, 0, 1), y.narrow(dim, 0, 1)
+    return x, y
+
+
+def _blocks(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching flat pieces of ``x`` and ``y`` in row-major order, each of at most ``_CHUNK_ELEMENTS`` elements:
+    memory stays bounded whatever the tensors' size or strides."""
+    if x.numel() <= _CHUNK_ELEMENTS or x.dim() == 0:
+        yield x.reshape(-1), y.reshape(-1)
+        return
+    if x.dim() == 1:
+        for start in range(0, x.shape[0], _CHUNK_ELEMENTS):
+            yield x[start : start + _CHUNK_ELEMENTS], y[start : start + _CHUNK_ELEMENTS]
+        return
+    row = x[0].numel()
+    if row > _CHUNK_ELEMENTS:  # one row is too much already: its own rows, one by one
+        for index in range(x.shape[0]):
+            yield from _blocks(x[index], y[index])
+        return
+    step = _CHUNK_ELEMENTS // max(row, 1)
+    for start in range(0, x.shape[0], step):
+        yield x[start : start + step].reshape(-1), y[start : start + step].reshape(-1)
 
 
 def _bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     if x.numel() == 0:
         return True
-    return torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+    return torch.equal(_bytes(x), _bytes(y))
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    if flat.stride(0) != 1:  # a one-element view may keep a zero stride: viewing its bytes needs a dense copy
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
 
 
 def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The largest ``|x - y|`` in float64 (complex: modulus; bool: 1.0 where they differ), chunk by chunk."""
+    """The largest ``|x - y|`` in float64 (complex: modulus; bool: 1.0 where they differ), piece by piece."""
     largest = 0.0
-    for start in range(0, x.numel(), _CHUNK_ELEMENTS):
-        a, b = x[start : start + _CHUNK_ELEMENTS], y[start : start + _CHUNK_ELEMENTS]
+    for a, b in _blocks(x, y):
+        if not a.numel():
+            continue
         if a.is_complex():
             delta = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
         else:
