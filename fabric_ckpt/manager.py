@@ -210,10 +210,12 @@ class CheckpointManager:
         return {**state, "timestamp": self.timestamp, "rng": state.get("rng", RNGState())}
 
     def _check_overwrite(self, name: str, path: str) -> None:
-        if self.overwrite or self._ahead_of_resume(name):
+        if self.overwrite:
             return
-        # Rank 0 decides for everyone, so that all ranks raise together instead of some waiting in fabric.save.
-        clash = self.fabric.broadcast(path if self.fabric.is_global_zero and self._exists(name) else None)
+        # Rank 0 decides for everyone, so that all ranks raise together instead of some waiting in fabric.save; and
+        # every rank takes part, since only rank 0 can tell whether its name lies ahead of its resumed one.
+        clashes = self.fabric.is_global_zero and not self._ahead_of_resume(name) and self._exists(name)
+        clash = self.fabric.broadcast(path if clashes else None)
         if clash is not None:
             raise FileExistsError(errno.EEXIST, "Checkpoint exists; pass overwrite=True to replace it", clash)
 
