@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.02)
     parser.add_argument("--signal-timeout", type=float, default=60.0)
+    parser.add_argument("--pause-at", type=int, default=-1, help="print 'paused rank=R batch=B' and pause in batch B")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds of that pause")
     args = parser.parse_args()
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, lambda number, frame: SEEN.append(PHASE[0]))  # the manager's chains to it
@@ -90,6 +92,9 @@ def main() -> int:
                 optimizer.step()
                 consumed.write(json.dumps(indices.tolist()) + "\n")
                 consumed.flush()
+                if manager.timestamp.batch + 1 == args.pause_at:  # the step's collectives are done
+                    say(f"paused rank={rank} batch={args.pause_at}")
+                    time.sleep(args.pause)
                 time.sleep(args.step_sleep)  # a longer step: signals land in every part of it
                 hook(manager.on_batch_end, state, samples=len(indices))
                 say(f"step rank={rank} batch={manager.timestamp.batch}")

@@ -119,9 +119,9 @@ class FabricDataLoader:
         start = None if self._delegates else self._own_start(starts)
         if start is not None:
             self._check_start(start)
-        if not self._delegates and not isinstance(self._loader.dataset, IterableDataset):
-            length = len(self._loader)
-            if batches > length:
+        if not self._delegates and not self._is_iterable():
+            length = _length(self._loader)
+            if length is not None and batches > length:
                 raise ValueError(
                     f"the loader's saved position (epoch {epoch}, after batch {batches}) lies beyond this loader's "
                     f"{length} batches per epoch: the dataset or the batch size changed since it was saved"
@@ -264,6 +264,13 @@ def _check_position(state_dict: Any) -> tuple[int, int, list[Any] | None]:
     if starts is not None and not isinstance(starts, list):
         raise ValueError("the loader's saved 'pass_start' must be a list (one entry per process) or None")
     return int(epoch), int(batches), starts  # type: ignore[arg-type]
+
+
+def _length(loader: DataLoader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # a sampler without a length
+        return None
 
 
 def _every_rank(start: dict[str, Any] | None) -> list[Any] | None:

@@ -81,8 +81,12 @@ class SignalWatch:
         self._group: Any = None
         self._previous = {number: signal.getsignal(number) for number in signals}
         self._handler = self._record  # one bound method, so restore() can tell whether ours is still installed
-        for number in signals:
-            signal.signal(number, self._handler)
+        try:
+            for number in signals:
+                signal.signal(number, self._handler)
+        except BaseException:
+            self.restore()
+            raise
 
     @property
     def installed(self) -> bool:
@@ -153,12 +157,14 @@ class SignalWatch:
 
     def _give_up(self, why: str) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        name = self.received.name if self.received is not None else "a failed rank"
-        code = 128 + int(self.received) if self.received is not None else 1
+        if self.received is not None:
+            what, code = f"{self.received.name} asked to save and stop, but", 128 + int(self.received)
+        else:
+            what, code = "checking for a preemption signal:", 1
         message = (
-            f"[fabric_ckpt] rank {rank}: {name} asked to save and stop, but {why}; a rank is gone or stuck, so no "
-            f"collective save can finish. Nothing was saved at this step (the last complete checkpoint stays as it "
-            f"was). Exiting with status {code}."
+            f"[fabric_ckpt] rank {rank}: {what} {why}; a rank is gone or stuck, so no collective save can finish. "
+            f"Nothing was saved at this step (the last complete checkpoint stays as it was). Exiting with status "
+            f"{code}."
         )
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
