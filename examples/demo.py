@@ -10,6 +10,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import resume_preempted  # noqa: E402
 import resume_single_device  # noqa: E402
 
 
@@ -35,6 +36,9 @@ def main() -> int:
             print()
         object_store = subprocess.run([sys.executable, str(HERE / "resume_object_store.py")])
         results["object store, killed and resumed from latest"] = object_store.returncode == 0
+        print()
+        preempted = resume_preempted.run(str(root / "preempted"))
+        results["2-process DDP, preempted mid-epoch (SIGTERM) and resumed"] = preempted
         print()
     for name, ok in results.items():
         print(f"{'PASS' if ok else 'FAIL'}: {name}")

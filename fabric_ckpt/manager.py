@@ -13,7 +13,7 @@ import posixpath
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from torch import nn
@@ -29,6 +29,7 @@ from fabric_ckpt.formats import sharded
 from fabric_ckpt.storage import resolve
 from fabric_ckpt.storage.pointers import MAX_POINTER_BYTES, pointer_bytes, pointer_target
 from fabric_ckpt.storage.temporaries import is_temporary_name
+from fabric_ckpt.training.preemption import DEFAULT_SIGNAL_TIMEOUT, SignalWatch, check_signals
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 
@@ -56,6 +57,11 @@ class CheckpointManager:
         run_name: ``{run_name}``; defaults to ``$RUN_NAME``, else a time-based name agreed by all ranks.
         async_save: write checkpoints in the background (``fabric.save_async``); ``latest`` and pruning follow each
             checkpoint once it is complete, and the next save (or ``load_latest``) waits for the previous one.
+        save_on_signal: signals (e.g. ``(signal.SIGTERM,)``) that mean "save now and stop": at the next hook every
+            rank saves synchronously at the same step and :attr:`should_stop` becomes ``True``. The default ``()``
+            changes no signal handler. See docs/preemption.md.
+        signal_timeout: once signalled, how many seconds a rank waits for the others to reach the same hook; a rank
+            that does not (dead or stuck) makes the process exit with a message instead of hanging.
 
     The format variables are :data:`FORMAT_VARIABLES`: the topology and the Timestamp's fields (``*_wct`` in whole
     seconds).
@@ -84,6 +90,8 @@ class CheckpointManager:
         timestamp: Timestamp | None = None,
         run_name: str | None = None,
         async_save: bool = False,
+        save_on_signal: Iterable[int | str] = (),
+        signal_timeout: float = DEFAULT_SIGNAL_TIMEOUT,
     ) -> None:
         if timestamp is not None and not isinstance(timestamp, Timestamp):
             raise TypeError(f"timestamp must be a Timestamp or None, got {type(timestamp).__name__}")
@@ -114,6 +122,13 @@ class CheckpointManager:
         # Fail now on "../x" or a bad format spec, not at the first save hours into training.
         if self._name(self._checkpoint) == self._name(self._latest):
             raise ValueError(f"latest_filename={latest_filename!r} names the checkpoints themselves ({filename!r})")
+        self._last_saved: str | None = None
+        self._stopped = False
+        signals = check_signals(save_on_signal)
+        if not isinstance(signal_timeout, (int, float)) or isinstance(signal_timeout, bool) or signal_timeout <= 0:
+            raise ValueError(f"signal_timeout={signal_timeout!r} must be a positive number of seconds")
+        # Last: nothing after it may fail and leave the handlers installed.
+        self._watch = SignalWatch(signals, float(signal_timeout)) if signals else None
 
     # ------------------------------------------------------------------ the loop's hooks
     def on_batch_end(self, state: Mapping[str, Any], samples: int = 0, tokens: int = 0) -> str | None:
@@ -159,7 +174,51 @@ class CheckpointManager:
 
     def _save_if_due(self, state: Mapping[str, Any], event: str) -> str | None:
         self._seen = (self.timestamp.epoch, self.timestamp.batch)
+        if self._stopped:
+            return None
+        if self._watch is not None and self._watch.agreed(distributed=self.fabric.world_size > 1):
+            return self._save_and_stop(state)
         return self.save(state) if self._due(self.timestamp, event) else None
+
+    # ------------------------------------------------------------------ stopping on a signal
+    @property
+    def should_stop(self) -> bool:
+        """``True`` once a ``save_on_signal`` signal reached some rank and the checkpoint of this step is committed:
+        the same on every rank, after the same hook. Check it after ``on_batch_end`` and ``on_epoch_end``.
+
+        Example:
+            >>> manager.on_batch_end(state)
+            >>> if manager.should_stop:
+            ...     break
+        """
+        return self._stopped
+
+    def _save_and_stop(self, state: Mapping[str, Any]) -> str:
+        assert self._watch is not None
+        name = self._name(self._checkpoint)
+        try:
+            self.fabric.wait_for_saves()  # the save in flight first: it decides what `latest` is
+            already_saved = name == self._last_saved  # e.g. by manager.save() at this very step
+        except CheckpointError as err:  # an earlier checkpoint failed; this step's must still be written
+            warnings.warn(f"CheckpointManager: {err}; saving this step's checkpoint anyway", stacklevel=3)
+            already_saved = False
+        path = self._url(name) if already_saved else self._save(state, asynchronous=False)
+        self._stopped = True
+        self._watch.restore()
+        what = self._watch.received.name if self._watch.received is not None else "a signal to another rank"
+        self.fabric.print(
+            f"[fabric_ckpt] {what}: saved {path} (epoch {self.timestamp.epoch}, batch {self.timestamp.batch}); stopping"
+        )
+        return path
+
+    def close(self) -> None:
+        """Put back the signal handlers that ``save_on_signal`` replaced, e.g. once training ended without a signal.
+
+        Example:
+            >>> manager.close()
+        """
+        if self._watch is not None:
+            self._watch.restore()
 
     # ------------------------------------------------------------------ saving
     def save(self, state: Mapping[str, Any]) -> str:
@@ -171,18 +230,22 @@ class CheckpointManager:
         Example:
             >>> path = manager.save({"model": model, "optimizer": optimizer})
         """
+        return self._save(state, asynchronous=self.async_save)
+
+    def _save(self, state: Mapping[str, Any], *, asynchronous: bool) -> str:
         name = self._name(self._checkpoint)
         path = self._url(name)
         payload = self._payload(state)
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
-        if self.async_save:
+        if asynchronous:
             handle = self.fabric.save_async(path, payload)
             if manages:  # moved on the background thread once the checkpoint is complete
                 handle.add_done_callback(lambda _: self._after_commit(name))
-            self.last_save = handle
+            self.last_save, self._last_saved = handle, name
             return path
         self.fabric.save(path, payload)
+        self._last_saved = name
         if manages:
             self._after_commit(name)
         self.fabric.barrier("CheckpointManager.save")
@@ -207,10 +270,12 @@ class CheckpointManager:
         return {**state, "timestamp": self.timestamp, "rng": state.get("rng", RNGState())}
 
     def _check_overwrite(self, name: str, path: str) -> None:
-        if self.overwrite or self._ahead_of_resume(name):
+        if self.overwrite:
             return
-        # Rank 0 decides for everyone, so that all ranks raise together instead of some waiting in fabric.save.
-        clash = self.fabric.broadcast(path if self.fabric.is_global_zero and self._exists(name) else None)
+        # Rank 0 decides for everyone, so that all ranks raise together instead of some waiting in fabric.save; and
+        # every rank takes part, since only rank 0 can tell whether its name lies ahead of its resumed one.
+        clashes = self.fabric.is_global_zero and not self._ahead_of_resume(name) and self._exists(name)
+        clash = self.fabric.broadcast(path if clashes else None)
         if clash is not None:
             raise FileExistsError(errno.EEXIST, "Checkpoint exists; pass overwrite=True to replace it", clash)
 

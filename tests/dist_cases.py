@@ -275,7 +275,9 @@ def memory_url_round_trip(kind: str) -> dict[str, Any]:
     }
 
 
-def manager_resume(kind: str, folder: str, stop_after: int | None) -> dict[str, Any]:
+def manager_resume(
+    kind: str, folder: str, stop_after: int | None, filename: str = "ba{batch}", latest_filename: str = "latest"
+) -> dict[str, Any]:
     """Train 6 batches with a manager saving every 2 (keeping 2), with dropout-like noise from every RNG.
 
     With ``stop_after`` the run stops there ("crash"); called again with ``None`` it resumes from ``latest``.
@@ -289,8 +291,8 @@ def manager_resume(kind: str, folder: str, stop_after: int | None) -> dict[str, 
     manager = CheckpointManager(
         fabric,
         folder,
-        filename="ba{batch}",
-        latest_filename="latest",
+        filename=filename,
+        latest_filename=latest_filename,
         save_interval="2ba",
         num_checkpoints_to_keep=2,
         run_name="test",
@@ -317,7 +319,7 @@ def manager_resume(kind: str, folder: str, stop_after: int | None) -> dict[str, 
         "draws": draws,
         "params": full(model.state_dict()),
         "files": sorted(os.listdir(folder)),
-        "latest": os.readlink(os.path.join(folder, "latest")),
+        "latest": os.readlink(os.path.join(folder, latest_filename.format(rank=0))),
     }
 
 

@@ -176,7 +176,7 @@ def stateful_loader_resumes(kind: str) -> dict[str, Any]:
         "consumed": [b.flatten().tolist() for b in consumed],
         "expected": [b.flatten().tolist() for b in expected],
         "resumed": [b.flatten().tolist() for b in resumed],
-        "state_keys": sorted(state),
+        "state_keys": sorted(state["loader"]),
     }
 
 

@@ -30,3 +30,15 @@ def test_stop_and_resume_from_latest_matches_an_uninterrupted_run(group, tmp_pat
         # Keeps the newest 2, plus ba2: the checkpoint this run resumed from is never pruned.
         assert resumed[rank]["files"] == ["ba2", "ba4", "ba6", "latest"] and resumed[rank]["latest"] == "ba6"
     assert reference[0]["draws"] != reference[1]["draws"]  # the ranks really had different RNG streams
+
+
+def test_a_resumed_run_with_per_rank_names_saves_again_on_every_rank(group, tmp_path):
+    """The default names hold {rank}: rank 0 writes ep0-ba4-rank0 and every rank must agree on whether it may
+    replace it; ranks other than 0 once skipped that agreement and waited for rank 0 forever."""
+    names = {"filename": "ep{epoch}-ba{batch}-rank{rank}", "latest_filename": "latest-rank{rank}"}
+    reference = group.run(cases.manager_resume, "ddp", str(tmp_path / "reference"), None, **names)
+    group.run(cases.manager_resume, "ddp", str(tmp_path / "run"), 3, **names)
+    resumed = group.run(cases.manager_resume, "ddp", str(tmp_path / "run"), None, **names)
+    for rank in range(2):
+        assert all(torch.equal(resumed[rank]["params"][k], v) for k, v in reference[rank]["params"].items())
+        assert resumed[rank]["latest"] == "ep0-ba6-rank0"

@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-__all__ = ["RNGState"]
+__all__ = ["RNGState", "process_rng_state", "set_process_rng_state"]
 
 
 class RNGState:
@@ -40,7 +40,7 @@ class RNGState:
             >>> sorted(RNGState().state_dict())
             ['numpy', 'python', 'torch']
         """
-        own = _own_state()
+        own = process_rng_state()
         world_size = _world_size()
         if world_size == 1:
             return own
@@ -71,7 +71,7 @@ class RNGState:
                 )
                 return
             state_dict = ranks[rank]
-        _set_own_state(state_dict)
+        set_process_rng_state(state_dict)
 
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise ``ValueError`` unless :meth:`load_state_dict` would restore ``state_dict`` completely.
@@ -96,7 +96,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _own_state() -> dict[str, Any]:
+def process_rng_state() -> dict[str, Any]:
+    """This process's generators (Python's, NumPy's, torch's CPU and CUDA ones), with no collective.
+
+    Example:
+        >>> saved = process_rng_state()
+        >>> torch.rand(1)
+        >>> set_process_rng_state(saved)  # the next draw repeats the one above
+    """
     state: dict[str, Any] = {"python": _python_state(), "torch": torch.get_rng_state()}
     numpy_state = _numpy_state()
     if numpy_state is not None:
@@ -106,7 +113,12 @@ def _own_state() -> dict[str, Any]:
     return state
 
 
-def _set_own_state(state_dict: Mapping[str, Any]) -> None:
+def set_process_rng_state(state_dict: Mapping[str, Any]) -> None:
+    """Set this process's generators from :func:`process_rng_state`'s dict (validated first).
+
+    Example:
+        >>> set_process_rng_state(saved)
+    """
     check_rng_state(state_dict)
     python = state_dict.get("python")
     if python is not None:

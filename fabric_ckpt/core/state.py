@@ -16,7 +16,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fabric_ckpt.core.collections import rebuild
-from fabric_ckpt.core.loader import FabricDataLoader, no_state_message
 from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.types import AttributeDict
@@ -56,8 +55,7 @@ def is_stateful(obj: Any) -> bool:
 def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``state`` with set-up/compiled/DDP modules and set-up optimizers unwrapped.
 
-    Set-up data loaders stay (they save and restore the wrapped loader's state); one over a loader that keeps no
-    state is refused, since the wrapper itself is never pickled into a checkpoint.
+    Set-up data loaders stay: they save and restore their position (the wrapper itself is never pickled).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"`state` must be a dict (or AttributeDict), got {type(state).__name__}")
@@ -67,8 +65,6 @@ def unwrap_objects(state: Mapping[str, Any]) -> dict[str, Any]:
             obj = unwrap_module(obj)
         elif isinstance(obj, Optimizer):
             obj = unwrap_optimizer(obj)
-        elif isinstance(obj, FabricDataLoader) and not obj.has_state:
-            raise TypeError(no_state_message(obj.loader, key))
         unwrapped[key] = obj
     return unwrapped
 
