@@ -7,11 +7,14 @@ checkpoint, and prunes old ones. ``load_latest`` resumes a run where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import posixpath
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -29,6 +32,7 @@ from fabric_ckpt.fabric import Fabric
 from fabric_ckpt.formats import sharded
 from fabric_ckpt.storage import resolve
 from fabric_ckpt.storage.temporaries import is_temporary_name
+from fabric_ckpt.tiers import LOCAL, CheckpointFolder, LocalTier, RemoteTier, Upload, check_keep, remote_tier
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 
@@ -37,6 +41,9 @@ EVENTS = ("batch_end", "epoch_end")
 
 _POINTER_FORMAT = "fabric_ckpt.latest/1"
 _MAX_POINTER_BYTES = 1 << 16
+_KEEP_NONE = "delete the local copy once its upload is confirmed"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -49,7 +56,8 @@ class CheckpointManager:
         latest_filename: the name of the ``latest`` symlink (local) or pointer object (other filesystems).
         save_interval: an int (epochs), a time string (``"2ep"``, ``"500ba"``, ``"2000sp"``, ``"1000000tok"``), or
             a callable ``(timestamp, event) -> bool`` with ``event`` in :data:`EVENTS`.
-        num_checkpoints_to_keep: keep the newest N checkpoints in ``folder``; ``-1`` keeps all.
+        num_checkpoints_to_keep: keep the newest N checkpoints in ``folder``; ``-1`` keeps all; ``0`` (only with
+            ``remote_folder``) deletes each local copy once its upload is confirmed.
         overwrite: replace an existing checkpoint of the same name instead of raising ``FileExistsError``. A run
             resumed by :meth:`load_latest` may always replace checkpoints after the one it resumed from: an
             interrupted earlier attempt of the same run wrote them.
@@ -59,6 +67,13 @@ class CheckpointManager:
         run_name: ``{run_name}``; defaults to ``$RUN_NAME``, else a time-based name agreed by all ranks.
         async_save: write checkpoints in the background (``fabric.save_async``); ``latest`` and pruning follow each
             checkpoint once it is complete, and the next save (or ``load_latest``) waits for the previous one.
+        remote_folder: a second, durable tier (e.g. ``s3://bucket/run``; may use the format variables): each
+            checkpoint is committed in ``folder`` first, then uploaded in the background, and ``latest`` of each
+            tier moves once that tier's copy is complete. ``load_latest`` resumes from the newer tier. See
+            docs/two-tier.md.
+        remote_filename: the remote copies' names inside ``remote_folder`` (default: ``filename``).
+        remote_num_checkpoints_to_keep: keep the newest N checkpoints in ``remote_folder``; ``-1`` (the default)
+            keeps all.
 
     The format variables are :data:`FORMAT_VARIABLES`: the topology and the Timestamp's fields (``*_wct`` in whole
     seconds).
@@ -87,13 +102,16 @@ class CheckpointManager:
         timestamp: Timestamp | None = None,
         run_name: str | None = None,
         async_save: bool = False,
+        remote_folder: str | os.PathLike[str] | None = None,
+        remote_filename: str | None = None,
+        remote_num_checkpoints_to_keep: int = -1,
     ) -> None:
         if timestamp is not None and not isinstance(timestamp, Timestamp):
             raise TypeError(f"timestamp must be a Timestamp or None, got {type(timestamp).__name__}")
         self.fabric = fabric
         self.save_interval = save_interval
         self._due = _schedule(save_interval)
-        self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep)
+        self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep, remote=remote_folder is not None)
         self.overwrite = overwrite
         self.save_weights_only = save_weights_only
         self.async_save = async_save
@@ -117,6 +135,19 @@ class CheckpointManager:
         # Fail now on "../x" or a bad format spec, not at the first save hours into training.
         if self._name(self._checkpoint) == self._name(self._latest):
             raise ValueError(f"latest_filename={latest_filename!r} names the checkpoints themselves ({filename!r})")
+        self._local_lock = threading.RLock()  # `latest` and deletions in `folder`: saves and uploads both change them
+        local = CheckpointFolder(self._root, self._checkpoint, self._run_values)
+        self._remote: RemoteTier | None = remote_tier(
+            remote_folder,
+            remote_filename,
+            remote_num_checkpoints_to_keep,
+            filename=filename,
+            latest_filename=latest_filename,
+            local=LocalTier(local, self._latest, self.num_checkpoints_to_keep, self._local_lock),
+            values=self._values(),
+            options=fabric.storage_options,
+            before_exit=self._finish_save,
+        )
 
     # ------------------------------------------------------------------ the loop's hooks
     def on_batch_end(self, state: Mapping[str, Any], samples: int = 0, tokens: int = 0) -> str | None:
@@ -179,23 +210,28 @@ class CheckpointManager:
         payload = self._payload(state)
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
+        replace = self.overwrite or self._ahead_of_resume(name)
+        upload = self._remote.next_upload(name, self._values(), replace=replace) if manages and self._remote else None
         if self.async_save:
             handle = self.fabric.save_async(path, payload)
             if manages:  # moved on the background thread once the checkpoint is complete
-                handle.add_done_callback(lambda _: self._after_commit(name))
+                handle.add_done_callback(lambda _: self._after_commit(name, upload))
             self.last_save = handle
             return path
         self.fabric.save(path, payload)
         if manages:
-            self._after_commit(name)
+            self._after_commit(name, upload)
         self.fabric.barrier("CheckpointManager.save")
         return path
 
-    def _after_commit(self, name: str) -> None:
+    def _after_commit(self, name: str, upload: Upload | None = None) -> None:
         # Only after the checkpoint is complete; per-rank names are managed by each rank that wrote its file.
-        if self._exists(name):
-            self._point_latest(name)
-            self._prune(name)
+        with self._local_lock:
+            if self._exists(name):
+                self._point_latest(name)
+                self._prune(name)
+                if self._remote is not None and upload is not None:
+                    self._remote.submit(upload)
 
     def _payload(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if self.save_weights_only:
@@ -227,10 +263,11 @@ class CheckpointManager:
             sink.write(json.dumps({"format": _POINTER_FORMAT, "checkpoint": target}).encode())
 
     def _prune(self, saved: str) -> None:
-        if self.num_checkpoints_to_keep == -1:
+        if self.num_checkpoints_to_keep in (-1, 0):  # with 0, local copies go once uploaded (see _uploaded)
             return
         try:
             protected = {saved, self._latest_target()[0], self._resumed_name}
+            protected |= self._remote.pending() if self._remote is not None else set()  # not uploaded yet
             older = self._names()[self.num_checkpoints_to_keep :]
         except Exception as err:  # the new checkpoint and `latest` are complete: retention can wait for the next save
             warnings.warn(f"CheckpointManager could not list {self.folder} to prune it: {err}", stacklevel=3)
@@ -276,14 +313,15 @@ class CheckpointManager:
             >>> fresh_start = remainder is None
         """
         self.fabric.wait_for_saves()  # an asynchronous save in flight decides what `latest` is
-        no_plan: tuple[list[str], str | None] = ([], None)
-        candidates, latest_problem = self.fabric.broadcast(
-            self._resume_plan() if self.fabric.is_global_zero else no_plan
+        no_plan: tuple[list[tuple[str, str]], str | None] = ([], None)
+        plan = self.fabric.strategy.agree(  # every rank raises if rank 0 cannot list a tier (e.g. the bucket)
+            lambda: self._resume_plan() if self.fabric.is_global_zero else no_plan, "Finding the latest checkpoint"
         )
+        candidates, latest_problem = self.fabric.broadcast(plan)
         weights_mode = load_weights_only or self.save_weights_only
         skipped: list[str] = []
-        for name in candidates:
-            path = self._url(name)
+        for tier, name in candidates:
+            path = self._url(name) if self._remote is None or tier == LOCAL else self._remote.url(name)
             try:
                 remainder = self.fabric.load(
                     path,
@@ -297,7 +335,7 @@ class CheckpointManager:
             except (OSError, CheckpointError) as err:
                 skipped.append(f"{path} ({err})")
                 continue
-            self._resumed(name, remainder, restore_extras=not weights_mode)
+            self._resumed(tier, name, remainder, restore_extras=not weights_mode)
             if (latest_problem or skipped) and self.fabric.is_global_zero:
                 why = f"`latest` {latest_problem}" if latest_problem else f"could not load {'; '.join(skipped)}"
                 warnings.warn(f"CheckpointManager resumed from {path} instead of `latest`: {why}", stacklevel=2)
@@ -306,7 +344,14 @@ class CheckpointManager:
             raise CheckpointError(f"No checkpoint in '{self.folder}' could be loaded: {'; '.join(skipped)}")
         return None
 
-    def _resume_plan(self) -> tuple[list[str], str | None]:
+    def _resume_plan(self) -> tuple[list[tuple[str, str]], str | None]:
+        """``(tier, name)`` of the checkpoints to try, and what is wrong with ``latest`` where it has no target."""
+        names, problem = self._local_resume_plan()
+        if self._remote is None:
+            return [(LOCAL, name) for name in names], problem
+        return self._remote.resume_plan(names, problem, self._values())
+
+    def _local_resume_plan(self) -> tuple[list[str], str | None]:
         """The names to try, ``latest``'s target first, and what is wrong with ``latest`` if it has no target."""
         target, problem = self._latest_target()
         others = self._names()
@@ -327,13 +372,23 @@ class CheckpointManager:
         key = tuple(mine.get(field, -1) for field in TIMESTAMP_FIELDS)
         return key > tuple(theirs.get(field, -1) for field in TIMESTAMP_FIELDS)
 
-    def _resumed(self, name: str, remainder: dict[str, Any], *, restore_extras: bool) -> None:
-        if restore_extras and "timestamp" in remainder:
+    def _resumed(self, tier: str, name: str, remainder: dict[str, Any], *, restore_extras: bool) -> None:
+        progress_restored = restore_extras and "timestamp" in remainder
+        if progress_restored:
             self.timestamp.load_state_dict(remainder.pop("timestamp"))
         if restore_extras and "rng" in remainder:
             RNGState().load_state_dict(remainder.pop("rng"))  # last, so nothing after it draws from the generators
-        self.resumed_from, self._resumed_name = self._url(name), name
+        if self._remote is None or tier == LOCAL:
+            self.resumed_from, self._resumed_name = self._url(name), name
+        else:  # the local name this checkpoint has (it is a save of this run): later names may be written again
+            self.resumed_from = self._remote.url(name)
+            self._resumed_name = self._name(self._checkpoint) if progress_restored else None
         self._seen = (self.timestamp.epoch, self.timestamp.batch)
+        if self._remote is not None:
+            values = self._values() if progress_restored else None
+            self._remote.resumed(tier, name, values, owns_local=self.fabric.is_global_zero or self._per_rank)
+        if self.fabric.is_global_zero:
+            log.info("CheckpointManager resumed from %s", self.resumed_from)
 
     def _latest_target(self) -> tuple[str | None, str]:
         """The name ``latest`` points at (relative to the folder), or ``None`` and why."""
@@ -397,9 +452,11 @@ class CheckpointManager:
     def _walk(self, depth: int) -> Iterator[str]:
         return self._root.storage.walk(self._root.path, depth)
 
+    def _values(self) -> dict[str, Any]:
+        return {**self._run_values, **{field: int(getattr(self.timestamp, field)) for field in TIMESTAMP_FIELDS}}
+
     def _name(self, pattern: NamePattern) -> str:
-        values = {**self._run_values, **{field: int(getattr(self.timestamp, field)) for field in TIMESTAMP_FIELDS}}
-        name = pattern.format(values)
+        name = pattern.format(self._values())
         if escapes_folder(name):
             raise ValueError(
                 f"{pattern.option}={pattern.text!r} gives {name!r}, which is not a name inside the folder "
@@ -415,6 +472,30 @@ class CheckpointManager:
 
     def _exists(self, name: str) -> bool:
         return self._root.child(name).exists()
+
+    # ------------------------------------------------------------------ the remote tier (docs/two-tier.md)
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every in-flight save and upload of this manager has finished; raise what failed.
+
+        Failed uploads are retried once more first; those that still fail raise :class:`CheckpointError` naming each
+        (their local copies stay). Call it on every rank, e.g. before the job ends.
+
+        Raises:
+            TimeoutError: uploads are still running after ``timeout`` seconds.
+
+        Example:
+            >>> manager.wait()  # the last checkpoint is in remote_folder too, and `latest` there names it
+        """
+        self.fabric.wait_for_saves()
+        remote = self._remote
+        if remote is not None:
+            self.fabric.strategy.agree(lambda: remote.wait(timeout), "Waiting for the uploads of CheckpointManager")
+
+    def _finish_save(self, seconds: float) -> None:
+        """At exit: let an asynchronous save still being written finish, so that its upload is queued."""
+        if self.last_save is not None:
+            with contextlib.suppress(BaseException):  # its error is reported by the asynchronous saver's exit hook
+                self.last_save.wait(seconds)
 
     # ------------------------------------------------------------------ construction helpers
     def _default_run_name(self) -> str:
@@ -450,10 +531,10 @@ def _schedule(save_interval: SaveInterval) -> Callable[[Timestamp, str], bool]:
     return due
 
 
-def _check_keep(value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
-        raise ValueError(f"num_checkpoints_to_keep={value!r} must be -1 (keep all) or a positive int")
-    return value
+def _check_keep(value: int, *, remote: bool) -> int:
+    if value == 0 and type(value) is int and not remote:
+        raise ValueError(f"num_checkpoints_to_keep=0 ({_KEEP_NONE}) is valid only with a remote_folder")
+    return check_keep(value, "num_checkpoints_to_keep", zero=_KEEP_NONE if remote else None)
 
 
 def _check_run_name(name: str) -> str:
