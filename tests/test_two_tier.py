@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import fsspec
 import pytest
@@ -282,3 +285,122 @@ def test_a_sharded_folder_is_uploaded_into_a_new_generation_committed_by_its_man
         copy_checkpoint(source, target)
     assert sharded.read_manifest(target) == first
     assert torch.equal(fabric.load(target.original)["model"]["w"], weights["w"])
+
+
+# ---------------------------------------------------------------------------------------------- processes
+WRITER = """
+import sys
+import time
+
+import torch
+
+import fabric_ckpt.tiers.uploads
+from fabric_ckpt import CheckpointManager, Fabric
+
+local, remote, saves, exit_wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+fabric_ckpt.tiers.uploads.EXIT_WAIT_S = exit_wait
+fabric = Fabric(accelerator="cpu")
+manager = CheckpointManager(
+    fabric, local, remote_folder=remote, save_interval="1ba", num_checkpoints_to_keep=0, run_name="r"
+)
+if "--resume" in sys.argv:
+    manager.load_latest({})
+for step in range(manager.timestamp.batch + 1, manager.timestamp.batch + 1 + saves):
+    manager.on_batch_end({"weights": torch.full((50_000,), float(step)), "step": step})
+print("saved", flush=True)
+if "--linger" in sys.argv:
+    time.sleep(120)
+"""
+
+
+def write_writer(tmp_path) -> str:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return str(script)
+
+
+def writer_environment(endpoint: str) -> dict[str, str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": root, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"}
+
+
+def step_of(url: str) -> int:
+    """The step a checkpoint of the writer holds, checked against its content."""
+    loaded = Fabric(accelerator="cpu").load(url)
+    assert torch.equal(loaded["weights"], torch.full((50_000,), float(loaded["step"])))
+    return int(loaded["step"])
+
+
+def test_an_exiting_process_waits_for_its_uploads(tmp_path, bucket, outage):
+    outage.faults, outage.delay_s, outage.rate = ("delay",), 0.1, 1.0  # every connection is slow: uploads lag
+    local, remote = tmp_path / "local", f"{bucket}/run"
+    result = subprocess.run(
+        [sys.executable, write_writer(tmp_path), str(local), remote, "3", "900"],
+        env=writer_environment(outage.endpoint),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert remote_files(remote) == ["ep0-ba1-rank0", "ep0-ba2-rank0", "ep0-ba3-rank0", "latest-rank0"]
+    assert pointer(f"{remote}/latest-rank0") == "ep0-ba3-rank0"
+    assert step_of(f"{remote}/ep0-ba3-rank0") == 3
+    assert os.listdir(local) == []
+
+
+def test_an_exiting_process_gives_up_on_uploads_after_a_bounded_wait_and_says_so(tmp_path, bucket, outage):
+    outage.faults, outage.delay_s, outage.rate = ("delay",), 30.0, 1.0  # the network hangs
+    local, remote = tmp_path / "local", f"{bucket}/run"
+    result = subprocess.run(
+        [sys.executable, write_writer(tmp_path), str(local), remote, "2", "1"],
+        env=writer_environment(outage.endpoint),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"waiting up to 1 s for 2 checkpoint upload(s) to {remote} before exiting" in result.stderr
+    assert "giving up at exit: 2 upload(s)" in result.stderr and str(local / "ep0-ba2-rank0") in result.stderr
+    assert remote_files(remote) == []
+    assert sorted(os.listdir(local)) == ["ep0-ba1-rank0", "ep0-ba2-rank0", "latest-rank0"]  # nothing lost
+
+
+def test_a_writer_killed_during_uploads_loses_nothing_and_the_next_run_catches_up(tmp_path, bucket, outage):
+    outage.faults, outage.delay_s, outage.rate = ("delay",), 0.3, 1.0
+    local, remote = tmp_path / "local", f"{bucket}/run"
+    writer = subprocess.Popen(
+        [sys.executable, write_writer(tmp_path), str(local), remote, "4", "900", "--linger"],
+        env=writer_environment(outage.endpoint),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "saved\n"
+        writer.send_signal(signal.SIGKILL)  # while uploads are queued or running
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    fsspec.filesystem("s3").invalidate_cache()
+    on_remote = [name for name in remote_files(remote) if name != "latest-rank0"]
+    on_local = [name for name in os.listdir(local) if name != "latest-rank0"]
+    # Nothing lost: every saved step is on one tier at least, and each copy is whole.
+    assert {f"ep0-ba{step}-rank0" for step in range(1, 5)} <= {*on_remote, *on_local}
+    for name in on_remote:
+        assert step_of(f"{remote}/{name}") == int(name.split("-ba")[1].split("-")[0])
+    if on_remote:  # the remote `latest` names a complete copy
+        assert pointer(f"{remote}/latest-rank0") in on_remote
+    assert os.readlink(local / "latest-rank0") == "ep0-ba4-rank0"  # not uploaded yet, so still local
+
+    # The next run resumes from the newest checkpoint (local), uploads it first, then goes on.
+    result = subprocess.run(
+        [sys.executable, write_writer(tmp_path), str(local), remote, "1", "900", "--resume"],
+        env=writer_environment(os.environ["AWS_ENDPOINT_URL"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"ep0-ba4-rank0", "ep0-ba5-rank0"} <= set(remote_files(remote))
+    assert pointer(f"{remote}/latest-rank0") == "ep0-ba5-rank0" and step_of(f"{remote}/ep0-ba5-rank0") == 5
+    assert step_of(f"{remote}/ep0-ba4-rank0") == 4
