@@ -404,3 +404,52 @@ def test_a_writer_killed_during_uploads_loses_nothing_and_the_next_run_catches_u
     assert {"ep0-ba4-rank0", "ep0-ba5-rank0"} <= set(remote_files(remote))
     assert pointer(f"{remote}/latest-rank0") == "ep0-ba5-rank0" and step_of(f"{remote}/ep0-ba5-rank0") == 5
     assert step_of(f"{remote}/ep0-ba4-rank0") == 4
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying in")
+def test_resuming_while_the_remote_tier_is_unreachable_raises_instead_of_going_back(tmp_path, bucket, outage):
+    fabric = through(outage)
+    manager = CheckpointManager(fabric, tmp_path / "local", remote_folder=f"{bucket}/run", run_name="r")
+    epochs(manager, build(0), 1)
+    manager.wait()
+    go_down(outage)
+    state = build(1)
+    before = snapshot(state["model"])
+    resumed = CheckpointManager(fabric, tmp_path / "local", remote_folder=f"{bucket}/run", run_name="r")
+    with pytest.raises(OSError):  # not a silent resume from the local tier, which may be the older one
+        resumed.load_latest(state)
+    assert resumed.resumed_from is None
+    assert_same_state(snapshot(state["model"]), before)
+    outage.rate = 0.0
+
+
+ASYNC_WRITER = """
+import sys
+
+import torch
+
+from fabric_ckpt import CheckpointManager, Fabric
+
+fabric = Fabric(accelerator="cpu")
+manager = CheckpointManager(
+    fabric, sys.argv[1], remote_folder=sys.argv[2], save_interval="1ba", async_save=True, run_name="r"
+)
+for step in range(1, 4):
+    manager.on_batch_end({"weights": torch.full((50_000,), float(step)), "step": step})
+"""
+
+
+def test_an_exiting_process_finishes_its_asynchronous_save_then_uploads_it(tmp_path):
+    script = tmp_path / "async_writer.py"
+    script.write_text(ASYNC_WRITER)
+    local, remote = tmp_path / "local", tmp_path / "remote"  # another filesystem in real use (NFS, a bucket)
+    result = subprocess.run(
+        [sys.executable, str(script), str(local), str(remote)],
+        env=writer_environment(os.environ.get("AWS_ENDPOINT_URL", "")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(remote)) == ["ep0-ba1-rank0", "ep0-ba2-rank0", "ep0-ba3-rank0", "latest-rank0"]
+    assert os.readlink(remote / "latest-rank0") == "ep0-ba3-rank0" and step_of(str(remote / "ep0-ba3-rank0")) == 3
