@@ -263,7 +263,7 @@ class CheckpointManager:
             sink.write(json.dumps({"format": _POINTER_FORMAT, "checkpoint": target}).encode())
 
     def _prune(self, saved: str) -> None:
-        if self.num_checkpoints_to_keep in (-1, 0):  # with 0, local copies go once uploaded (see _uploaded)
+        if self.num_checkpoints_to_keep in (-1, 0):  # with 0, local copies go once uploaded (tiers.remote)
             return
         try:
             protected = {saved, self._latest_target()[0], self._resumed_name}

@@ -453,3 +453,18 @@ def test_an_exiting_process_finishes_its_asynchronous_save_then_uploads_it(tmp_p
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(remote)) == ["ep0-ba1-rank0", "ep0-ba2-rank0", "ep0-ba3-rank0", "latest-rank0"]
     assert os.readlink(remote / "latest-rank0") == "ep0-ba3-rank0" and step_of(str(remote / "ep0-ba3-rank0")) == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying in")
+def test_wait_with_a_timeout_raises_timeout_error_naming_the_uploads_still_running(tmp_path, bucket, outage):
+    fabric = through(outage)
+    manager = CheckpointManager(fabric, tmp_path / "local", remote_folder=f"{bucket}/run", run_name="r")
+    outage.faults, outage.delay_s, outage.rate = ("delay",), 60.0, 1.0  # the network hangs
+    outage.cut_connections()
+    epochs(manager, build(0), 1)
+    with pytest.raises(TimeoutError, match=f"1 upload.* to {bucket}/run still running after 1 s: .*ep1-ba1-rank0"):
+        manager.wait(timeout=1)
+    outage.rate = 0.0
+    outage.cut_connections()  # the hung connection fails now; the retry goes through
+    manager.wait()
+    assert pointer(f"{bucket}/run/latest-rank0") == "ep1-ba1-rank0"
