@@ -133,6 +133,7 @@ def test_asynchronous_saves_are_uploaded_once_complete(tmp_path, bucket, fabric)
         ({"remote_filename": "x-{epoch}"}, "remote_filename='x-{epoch}' needs a remote_folder"),
         ({"remote_num_checkpoints_to_keep": 2}, "remote_num_checkpoints_to_keep=2 needs a remote_folder"),
         ({"remote_folder": "memory://b/r", "remote_num_checkpoints_to_keep": 0}, "remote_num_checkpoints_to_keep=0 "),
+        ({"remote_folder": "memory://b/r", "remote_num_checkpoints_to_keep": "2"}, "remote_num_checkpoints_to_keep='2"),
         ({"remote_folder": "memory://b/r", "remote_filename": "../x{epoch}"}, "remote_filename='../x{epoch}' gives"),
         ({"remote_folder": "memory://b/r", "remote_filename": "latest-rank{rank}"}, "latest_filename='latest-rank"),
         ({"remote_folder": "memory://b/r", "remote_filename": "{nope}"}, "remote_filename='{nope}' uses the unknown"),

@@ -37,8 +37,8 @@ Candidate = tuple[str, str]
 
 def check_keep(value: int, option: str, *, zero: str | None = None) -> int:
     """``value`` if it is -1 or a positive int (or 0, where ``zero`` says what 0 means); else ``ValueError``."""
-    allowed = value == -1 or value >= 1 or (zero is not None and value == 0)
-    if not isinstance(value, int) or isinstance(value, bool) or not allowed:
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if not number or not (value == -1 or value >= 1 or (zero is not None and value == 0)):
         meaning = f", 0 ({zero})" if zero else ""
         raise ValueError(f"{option}={value!r} must be -1 (keep all){meaning} or a positive int")
     return value
