@@ -7,34 +7,39 @@ checkpoint, and prunes old ones. ``load_latest`` resumes a run where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import posixpath
 import secrets
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from torch import nn
 
 from fabric_ckpt.async_save import SaveHandle
-from fabric_ckpt.core.naming import FORMAT_VARIABLES, NamePattern, escapes_folder, split_folder
+from fabric_ckpt.core.naming import FORMAT_VARIABLES, NamePattern, split_folder
 from fabric_ckpt.core.rng import RNGState, check_rng_state
 from fabric_ckpt.core.state import IgnoreKeys, apply_ignore_keys
 from fabric_ckpt.core.timestamp import TIMESTAMP_FIELDS, Time, Timestamp, TimeUnit, check_timestamp_state, parse_time
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.fabric import Fabric
-from fabric_ckpt.formats import sharded
 from fabric_ckpt.storage import resolve
-from fabric_ckpt.storage.pointers import MAX_POINTER_BYTES, pointer_bytes, pointer_target
-from fabric_ckpt.storage.temporaries import is_temporary_name
+from fabric_ckpt.tiers import LOCAL, CheckpointFolder, LocalTier, RemoteTier, Upload, check_keep, remote_tier
 from fabric_ckpt.training.preemption import DEFAULT_SIGNAL_TIMEOUT, SignalWatch, check_signals
 
 __all__ = ["EVENTS", "FORMAT_VARIABLES", "CheckpointManager", "SaveInterval"]
 
 SaveInterval = int | str | Time | Callable[[Timestamp, str], bool]
 EVENTS = ("batch_end", "epoch_end")
+
+_KEEP_NONE = "delete the local copy once its upload is confirmed"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -47,7 +52,8 @@ class CheckpointManager:
         latest_filename: the name of the ``latest`` symlink (local) or pointer object (other filesystems).
         save_interval: an int (epochs), a time string (``"2ep"``, ``"500ba"``, ``"2000sp"``, ``"1000000tok"``), or
             a callable ``(timestamp, event) -> bool`` with ``event`` in :data:`EVENTS`.
-        num_checkpoints_to_keep: keep the newest N checkpoints in ``folder``; ``-1`` keeps all.
+        num_checkpoints_to_keep: keep the newest N checkpoints in ``folder``; ``-1`` keeps all; ``0`` (only with
+            ``remote_folder``) deletes each local copy once its upload is confirmed.
         overwrite: replace an existing checkpoint of the same name instead of raising ``FileExistsError``. A run
             resumed by :meth:`load_latest` may always replace checkpoints after the one it resumed from: an
             interrupted earlier attempt of the same run wrote them.
@@ -62,6 +68,13 @@ class CheckpointManager:
             changes no signal handler. See docs/preemption.md.
         signal_timeout: once signalled, how many seconds a rank waits for the others to reach the same hook; a rank
             that does not (dead or stuck) makes the process exit with a message instead of hanging.
+        remote_folder: a second, durable tier (e.g. ``s3://bucket/run``; may use the format variables): each
+            checkpoint is committed in ``folder`` first, then uploaded in the background, and ``latest`` of each
+            tier moves once that tier's copy is complete. ``load_latest`` resumes from the newer tier. See
+            docs/two-tier.md.
+        remote_filename: the remote copies' names inside ``remote_folder`` (default: ``filename``).
+        remote_num_checkpoints_to_keep: keep the newest N checkpoints in ``remote_folder``; ``-1`` (the default)
+            keeps all.
 
     The format variables are :data:`FORMAT_VARIABLES`: the topology and the Timestamp's fields (``*_wct`` in whole
     seconds).
@@ -92,13 +105,16 @@ class CheckpointManager:
         async_save: bool = False,
         save_on_signal: Iterable[int | str] = (),
         signal_timeout: float = DEFAULT_SIGNAL_TIMEOUT,
+        remote_folder: str | os.PathLike[str] | None = None,
+        remote_filename: str | None = None,
+        remote_num_checkpoints_to_keep: int = -1,
     ) -> None:
         if timestamp is not None and not isinstance(timestamp, Timestamp):
             raise TypeError(f"timestamp must be a Timestamp or None, got {type(timestamp).__name__}")
         self.fabric = fabric
         self.save_interval = save_interval
         self._due = _schedule(save_interval)
-        self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep)
+        self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep, remote=remote_folder is not None)
         self.overwrite = overwrite
         self.save_weights_only = save_weights_only
         self.async_save = async_save
@@ -119,11 +135,24 @@ class CheckpointManager:
             posixpath.join(rest, NamePattern(latest_filename, "latest_filename").text), "latest_filename"
         )
         self._per_rank = "rank" in self._checkpoint.fields
+        self._folder = CheckpointFolder(self._root, self._checkpoint, self._run_values)
         # Fail now on "../x" or a bad format spec, not at the first save hours into training.
         if self._name(self._checkpoint) == self._name(self._latest):
             raise ValueError(f"latest_filename={latest_filename!r} names the checkpoints themselves ({filename!r})")
         self._last_saved: str | None = None
         self._stopped = False
+        self._local_lock = threading.RLock()  # `latest` and deletions in `folder`: saves and uploads both change them
+        self._remote: RemoteTier | None = remote_tier(
+            remote_folder,
+            remote_filename,
+            remote_num_checkpoints_to_keep,
+            filename=filename,
+            latest_filename=latest_filename,
+            local=LocalTier(self._folder, self._latest, self.num_checkpoints_to_keep, self._local_lock),
+            values=self._values(),
+            options=fabric.storage_options,
+            before_exit=self._finish_save,
+        )
         signals = check_signals(save_on_signal)
         if not isinstance(signal_timeout, (int, float)) or isinstance(signal_timeout, bool) or signal_timeout <= 0:
             raise ValueError(f"signal_timeout={signal_timeout!r} must be a positive number of seconds")
@@ -238,24 +267,29 @@ class CheckpointManager:
         payload = self._payload(state)
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
+        replace = self.overwrite or self._ahead_of_resume(name)
+        upload = self._remote.next_upload(name, self._values(), replace=replace) if manages and self._remote else None
         if asynchronous:
             handle = self.fabric.save_async(path, payload)
             if manages:  # moved on the background thread once the checkpoint is complete
-                handle.add_done_callback(lambda _: self._after_commit(name))
+                handle.add_done_callback(lambda _: self._after_commit(name, upload))
             self.last_save, self._last_saved = handle, name
             return path
         self.fabric.save(path, payload)
         self._last_saved = name
         if manages:
-            self._after_commit(name)
+            self._after_commit(name, upload)
         self.fabric.barrier("CheckpointManager.save")
         return path
 
-    def _after_commit(self, name: str) -> None:
+    def _after_commit(self, name: str, upload: Upload | None = None) -> None:
         # Only after the checkpoint is complete; per-rank names are managed by each rank that wrote its file.
-        if self._exists(name):
-            self._point_latest(name)
-            self._prune(name)
+        with self._local_lock:
+            if self._exists(name):
+                self._point_latest(name)
+                self._prune(name)
+                if self._remote is not None and upload is not None:
+                    self._remote.submit(upload)
 
     def _payload(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if self.save_weights_only:
@@ -280,38 +314,14 @@ class CheckpointManager:
             raise FileExistsError(errno.EEXIST, "Checkpoint exists; pass overwrite=True to replace it", clash)
 
     def _point_latest(self, name: str) -> None:
-        latest = self._name(self._latest)
-        target = posixpath.relpath(name, posixpath.dirname(latest) or ".")
-        location = self._root.child(latest)
-        if location.storage.symlink(target, location.path):
-            return
-        with location.atomic_write() as sink:
-            sink.write(pointer_bytes(target))
+        self._folder.point_latest(self._name(self._latest), name)
 
     def _prune(self, saved: str) -> None:
-        if self.num_checkpoints_to_keep == -1:
+        if self.num_checkpoints_to_keep == 0:  # local copies go once uploaded (tiers.remote)
             return
-        try:
-            protected = {saved, self._latest_target()[0], self._resumed_name}
-            older = self._names()[self.num_checkpoints_to_keep :]
-        except Exception as err:  # the new checkpoint and `latest` are complete: retention can wait for the next save
-            warnings.warn(f"CheckpointManager could not list {self.folder} to prune it: {err}", stacklevel=3)
-            return
-        for name in older:
-            if name not in protected:
-                self._delete(name)
-
-    def _delete(self, name: str) -> None:
-        path = self._url(name)
-        location = self._root.child(name)
-        try:
-            if location.isdir():
-                sharded.remove_checkpoint(location)  # a user's own files in a checkpoint folder stay
-            else:
-                location.remove()
-        except Exception as err:  # object-store clients raise their own connection errors, not only OSError
-            # The new checkpoint is safe; a leftover old one must not stop training.
-            warnings.warn(f"CheckpointManager could not delete the old checkpoint {path}: {err}", stacklevel=2)
+        pending = self._remote.pending() if self._remote is not None else set()  # not uploaded yet
+        protected = {saved, self._resumed_name, *pending}
+        self._folder.prune(self.num_checkpoints_to_keep, self._name(self._latest), protected)
 
     # ------------------------------------------------------------------ resuming
     def load_latest(
@@ -340,14 +350,15 @@ class CheckpointManager:
             >>> fresh_start = remainder is None
         """
         self.fabric.wait_for_saves()  # an asynchronous save in flight decides what `latest` is
-        no_plan: tuple[list[str], str | None] = ([], None)
-        candidates, latest_problem = self.fabric.broadcast(
-            self._resume_plan() if self.fabric.is_global_zero else no_plan
+        no_plan: tuple[list[tuple[str, str]], str | None] = ([], None)
+        plan = self.fabric.strategy.agree(  # every rank raises if rank 0 cannot list a tier (e.g. the bucket)
+            lambda: self._resume_plan() if self.fabric.is_global_zero else no_plan, "Finding the latest checkpoint"
         )
+        candidates, latest_problem = self.fabric.broadcast(plan)
         weights_mode = load_weights_only or self.save_weights_only
         skipped: list[str] = []
-        for name in candidates:
-            path = self._url(name)
+        for tier, name in candidates:
+            path = self._url(name) if self._remote is None or tier == LOCAL else self._remote.url(name)
             try:
                 remainder = self.fabric.load(
                     path,
@@ -363,7 +374,7 @@ class CheckpointManager:
             except (OSError, CheckpointError) as err:
                 skipped.append(f"{path} ({err})")
                 continue
-            self._resumed(name, remainder, restore_extras=not weights_mode)
+            self._resumed(tier, name, remainder, restore_extras=not weights_mode)
             if (latest_problem or skipped) and self.fabric.is_global_zero:
                 why = f"`latest` {latest_problem}" if latest_problem else f"could not load {'; '.join(skipped)}"
                 warnings.warn(f"CheckpointManager resumed from {path} instead of `latest`: {why}", stacklevel=2)
@@ -372,7 +383,14 @@ class CheckpointManager:
             raise CheckpointError(f"No checkpoint in '{self.folder}' could be loaded: {'; '.join(skipped)}")
         return None
 
-    def _resume_plan(self) -> tuple[list[str], str | None]:
+    def _resume_plan(self) -> tuple[list[tuple[str, str]], str | None]:
+        """``(tier, name)`` of the checkpoints to try, and what is wrong with ``latest`` where it has no target."""
+        names, problem = self._local_resume_plan()
+        if self._remote is None:
+            return [(LOCAL, name) for name in names], problem
+        return self._remote.resume_plan(names, problem, self._values())
+
+    def _local_resume_plan(self) -> tuple[list[str], str | None]:
         """The names to try, ``latest``'s target first, and what is wrong with ``latest`` if it has no target."""
         target, problem = self._latest_target()
         others = self._names()
@@ -393,40 +411,27 @@ class CheckpointManager:
         key = tuple(mine.get(field, -1) for field in TIMESTAMP_FIELDS)
         return key > tuple(theirs.get(field, -1) for field in TIMESTAMP_FIELDS)
 
-    def _resumed(self, name: str, remainder: dict[str, Any], *, restore_extras: bool) -> None:
-        if restore_extras and "timestamp" in remainder:
+    def _resumed(self, tier: str, name: str, remainder: dict[str, Any], *, restore_extras: bool) -> None:
+        progress_restored = restore_extras and "timestamp" in remainder
+        if progress_restored:
             self.timestamp.load_state_dict(remainder.pop("timestamp"))
         if restore_extras and "rng" in remainder:
             RNGState().load_state_dict(remainder.pop("rng"))  # last, so nothing after it draws from the generators
-        self.resumed_from, self._resumed_name = self._url(name), name
+        if self._remote is None or tier == LOCAL:
+            self.resumed_from, self._resumed_name = self._url(name), name
+        else:  # the local name this checkpoint has (it is a save of this run): later names may be written again
+            self.resumed_from = self._remote.url(name)
+            self._resumed_name = self._name(self._checkpoint) if progress_restored else None
         self._seen = (self.timestamp.epoch, self.timestamp.batch)
+        if self._remote is not None:
+            values = self._values() if progress_restored else None
+            self._remote.resumed(tier, name, values, owns_local=self.fabric.is_global_zero or self._per_rank)
+        if self.fabric.is_global_zero:
+            log.info("CheckpointManager resumed from %s", self.resumed_from)
 
     def _latest_target(self) -> tuple[str | None, str]:
         """The name ``latest`` points at (relative to the folder), or ``None`` and why."""
-        latest = self._name(self._latest)
-        location = self._root.child(latest)
-        link = location.storage.readlink(location.path)
-        if link is not None:
-            if os.path.isabs(link):
-                target = os.path.relpath(os.path.normpath(link), self._root.path).replace(os.sep, "/")
-            else:
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(latest), link.replace(os.sep, "/")))
-            if escapes_folder(target):
-                return None, f"is a symlink to {link!r}, outside the folder"
-            return target, ""
-        if not self._exists(latest):
-            return None, "does not exist"
-        try:
-            with self._open(latest) as source:
-                named = pointer_target(source.read(MAX_POINTER_BYTES))
-        except OSError:
-            named = None
-        if named is None:
-            return None, "is neither a symlink nor a pointer written by CheckpointManager"
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(latest), named))
-        if escapes_folder(target):
-            return None, f"points outside the folder ({named!r})"
-        return target, ""
+        return self._folder.latest_target(self._name(self._latest))
 
     # ------------------------------------------------------------------ the folder
     def checkpoints(self) -> list[str]:
@@ -443,44 +448,43 @@ class CheckpointManager:
         return [self._url(name) for name in self._names()]
 
     def _names(self) -> list[str]:
-        latest = self._name(self._latest)
-        found = []
-        for name in self._walk(self._checkpoint.text.count("/") + 1):
-            if name == latest or any(is_temporary_name(part) for part in name.split("/")):
-                continue
-            values = self._checkpoint.parse(name, self._run_values)
-            if values is not None and self._is_checkpoint(name):
-                # TIMESTAMP_FIELDS starts with epoch and batch: comparing in its order finds the furthest in training.
-                found.append((tuple(values.get(field, -1) for field in TIMESTAMP_FIELDS), name))
-        return [name for _, name in sorted(found, reverse=True)]
+        return self._folder.names(self._name(self._latest))
 
-    def _is_checkpoint(self, name: str) -> bool:
-        """A file, or a folder holding a sharded checkpoint (not one whose checkpoint was pruned, left for the
-        user's own files in it)."""
-        location = self._root.child(name)
-        return not location.isdir() or sharded.is_sharded(location)
-
-    def _walk(self, depth: int) -> Iterator[str]:
-        return self._root.storage.walk(self._root.path, depth)
+    def _values(self) -> dict[str, Any]:
+        return {**self._run_values, **{field: int(getattr(self.timestamp, field)) for field in TIMESTAMP_FIELDS}}
 
     def _name(self, pattern: NamePattern) -> str:
-        values = {**self._run_values, **{field: int(getattr(self.timestamp, field)) for field in TIMESTAMP_FIELDS}}
-        name = pattern.format(values)
-        if escapes_folder(name):
-            raise ValueError(
-                f"{pattern.option}={pattern.text!r} gives {name!r}, which is not a name inside the folder "
-                f"{self.folder!r}: names must be relative and must not contain '..'"
-            )
-        return name
+        return self._folder.format(pattern, self._values())
 
     def _url(self, name: str) -> str:
-        return self._root.child(name).original
-
-    def _open(self, name: str) -> Any:
-        return self._root.child(name).open()
+        return self._folder.url(name)
 
     def _exists(self, name: str) -> bool:
         return self._root.child(name).exists()
+
+    # ------------------------------------------------------------------ the remote tier (docs/two-tier.md)
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every in-flight save and upload of this manager has finished; raise what failed.
+
+        Failed uploads are retried once more first; those that still fail raise :class:`CheckpointError` naming each
+        (their local copies stay). Call it on every rank, e.g. before the job ends.
+
+        Raises:
+            TimeoutError: uploads are still running after ``timeout`` seconds.
+
+        Example:
+            >>> manager.wait()  # the last checkpoint is in remote_folder too, and `latest` there names it
+        """
+        self.fabric.wait_for_saves()
+        remote = self._remote
+        if remote is not None:
+            self.fabric.strategy.agree(lambda: remote.wait(timeout), "Waiting for the uploads of CheckpointManager")
+
+    def _finish_save(self, seconds: float) -> None:
+        """At exit: let an asynchronous save still being written finish, so that its upload is queued."""
+        if self.last_save is not None:
+            with contextlib.suppress(BaseException):  # its error is reported by the asynchronous saver's exit hook
+                self.last_save.wait(seconds)
 
     # ------------------------------------------------------------------ construction helpers
     def _default_run_name(self) -> str:
@@ -516,10 +520,10 @@ def _schedule(save_interval: SaveInterval) -> Callable[[Timestamp, str], bool]:
     return due
 
 
-def _check_keep(value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
-        raise ValueError(f"num_checkpoints_to_keep={value!r} must be -1 (keep all) or a positive int")
-    return value
+def _check_keep(value: int, *, remote: bool) -> int:
+    if value == 0 and type(value) is int and not remote:
+        raise ValueError(f"num_checkpoints_to_keep=0 ({_KEEP_NONE}) is valid only with a remote_folder")
+    return check_keep(value, "num_checkpoints_to_keep", zero=_KEEP_NONE if remote else None)
 
 
 def _check_run_name(name: str) -> str:

@@ -381,6 +381,9 @@ class Scenario:
     def save(self, fabric: Fabric, state: dict[str, Any], storage: Storage) -> None:
         fabric.save(storage.path(self.checkpoint), state)
 
+    def finish(self) -> None:
+        """After a writer's last save (a killed writer never gets here)."""
+
     def verify(self, campaign: Campaign) -> None:
         campaign.verify_checkpoint(self.checkpoint)
         for name in self.temporaries(campaign.storage):
@@ -591,8 +594,90 @@ class S3Manager(Manager):
         campaign.check_visible(self.folder, lambda n: n == self.latest or bool(self._pattern.fullmatch(n)))
 
 
+class S3TwoTier(S3Manager):
+    """A two-tier manager: each save committed in a local folder (in the campaign's scratch folder), then uploaded to
+    the bucket in the background; no local copy kept once uploaded (``num_checkpoints_to_keep=0``), 2 remote ones.
+
+    Kills land while uploads are queued or running. A run must resume from the newest checkpoint of either tier, and
+    that must never be older than the last journalled save (the local copy stays until its upload is confirmed).
+    """
+
+    name = "s3-twotier"
+    local_keep = 0
+
+    def local_root(self, storage: Storage) -> str:
+        return os.path.join(storage.scratch, "local")
+
+    def manager(self, fabric: Fabric, storage: Storage) -> CheckpointManager:
+        return CheckpointManager(
+            fabric,
+            self.local_root(storage),
+            save_interval="1ba",
+            num_checkpoints_to_keep=self.local_keep,
+            remote_folder=storage.path(self.folder),
+            remote_num_checkpoints_to_keep=self.keep,
+            run_name="crash",
+            overwrite=self.overwrite,
+        )
+
+    def finish(self) -> None:
+        self._manager.wait()  # a clean run ends with its uploads done
+
+    def temporaries(self, storage: Storage) -> list[str]:
+        return []  # nothing temporary is visible in the bucket; the local folder's are checked in verify
+
+    def verify(self, campaign: Campaign) -> None:
+        storage = campaign.storage
+        remote = [n for n in storage.names(self.folder) if self._pattern.fullmatch(n)]
+        latest = posixpath.join(self.folder, self.latest)
+        remote_latest = self.latest_target(campaign, latest) if storage.exists(latest) else None
+        newest = self._check_tier(campaign, self.folder, remote, remote_latest)
+        root = self.local_root(storage)
+        found = os.listdir(root) if os.path.isdir(root) else []
+        local = [n for n in found if self._pattern.fullmatch(n)]
+        link, local_latest = os.path.join(root, self.latest), None
+        if os.path.islink(link):
+            local_latest = os.readlink(link)
+        elif os.path.lexists(link):
+            campaign.violation(f"`{link}` is not a symlink")
+        newest = max(newest, self._check_tier(campaign, root, local, local_latest))
+        floor = campaign.floor
+        if newest < floor:
+            campaign.figures.lost += 1
+            campaign.violation(f"the newest checkpoint of either tier is step {newest}, but step {floor} was saved")
+        elif newest > floor + 1:
+            campaign.violation(f"a tier holds step {newest}, but at most {floor + 1} was being saved")
+        campaign.observed = max(campaign.observed, newest)
+        if len(remote) > self.keep + 2:
+            self.retention_exceeded(campaign, remote)
+        for name in found:
+            if TEMP_MARKER in name:
+                campaign.verify_temporary(os.path.join(root, name))
+        campaign.check_visible("", {self.folder}.__contains__)
+        campaign.check_visible(self.folder, lambda n: n == self.latest or bool(self._pattern.fullmatch(n)))
+
+    def _check_tier(self, campaign: Campaign, folder: str, names: list[str], latest: str | None) -> int:
+        """Every checkpoint of a tier loads bitwise right, and ``latest`` names one; returns its step (0: none)."""
+        for name in names:
+            step = int(self._pattern.fullmatch(name).group(1))  # type: ignore[union-attr]
+            campaign.check_loads_as(posixpath.join(folder, name), step)
+        if latest is None:
+            return 0
+        if latest not in names:
+            campaign.violation(f"`latest` in {folder} points at {latest!r}, which is not a checkpoint there")
+            return 0
+        return int(self._pattern.fullmatch(latest).group(1))  # type: ignore[union-attr]
+
+    def verify_clean(self, campaign: Campaign) -> None:
+        super().verify_clean(campaign)  # the bucket: retention, and a fresh manager resumes the last step from it
+        local_root = self.local_root(campaign.storage)
+        left = os.listdir(local_root) if os.path.isdir(local_root) else []
+        if left:
+            campaign.violation(f"after a clean run (uploads done), the local folder still holds {left}")
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
-    s.name: s for s in (SingleFile, DDP, FSDP, Manager, S3SingleFile, S3FSDP, S3Manager)
+    s.name: s for s in (SingleFile, DDP, FSDP, Manager, S3SingleFile, S3FSDP, S3Manager, S3TwoTier)
 }
 
 
@@ -640,6 +725,11 @@ KILL_POINTS = [
     KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.formats.sharded:remove_later", call=1),
     KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
     KillPoint("s3-manager/mid-prune", "s3-manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
+    # Two tiers (uploads on a background thread): the second checkpoint's upload is complete but not committed; it is
+    # committed but the remote `latest` not moved; both done but the local copy not deleted yet.
+    KillPoint("s3-twotier/mid-upload", "s3-twotier", "s3fs.core:S3File.commit", call=3),
+    KillPoint("s3-twotier/before-remote-latest", "s3-twotier", "fabric_ckpt.tiers.folder:CheckpointFolder.point_latest"),  # noqa: E501
+    KillPoint("s3-twotier/before-local-release", "s3-twotier", "fabric_ckpt.tiers.remote:RemoteTier._prune_local"),
 ]  # fmt: skip
 
 
@@ -746,6 +836,7 @@ def _write_loop(spec: WriterSpec, journal: Journal) -> None:
         value = digest(raw_model, raw_optimizer, step)
         if spec.rank == 0:
             journal.append(step, value)
+    scenario.finish()
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -831,7 +922,8 @@ class Campaign:
         model, optimizer = build(self.scenario.width)
         init_optimizer_state(model, optimizer)
         fill(model, optimizer, 10**6, self._patterns)  # anything the load fails to overwrite shows in the digest
-        remainder = self.fabric.load(self.storage.path(name), {"model": model, "optimizer": optimizer})
+        path = name if os.path.isabs(name) else self.storage.path(name)  # absolute: a local file (two tiers)
+        remainder = self.fabric.load(path, {"model": model, "optimizer": optimizer})
         step = int(remainder["step"])
         if remainder.get("meta") != {"step": step, "tag": f"step-{step}"}:
             raise WrongData(f"plain entries of step {step} are wrong: {remainder.get('meta')}")

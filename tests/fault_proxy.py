@@ -3,6 +3,8 @@
 Faults, picked at random per connection: ``drop`` (close at once), ``delay`` (wait before relaying), ``http500`` /
 ``http503`` (answer with a server error instead of relaying), ``truncate`` (relay the request, then cut the response
 short). Every other connection is relayed untouched. Counts of what was injected are kept for the figures.
+``rate`` and ``faults`` may change while the proxy runs (an outage: ``rate=1`` with failing faults only), and
+:meth:`FaultProxy.cut_connections` drops the connections open now, which clients would otherwise keep reusing.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ _ERROR_RESPONSE = "HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: 
 class FaultProxy:
     """Relays 127.0.0.1:<port> to ``upstream`` (host, port), breaking ``rate`` of the connections."""
 
-    def __init__(self, upstream: tuple[str, int], rate: float, seed: int = 0, delay_s: float = 0.3) -> None:
-        self.upstream, self.rate, self.delay_s = upstream, rate, delay_s
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        rate: float,
+        seed: int = 0,
+        delay_s: float = 0.3,
+        faults: tuple[str, ...] = FAULTS,
+    ) -> None:
+        self.upstream, self.rate, self.delay_s, self.faults = upstream, rate, delay_s, faults
+        self._open: set[socket.socket] = set()
         self.injected: Counter[str] = Counter()
         self.connections = 0
         self._random = random.Random(seed)
@@ -48,12 +58,22 @@ class FaultProxy:
                 return
             with self._lock:
                 self.connections += 1
-                fault = self._random.choice(FAULTS) if self._random.random() < self.rate else None
+                fault = self._random.choice(self.faults) if self._random.random() < self.rate else None
                 if fault:
                     self.injected[fault] += 1
             threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
 
+    def cut_connections(self) -> None:
+        """Drop every connection open now (kept-alive ones included), as a network outage would."""
+        with self._lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _serve(self, client: socket.socket, fault: str | None) -> None:
+        with self._lock:
+            self._open.add(client)
         try:
             if fault == "drop":
                 return
@@ -73,6 +93,8 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._open.discard(client)
             client.close()
 
     @staticmethod

@@ -3,8 +3,9 @@
 The campaign (tests/crash_campaign.py) runs once per module in a fresh interpreter. Every scenario is killed 16
 times at random, then every kill point once: single file, DDP on 2 ranks, sharded FSDP
 on 2 ranks and a CheckpointManager keeping 2 on the local disk; single file, sharded FSDP and the manager on a local
-S3 server. Each test below asserts on one part of the result. ``FABRIC_CKPT_CAMPAIGN=full`` (as ``make
-reliability`` sets) raises the kills to 100 per local scenario and 40 per S3 one.
+S3 server; a two-tier manager (a local folder, uploads to the S3 server in the background). Each test below asserts
+on one part of the result. ``FABRIC_CKPT_CAMPAIGN=full`` (as ``make reliability`` sets) raises the kills to 100 per
+local scenario and 40 per S3 one.
 """
 
 from __future__ import annotations

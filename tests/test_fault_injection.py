@@ -7,6 +7,8 @@ final name is always a complete checkpoint; a load never returns wrong data.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections import Counter
 
 import fsspec
@@ -133,4 +135,58 @@ def test_manager_latest_always_names_a_complete_checkpoint_through_faults(bucket
         kinds=dict(faulty.injected),
         saves=ROUNDS,
         saves_failed_cleanly=failures,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying in")
+def test_two_tier_uploads_through_faults_lose_nothing(bucket, s3_endpoint, faulty, tmp_path):
+    """Each checkpoint is committed locally, then uploaded through the faulty network: failed uploads are reported at
+    the next save and retried; once the network recovers, every checkpoint is in the bucket and `latest` names the
+    last, and no local copy is left (``num_checkpoints_to_keep=0``)."""
+    fabric = Fabric(accelerator="cpu")
+    remote = f"{bucket}/two-tier"
+    store = direct(s3_endpoint)
+    manager = CheckpointManager(
+        fabric,
+        tmp_path / "local",
+        filename="ba{batch}.ckpt",
+        latest_filename="latest",
+        save_interval="1ba",
+        num_checkpoints_to_keep=0,
+        remote_folder=remote,
+        run_name="r",
+    )
+    reported = 0
+    newest_seen = 0
+    for round_number in range(1, ROUNDS + 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manager.on_batch_end({"w": payload(round_number), "round": round_number})
+        reported += sum("uploading" in str(warning.message) for warning in caught)
+        if store.exists(f"{remote[5:]}/latest"):  # the remote `latest` names a complete copy, and never goes back
+            target = json.loads(store.cat_file(f"{remote[5:]}/latest"))["checkpoint"]
+            stored = stored_checkpoint(store, f"{remote[5:]}/{target}")
+            assert stored is not None and torch.equal(stored["w"], payload(stored["round"]))
+            assert stored["round"] >= newest_seen
+            newest_seen = stored["round"]
+    faults = sum(faulty.injected.values())
+    faulty.rate = 0.0  # the network recovers
+    manager.wait()
+    lost = 0
+    for round_number in range(1, ROUNDS + 1):
+        stored = stored_checkpoint(store, f"{remote[5:]}/ba{round_number}.ckpt")
+        if stored is None or not torch.equal(stored["w"], payload(round_number)):
+            lost += 1
+    assert lost == 0 and faults > 0
+    assert json.loads(store.cat_file(f"{remote[5:]}/latest"))["checkpoint"] == f"ba{ROUNDS}.ckpt"
+    assert os.listdir(tmp_path / "local") == []
+    print(json.dumps({"scenario": "two-tier", "faults": dict(faulty.injected), "failed uploads reported": reported}))
+    record(
+        "s3-faults",
+        "two-tier uploads",
+        faults=faults,
+        kinds=dict(faulty.injected),
+        saves=ROUNDS,
+        upload_failures_reported=reported,
+        lost=lost,
     )
