@@ -17,20 +17,22 @@ import pickle
 import struct
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
+from fabric_ckpt.core.telemetry import stage
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.formats import sharded
+from fabric_ckpt.formats.archive_fast_path import FastPathUnavailable, load_mapped_archive, start_checks
 from fabric_ckpt.formats.compression import decompressed, sniff_compression
 from fabric_ckpt.formats.hf_index import find_hf_index, read_hf_sharded
 from fabric_ckpt.formats.safetensors import load_safetensors
-from fabric_ckpt.formats.torch_format import read_archive_info, verify_archive_parallel
+from fabric_ckpt.formats.torch_format import read_archive_info
 from fabric_ckpt.formats.zip_archive import ZipFormatError
 from fabric_ckpt.storage import Location, PathLike, StorageOptions, resolve
+from fabric_ckpt.storage.mapped_file import MappedFile, map_local_file
 
 __all__ = ["FORMAT_LEGACY", "FORMAT_SAFETENSORS", "FORMAT_ZIP", "MapLocation", "open_checkpoint", "sniff_format"]
 
@@ -162,24 +164,25 @@ def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool,
     problems: list[Any] = []
     loaded: Any = None
     load_error: BaseException | None = None
-    with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    # One private mapping serves the checks and the tensors: the pages the checks fault in are the ones copied.
+    with map_local_file(local) as mapping:
+        mapped = mapping.buffer
         try:
             info = read_archive_info(mapped)
         except ZipFormatError as err:
             damage = str(err)
         else:
             if info.is_torch_checkpoint and verify:
-                if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+                if hasattr(mmap, "MADV_WILLNEED"):
                     mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
-                with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
-                    checking = pool.submit(verify_archive_parallel, mapped, info)
-                    try:
-                        loaded = _torch_load(
-                            local, display, weights_only=weights_only, mmap=True, map_location=map_location
-                        )
-                    except BaseException as err:  # reported after the checks: damage explains most failures
-                        load_error = err
-                    problems = checking.result()
+                finish_checks = start_checks(mapped, info)  # large records on threads, while we unpickle
+                try:
+                    loaded = _mapped_or_torch_load(mapping, info, local, display, weights_only, map_location)
+                except BaseException as err:  # reported after the checks: damage explains most failures
+                    load_error = err
+                problems = finish_checks()
+            elif info.is_torch_checkpoint:
+                loaded = _mapped_or_torch_load(mapping, info, local, display, weights_only, map_location)
     if damage is not None:
         raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {damage}")
     if not info.is_torch_checkpoint:
@@ -189,9 +192,18 @@ def _load_archive(local: str, display: str, *, weights_only: bool, verify: bool,
         raise CheckpointCorruptedError(f"Checkpoint '{display}' is corrupted: {problems[0]}")
     if load_error is not None:
         raise load_error
-    if not verify:
-        loaded = _torch_load(local, display, weights_only=weights_only, mmap=True, map_location=map_location)
     return loaded
+
+
+def _mapped_or_torch_load(
+    mapping: MappedFile, info: Any, local: str, display: str, weights_only: bool, map_location: MapLocation
+) -> Any:
+    """Unpickle from the shared mapping where the fast path can (:mod:`.archive_fast_path`), else ``torch.load``."""
+    with stage("unpickle"):
+        try:
+            return load_mapped_archive(mapping, info, map_location)
+        except FastPathUnavailable:
+            return _torch_load(local, display, weights_only=weights_only, mmap=True, map_location=map_location)
 
 
 def _torch_load(local: str, display: str, *, weights_only: bool, mmap: bool, map_location: MapLocation = "cpu") -> Any:
