@@ -59,6 +59,8 @@ class CheckpointManager:
         run_name: ``{run_name}``; defaults to ``$RUN_NAME``, else a time-based name agreed by all ranks.
         async_save: write checkpoints in the background (``fabric.save_async``); ``latest`` and pruning follow each
             checkpoint once it is complete, and the next save (or ``load_latest``) waits for the previous one.
+            ``"lazy"`` takes lazy snapshots (``fabric.save_async(..., snapshot="lazy")``); ``True`` (or ``"eager"``)
+            eager ones.
 
     The format variables are :data:`FORMAT_VARIABLES`: the topology and the Timestamp's fields (``*_wct`` in whole
     seconds).
@@ -86,7 +88,7 @@ class CheckpointManager:
         save_weights_only: bool = False,
         timestamp: Timestamp | None = None,
         run_name: str | None = None,
-        async_save: bool = False,
+        async_save: bool | str = False,
     ) -> None:
         if timestamp is not None and not isinstance(timestamp, Timestamp):
             raise TypeError(f"timestamp must be a Timestamp or None, got {type(timestamp).__name__}")
@@ -96,6 +98,8 @@ class CheckpointManager:
         self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep)
         self.overwrite = overwrite
         self.save_weights_only = save_weights_only
+        if async_save not in (False, True, "eager", "lazy"):
+            raise ValueError(f"async_save={async_save!r}: use False, True ('eager' snapshots) or 'lazy'")
         self.async_save = async_save
         self.last_save: SaveHandle | None = None
         self._owns_timestamp = timestamp is None
@@ -180,7 +184,8 @@ class CheckpointManager:
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
         if self.async_save:
-            handle = self.fabric.save_async(path, payload)
+            snapshot = "lazy" if self.async_save == "lazy" else "eager"
+            handle = self.fabric.save_async(path, payload, snapshot=snapshot)
             if manages:  # moved on the background thread once the checkpoint is complete
                 handle.add_done_callback(lambda _: self._after_commit(name))
             self.last_save = handle

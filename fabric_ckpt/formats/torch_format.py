@@ -31,6 +31,7 @@ from typing_extensions import Buffer
 
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
+from fabric_ckpt.core.telemetry import stage
 from fabric_ckpt.formats.zip_archive import Writable, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
@@ -182,8 +183,12 @@ def write_torch_archive(
     *,
     force_zip64: bool = False,
     on_storage_written: Callable[[int], object] | None = None,
+    before_storage: Callable[[torch.UntypedStorage], object] | None = None,
 ) -> ArchiveSummary:
     """Write ``obj`` to ``sink`` as a ``torch.load``-able archive with an integrity manifest.
+
+    ``before_storage(storage)`` is called before a storage's bytes are written (a lazy snapshot waits there until
+    they are copied).
 
     Example:
         >>> with open("model.pt", "wb") as f:
@@ -191,7 +196,8 @@ def write_torch_archive(
     """
     buffer = io.BytesIO()
     pickler = _StoragePickler(buffer)
-    pickler.dump(obj)
+    with stage("serialise"):
+        pickler.dump(obj)
     owners: dict[int, str] = {}
     _tensor_owners(obj, "", owners)
     tensor_names = {f"data/{key}": owners[cdata] for cdata, key in pickler.keys_by_storage.items() if cdata in owners}
@@ -201,6 +207,8 @@ def write_torch_archive(
     for key, storage in pickler.storages.items():
         if isinstance(storage, LazyTensor):
             storage = _materialize_lazy(storage)
+        elif before_storage is not None:
+            before_storage(storage)
         view, _keepalive = _cpu_bytes(storage)
         writer.add(f"{ARCHIVE_PREFIX}/data/{key}", view)
         if on_storage_written is not None:

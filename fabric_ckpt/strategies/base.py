@@ -26,6 +26,7 @@ from fabric_ckpt.core.restore import (
     prepare_restore,
     validate_optimizer_state,
 )
+from fabric_ckpt.core.snapshot import Snapshot
 from fabric_ckpt.core.staging import Stager
 from fabric_ckpt.core.state import (
     FilterFn,
@@ -37,7 +38,8 @@ from fabric_ckpt.core.state import (
     optimizer_state_to_index,
     to_checkpoint,
 )
-from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
+from fabric_ckpt.core.telemetry import stage
+from fabric_ckpt.core.wrappers import lazily_copyable_storages, unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
 from fabric_ckpt.formats import open_checkpoint, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
@@ -66,6 +68,9 @@ class SaveOptions:
 
     filter: Mapping[str, FilterFn] | None = None
     on_save: CheckpointHook | None = None
+    # An asynchronous save's snapshot: "eager" (copied before save_async returns) or "lazy" (parameters and optimizer
+    # state copied in the background; set-up optimizers' steps wait for it).
+    snapshot: str = "eager"
 
 
 @dataclass(frozen=True)
@@ -347,20 +352,21 @@ class Strategy(ABC):
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         if not self.is_global_zero:
             return None
-        staged = stager.stage(checkpoint)
+        snapshot = stage_snapshot(stager, checkpoint, options)
         del checkpoint
 
         def write() -> None:
-            save_file(path, staged)
+            save_file(path, snapshot.checkpoint, before_storage=snapshot.wait_copied)
 
         return write
 
     def _build_checkpoint(self, state: Mapping[str, Any], options: SaveOptions) -> dict[str, Any]:
-        checkpoint = to_checkpoint(
-            state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
-        )
-        if options.on_save is not None:
-            options.on_save(checkpoint)
+        with stage("snapshot"):
+            checkpoint = to_checkpoint(
+                state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
+            )
+            if options.on_save is not None:
+                options.on_save(checkpoint)
         return checkpoint
 
     def load_checkpoint(
@@ -388,10 +394,12 @@ class Strategy(ABC):
                             "load it with fabric.load_raw() or fabric.load(path) without a state"
                         )
                     return _Returning(checkpoint)
-                return self._prepare_restore(checkpoint, state, options)
+                with stage("validate"):
+                    return self._prepare_restore(checkpoint, state, options)
 
             plan = self.agree(prepare, f"Loading '{path}'")
-            return self._apply(plan, f"Loading '{path}'")
+            with stage("copy"):
+                return self._apply(plan, f"Loading '{path}'")
 
     def _apply(self, plan: _Plan, description: str) -> dict[str, Any]:
         """Apply a plan phase by phase, every rank agreeing after each (loaders may be collective)."""
@@ -496,3 +504,15 @@ def _reject_full_checkpoint(state_dict: Any, label: str) -> None:
             f"{label} holds a checkpoint with entries {entries}, not a plain state dict; restore it with "
             f"fabric.load(path, {{{entries[0]!r}: module}})"
         )
+
+
+def stage_snapshot(stager: Stager, checkpoint: dict[str, Any], options: SaveOptions) -> Snapshot:
+    """Snapshot ``checkpoint`` into the stager's memory: every copy made now, or (lazy) the large copies of what only
+    set-up optimizers change left to :meth:`Snapshot.start`."""
+    if options.snapshot not in ("eager", "lazy"):
+        raise ValueError(f"snapshot={options.snapshot!r}: use 'eager' (the default) or 'lazy'")
+    lazy = lazily_copyable_storages() if options.snapshot == "lazy" else set()
+    snapshot = stager.snapshot(checkpoint, lazy=lazy)
+    snapshot.copy_eager()
+    snapshot.start()
+    return snapshot

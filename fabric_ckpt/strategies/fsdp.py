@@ -46,6 +46,7 @@ from fabric_ckpt.strategies.base import (
     LoadOptions,
     SaveOptions,
     WriteJob,
+    stage_snapshot,
 )
 from fabric_ckpt.strategies.fsdp_options import WrapPolicy, build_mesh, check_policy, parse_fsdp_options, shard
 from fabric_ckpt.strategies.module_init import has_meta_tensors, materialize_meta
@@ -305,11 +306,16 @@ class FSDPStrategy(ParallelStrategy):
         location = resolve(path)
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), description)
-        staged = stager.stage(checkpoint)
+        snapshot = stage_snapshot(stager, checkpoint, options)
         del checkpoint
         temporary = self._staging_folder(location, description)
         group = self.background_group()
-        return lambda: self._write_sharded(staged, temporary, location, description, group=group)
+
+        def write() -> None:
+            snapshot.wait_copied()  # DCP plans every item up front: a lazy snapshot is written once complete
+            self._write_sharded(snapshot.checkpoint, temporary, location, description, group=group)
+
+        return write
 
     def _staging_folder(self, location: Location, description: str) -> Location:
         """The new generation this save writes into: created by rank 0, reached by name on the others."""
