@@ -94,6 +94,11 @@ def _storage_type(dtype: torch.dtype) -> Any:
     return getattr(torch, empty._pickle_storage_type())
 
 
+_NEVER_STORAGES = frozenset(
+    {int, float, bool, str, bytes, tuple, list, dict, OrderedDict, type(None), torch.Size, torch.dtype, torch.device}
+)
+
+
 class _StoragePickler(pickle.Pickler):
     """Pickles like ``torch.save``: each storage becomes a persistent id ``("storage", type, key, location, numel)``."""
 
@@ -104,6 +109,8 @@ class _StoragePickler(pickle.Pickler):
         self._dtypes_by_address: dict[int, torch.dtype] = {}
 
     def persistent_id(self, obj: Any) -> tuple[str, Any, str, str, int] | None:
+        if type(obj) in _NEVER_STORAGES:  # called for every object pickled: most are plain values
+            return None
         if isinstance(obj, _LazyStorage):
             lazy = obj.tensor
             key = self.keys_by_storage.setdefault(id(lazy), str(len(self.keys_by_storage)))
