@@ -175,12 +175,12 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         ),
         (
             _at_least("training loop with an eager async checkpoint every K steps: steps/s vs none", 0.95),
-            _speedup(group("training", "train_eager"), plain),
+            _speedup(plain, group("training", "train_eager")),  # steps/s ratio: plain time over checkpointing time
             None,
         ),
         (
             _at_least("training loop with a lazy async checkpoint every K steps: steps/s vs none", 0.95),
-            _speedup(group("training", "train_lazy"), plain),
+            _speedup(plain, group("training", "train_lazy")),
             None,
         ),
         (
@@ -331,7 +331,7 @@ def _stage_table(rows: list[Row]) -> list[str]:
             if stats["bytes"] and stats["seconds"] > 0:
                 text += f" ({stats['bytes'] / 1e9 / stats['seconds']:.1f})"
             parts.append(text)
-        lines.append(f"| {row['label']} | {row['cache'] or '-'} | {'; '.join(parts)} |")
+        lines.append(f"| {row['group']}: {row['label']} | {row['cache'] or '-'} | {'; '.join(parts)} |")
     return lines
 
 
