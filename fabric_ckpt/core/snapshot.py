@@ -32,16 +32,22 @@ _pending_lock = threading.Lock()
 class _Copy:
     """One storage to copy into staging memory, and whether that is done."""
 
-    __slots__ = ("done", "source", "target")
+    __slots__ = ("device", "done", "source", "target")
 
     def __init__(self, source: torch.UntypedStorage, target: torch.UntypedStorage) -> None:
-        self.source = source
+        self.source: torch.UntypedStorage | None = source
         self.target = target
+        self.device = source.device.type
         self.done = threading.Event()
 
     def run(self) -> int:
-        self.target.copy_(self.source, non_blocking=self.source.device.type != "cpu")
+        assert self.source is not None, "copied twice"
+        self.target.copy_(self.source, non_blocking=self.device != "cpu")
         return int(self.target.nbytes())
+
+    def release(self) -> None:
+        """Once the copy is complete (on the device too): the snapshot no longer keeps the source's memory alive."""
+        self.source = None
 
 
 class Snapshot:
@@ -81,8 +87,10 @@ class Snapshot:
         started, copied = time.perf_counter(), 0
         for copy in self._eager:
             copied += copy.run()
-        if any(copy.source.device.type != "cpu" for copy in self._eager):
+        if any(copy.device != "cpu" for copy in self._eager):
             torch.cuda.synchronize()
+        for copy in self._eager:
+            copy.release()
         if self._recorder is not None and copied:
             self._recorder.add("stage", time.perf_counter() - started, copied, start=started)
 
@@ -90,7 +98,7 @@ class Snapshot:
         """Start the lazy copies on a background thread; until they are done, :func:`wait_for_snapshots` waits."""
         if not self._lazy:
             return
-        if any(copy.source.device.type == "cuda" for copy in self._lazy):
+        if any(copy.device == "cuda" for copy in self._lazy):
             self._cuda_ready = torch.cuda.Event()
             self._cuda_ready.record()  # what the caller's stream has queued (e.g. the last step) comes first
         self._finished.clear()
@@ -106,12 +114,13 @@ class Snapshot:
                 stream = torch.cuda.Stream()
                 stream.wait_event(self._cuda_ready)
             for copy in self._lazy:
-                if stream is not None and copy.source.device.type == "cuda":
+                if stream is not None and copy.device == "cuda":
                     with torch.cuda.stream(stream):
                         copied += copy.run()
                     stream.synchronize()
                 else:
                     copied += copy.run()
+                copy.release()
                 copy.done.set()
         except BaseException as err:  # reported by the writer, which waits for these copies
             self._error = err
