@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch that lies on this machine's disk; an open spec would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo docs lint format bench reliability clean
+.PHONY: setup test demo docs lint format bench gpu-check reliability clean
 
 setup: $(STAMP)
 
@@ -46,7 +46,13 @@ BENCH_STAMP := $(VENV)/.bench-installed
 bench: $(STAMP)
 	test $(BENCH_STAMP) -nt pyproject.toml || { \
 		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]" && touch $(BENCH_STAMP); }
-	$(BIN)/python -m benchmarks --size-gib $(SIZE) --output bench-results.json
+	$(BIN)/python -m benchmarks --size-gib $(SIZE) --output bench-results.json --figures docs/images
+
+# fabric_ckpt on a CUDA device in one short run (docs/performance.md, "GPU"): bitwise CUDA save/load straight into the
+# live parameters, pinned staging reused, lazy snapshots exact, blocked times vs one device-to-host copy. Skipped
+# cleanly (exit 0) without CUDA.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --output gpu-check.json
 
 # The reliability campaign (docs/reliability.md): hundreds of SIGKILLs mid-save, fuzzed, forged and malicious
 # checkpoints, full disks; prints the figures (also kept in build/reliability-figures.jsonl). ~6 min on 2 cores.

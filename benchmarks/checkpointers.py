@@ -40,6 +40,10 @@ class Checkpointer(ABC):
     ranks: ClassVar[int] = 1
     # Loads restore into live objects (True) or hand back a fresh checkpoint object (False, e.g. torch.load).
     loads_in_place: ClassVar[bool] = True
+    # Whether ``save`` writes a checkpoint (reference rows such as one memory copy do not).
+    writes_file: ClassVar[bool] = True
+    # Whether the adapter has a load (save-only rows, e.g. training loops, are warmed up by a save alone).
+    has_load: ClassVar[bool] = True
 
     def build(self, workload: Workload, seed: int) -> LiveState:
         """Create the live objects; not timed. Override to wrap/shard them as the library expects."""
@@ -58,6 +62,13 @@ class Checkpointer(ABC):
         if loaded is not None and not self.loads_in_place:
             return fingerprint_checkpoint(loaded)
         return fingerprint(state)
+
+    def settle(self, state: LiveState) -> None:
+        """Wait until what :meth:`save` started is complete (asynchronous saves); untimed."""
+
+    def telemetry(self, state: LiveState, op: str) -> dict[str, Any] | None:
+        """The library's own record of the operation's stages (fabric_ckpt's telemetry), if it keeps one."""
+        return None
 
     def file_bytes(self, path: str) -> int:
         """Bytes on disk of what :meth:`save` wrote (a file, or every file under a folder; objects for URLs)."""
@@ -248,6 +259,15 @@ class FabricCkpt(Checkpointer):
         assert state.extra is not None
         return state.extra["fabric"].load(path, state.objects())
 
+    def telemetry(self, state: LiveState, op: str) -> dict[str, Any] | None:
+        assert state.extra is not None
+        handle = state.extra.get("handle")
+        if handle is not None and handle.telemetry is not None:
+            return dict(handle.telemetry.as_dict())
+        fabric = state.extra["fabric"]
+        found = fabric.last_save_telemetry if op == "save" else fabric.last_load_telemetry
+        return None if found is None else dict(found.as_dict())
+
 
 @register
 class FabricCkptAsyncBlocked(FabricCkpt):
@@ -274,10 +294,13 @@ class FabricCkptAsyncBlocked(FabricCkpt):
         assert state.extra is not None
         state.extra["handle"] = state.extra["fabric"].save_async(path, state.objects())
 
-    def fingerprint(self, state: LiveState, loaded: Any) -> list[float] | None:
+    def settle(self, state: LiveState) -> None:
         assert state.extra is not None
         if state.extra.get("handle") is not None:
             state.extra["handle"].wait()
+
+    def fingerprint(self, state: LiveState, loaded: Any) -> list[float] | None:
+        self.settle(state)
         return super().fingerprint(state, loaded)
 
 

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="checkpoint size for the rows on a local S3 server (moto, started here); 0 leaves them out",
     )
+    parser.add_argument("--train-steps", type=int, default=30, help="training-loop rows: steps per run (0: none)")
+    parser.add_argument("--train-every", type=int, default=10, help="training-loop rows: steps between checkpoints")
+    parser.add_argument("--figures", default=None, help="folder for the report's figures (PNG, needs matplotlib)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--block", type=int, default=1024, help="context length (position embeddings)")
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         small_numel=args.small_numel,
         sweep_gib=args.sweep_gib,
         object_store_gib=args.s3_gib,
+        train_steps=args.train_steps,
+        train_every=args.train_every,
     )
     options = RunOptions(
         plan=plan,
@@ -104,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
     print(markdown(results), end="")
+    if args.figures:
+        from benchmarks.figures import draw  # matplotlib: the bench extra
+
+        for path in draw(results, args.figures):
+            print(f"figure written to {path}", file=sys.stderr)
     failed = _failed(results["rows"])
     if failed:
         print(f"\n{len(failed)} row(s) failed or did not verify: {', '.join(failed)}", file=sys.stderr)

@@ -97,6 +97,18 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         for op in ("save", "load")
         if (extra := _median(remote("fabric_ckpt", op), "extra_anon_bytes")) is not None
     ]
+
+    def group(name: str, library: str) -> Row | None:
+        return _find(rows, name, library, "save")
+
+    memcpy = group("async", "memcpy")
+    ideal_warm = headline("torch_mmap", "load", "warm")
+    disk_cold = headline("disk", "load", "cold")
+    # What an all-or-nothing load can reach: every byte read once (checked), then copied once into the model.
+    limit_seconds = (
+        None if _median(disk_cold) is None or _median(memcpy) is None else _median(disk_cold) + _median(memcpy)
+    )
+    plain = group("training", "train_plain")
     points = sweep(rows)
     values: list[tuple[_Target, float | None, Row | None]] = [
         (
@@ -105,26 +117,26 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             None,
         ),
         (
-            _at_least("fabric_ckpt save speed-up vs torch.save", 1.5),
+            _at_least("fabric_ckpt save speed vs torch.save + fsync (never slower)", 1),
             _speedup(headline("torch", "save"), ours_save),
             None,
         ),
         (
-            _at_least("fabric_ckpt save speed-up vs Lightning Fabric.save", 3),
-            _speedup(headline("lightning", "save"), ours_save),
+            _at_least("fabric_ckpt cold load vs disk cold read bandwidth", 0.85),
+            _speedup(disk_cold, ours_cold),
+            ours_cold,
+        ),
+        (
+            _at_least("fabric_ckpt cold load vs the all-or-nothing limit (disk cold read + one memory copy)", 0.85),
+            None if limit_seconds is None or _median(ours_cold) is None else limit_seconds / _median(ours_cold),
+            ours_cold,
+        ),
+        (
+            _at_most("fabric_ckpt warm load time vs the ideal in-place load (torch.load mmap + copy)", 1.1, "x"),
+            _fraction(ours_warm, ideal_warm),
             None,
         ),
-        (
-            _at_least("fabric_ckpt cold load vs disk cold read bandwidth", 0.85),
-            _speedup(headline("disk", "load", "cold"), ours_cold),
-            ours_cold,
-        ),
-        (
-            _at_least("fabric_ckpt cold load speed-up vs Lightning Fabric.load (cold)", 5),
-            _speedup(headline("lightning", "load", "cold"), ours_cold),
-            ours_cold,
-        ),
-        (_at_least("fabric_ckpt warm load bandwidth", 6, "GB/s"), warm_gbps, None),
+        (_info("fabric_ckpt warm load bandwidth", "GB/s"), warm_gbps, None),
         (
             _at_most("fabric_ckpt extra RssAnon during save", 64, "MiB"),
             None if save_extra is None else save_extra / MIB,
@@ -142,29 +154,69 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             None,
         ),
         (
-            _at_most("async save: caller blocked, % of the synchronous save", 10, "%"),
-            _percent(_fraction(_find(rows, "async", "fabric_ckpt_async", "save", ""), ours_save)),
+            _at_most("async save (eager): caller blocked vs one memory copy of the state", 1.2, "x"),
+            _fraction(group("async", "fabric_ckpt_async"), memcpy),
             None,
         ),
         (
-            _at_most("async save: until complete vs the synchronous save", 1.2, "x"),
-            _fraction(_find(rows, "async", "fabric_ckpt_async_total", "save", ""), ours_save),
+            _at_most("async save (eager): until complete vs the synchronous save", 1.2, "x"),
+            _fraction(group("async", "fabric_ckpt_async_total"), ours_save),
             None,
         ),
         (
-            _at_most("sharded save (FSDP2, 2 ranks) time vs DCP's defaults", 0.6, "x"),
+            _at_most("async save (lazy): caller blocked, % of one memory copy of the state", 2, "%"),
+            _percent(_fraction(group("async", "fabric_ckpt_lazy"), memcpy)),
+            None,
+        ),
+        (
+            _at_most("async save (lazy): until complete vs the synchronous save", 1.2, "x"),
+            _fraction(group("async", "fabric_ckpt_lazy_total"), ours_save),
+            None,
+        ),
+        (
+            _at_least("training loop with an eager async checkpoint every K steps: steps/s vs none", 0.95),
+            _speedup(plain, group("training", "train_eager")),  # steps/s ratio: plain time over checkpointing time
+            None,
+        ),
+        (
+            _at_least("training loop with a lazy async checkpoint every K steps: steps/s vs none", 0.95),
+            _speedup(plain, group("training", "train_lazy")),
+            None,
+        ),
+        (
+            _info("speed-up vs torch_checkpointing: sync save (durable)"),
+            _speedup(headline("torch_checkpointing", "save"), ours_save),
+            None,
+        ),
+        (
+            _info("speed-up vs torch_checkpointing: async save until durable"),
+            _speedup(group("async", "torch_checkpointing_async_total"), group("async", "fabric_ckpt_async_total")),
+            None,
+        ),
+        (
+            _info("speed-up vs torch_checkpointing: warm in-place load"),
+            _speedup(headline("torch_checkpointing", "load", "warm"), ours_warm),
+            None,
+        ),
+        (
+            _at_least("sharded save (FSDP2, 2 ranks) vs disk write bandwidth", 0.9),
+            _speedup(headline("disk", "save"), headline("fabric_ckpt_fsdp", "save")),
+            None,
+        ),
+        (
+            _at_least("sharded cold load (FSDP2, 2 ranks) vs disk cold read bandwidth", 0.8),
+            _speedup(disk_cold, headline("fabric_ckpt_fsdp", "load", "cold")),
+            headline("fabric_ckpt_fsdp", "load", "cold"),
+        ),
+        (
+            _at_most("sharded save (FSDP2, 2 ranks) time vs DCP's defaults (never slower)", 1, "x"),
             _fraction(headline("fabric_ckpt_fsdp", "save"), headline("dcp", "save")),
             None,
         ),
         (
-            _at_most("sharded cold load (FSDP2, 2 ranks) time vs DCP's defaults", 0.8, "x"),
+            _at_most("sharded cold load (FSDP2, 2 ranks) time vs DCP's defaults (never slower)", 1, "x"),
             _fraction(headline("fabric_ckpt_fsdp", "load", "cold"), headline("dcp", "load", "cold")),
             headline("fabric_ckpt_fsdp", "load", "cold"),
-        ),
-        (
-            _at_most("sharded warm load (FSDP2, 2 ranks) time vs DCP's defaults", 0.8, "x"),
-            _fraction(headline("fabric_ckpt_fsdp", "load", "warm"), headline("dcp", "load", "warm")),
-            None,
         ),
         (
             _at_least("object store: fabric_ckpt upload speed vs s3fs raw", 0.9),
@@ -172,7 +224,7 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             None,
         ),
         (
-            _at_least("object store: fabric_ckpt download + load speed vs s3fs raw download", 0.9),
+            _at_least("object store: fabric_ckpt download + load speed vs s3fs raw download", 0.95),
             _speedup(remote("s3fs", "load"), remote("fabric_ckpt", "load")),
             None,
         ),
@@ -207,6 +259,11 @@ def _percent(value: float | None) -> float | None:
 
 def _at_least(name: str, goal: float, unit: str = "x") -> _Target:
     return _Target(name, unit, f">= {goal:g} {unit}", lambda v: v >= goal)
+
+
+def _info(name: str, unit: str = "x") -> _Target:
+    """A figure reported for comparison, with no target."""
+    return _Target(name, unit, "-", lambda v: None)  # type: ignore[arg-type,return-value]
 
 
 def _at_most(name: str, goal: float, unit: str) -> _Target:
@@ -265,6 +322,19 @@ def _sweep_table(points: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _stage_table(rows: list[Row]) -> list[str]:
+    lines = ["| operation | page cache | stages: busy seconds (GB/s) |", "|---|---|---|"]
+    for row in rows:
+        parts = []
+        for name, stats in row["stages"].items():
+            text = f"{name} {stats['seconds']:.3f}"
+            if stats["bytes"] and stats["seconds"] > 0:
+                text += f" ({stats['bytes'] / 1e9 / stats['seconds']:.1f})"
+            parts.append(text)
+        lines.append(f"| {row['group']}: {row['label']} | {row['cache'] or '-'} | {'; '.join(parts)} |")
+    return lines
+
+
 def _ratio_table(items: list[dict[str, Any]]) -> list[str]:
     lines = ["| figure | value | target | meets target |", "|---|---|---|---|"]
     for item in items:
@@ -305,6 +375,14 @@ def markdown(results: dict[str, Any]) -> str:
     points = sweep(rows)
     if points:
         out += ["", "### scale sweep: fabric_ckpt, seconds per GiB (lower is better)", "", *_sweep_table(points)]
+    staged = [row for row in rows if row.get("stages") and not row["error"]]
+    if staged:
+        out += [
+            "",
+            "### fabric_ckpt stages (its telemetry; median busy seconds over the runs)",
+            "",
+            *_stage_table(staged),
+        ]
     out += ["", "### ratios (targets are goals, not assertions)", "", *_ratio_table(results["ratios"])]
     return "\n".join(out) + "\n"
 

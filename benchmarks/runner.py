@@ -64,6 +64,8 @@ class Measurement:
     cache: str
     file_bytes: int | None
     fingerprint: list[float] | None = None
+    # fabric_ckpt's telemetry of the operation: {stage: {"seconds", "wall_seconds", "bytes", "calls"}}
+    stages: dict[str, Any] | None = None
 
 
 @dataclass
@@ -99,7 +101,22 @@ class RowResult:
             "verified": self.verified,
             "error": self.error,
             "runs": [{k: v for k, v in asdict(r).items() if k != "fingerprint"} for r in self.runs],
+            "stages": _stage_medians([r.stages for r in self.runs if r.stages]),
         }
+
+
+def _stage_medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """Per stage, the median over runs of its busy seconds and bytes (``None`` without telemetry)."""
+    if not runs:
+        return None
+    names = list(dict.fromkeys(name for stages in runs for name in stages))
+    return {
+        name: {
+            "seconds": statistics.median(stages.get(name, {}).get("seconds", 0.0) for stages in runs),
+            "bytes": statistics.median(stages.get(name, {}).get("bytes", 0) for stages in runs),
+        }
+        for name in names
+    }
 
 
 def _spread(values: list[float] | list[int]) -> dict[str, float] | None:
@@ -170,6 +187,8 @@ def _last_use(rows: list[Scenario], index: int) -> bool:
 
 def _verify(result: RowResult, source: RowResult | None) -> bool | None:
     """A load is verified when every run restored the values the save saw; a save, when it saved the payload."""
+    if result.scenario.op == SAVE and not result.scenario.adapter.writes_file:
+        return all(r.fingerprint is not None for r in result.runs)
     if result.scenario.op == SAVE:
         return all(r.file_bytes is not None and r.file_bytes >= result.payload_bytes for r in result.runs)
     assert source is not None
@@ -220,8 +239,9 @@ def _run_once(
         samples=peak.samples,
         sample_interval_ms=round(peak.interval_ms, 3),
         cache=cache,
-        file_bytes=scenario.adapter().file_bytes(path),
+        file_bytes=scenario.adapter().file_bytes(path) if scenario.adapter.writes_file else None,
         fingerprint=result[0]["fingerprint"],
+        stages=(result[0].get("telemetry") or {}).get("stages"),
     )
 
 
@@ -250,7 +270,8 @@ def _start(context: BaseContext, tasks: list[Task]) -> list[Worker]:
     workers: list[Worker] = []
     for task in tasks:
         parent_end, child_end = context.Pipe()
-        process = context.Process(target=worker_main, args=(task, child_end), daemon=True)  # type: ignore[attr-defined]
+        # Not daemonic: torch_checkpointing starts its writer process from the worker. _stop ends every worker.
+        process = context.Process(target=worker_main, args=(task, child_end), daemon=False)  # type: ignore[attr-defined]
         process.start()
         child_end.close()
         workers.append((process, parent_end))

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import benchmarks.peers  # noqa: F401  (registers torch_checkpointing, lazy snapshots and the reference rows)
 from benchmarks.checkpointers import CHECKPOINTERS, Checkpointer
+from benchmarks.training import TrainingWorkload
 from benchmarks.workloads import GIB, GPTWorkload, SmallTensorsWorkload, Workload, config_for_size
 
 __all__ = [
     "ASYNC_LIBRARIES",
+    "TRAINING_LIBRARIES",
     "HEADLINE_LIBRARIES",
     "OBJECT_STORE_LIBRARIES",
     "SMALL_TENSOR_LIBRARIES",
@@ -31,9 +34,29 @@ __all__ = [
     "sweep_sizes",
 ]
 
-HEADLINE_LIBRARIES = ("disk", "torch", "lightning", "fabric_ckpt", "dcp", "fabric_ckpt_fsdp")
-# Save-only rows: the caller-blocked and until-complete times of an asynchronous save.
-ASYNC_LIBRARIES = ("fabric_ckpt_async", "fabric_ckpt_async_total")
+HEADLINE_LIBRARIES = (
+    "disk",
+    "torch",
+    "torch_mmap",
+    "lightning",
+    "torch_checkpointing",
+    "fabric_ckpt",
+    "dcp",
+    "fabric_ckpt_fsdp",
+)
+# Save-only rows: one memory copy of the state (the floor of any snapshot), then the caller-blocked and
+# until-complete times of asynchronous saves.
+ASYNC_LIBRARIES = (
+    "memcpy",
+    "fabric_ckpt_async",
+    "fabric_ckpt_async_total",
+    "fabric_ckpt_lazy",
+    "fabric_ckpt_lazy_total",
+    "torch_checkpointing_async",
+    "torch_checkpointing_async_total",
+)
+# The training loop without checkpoints, then with an eager and a lazy asynchronous checkpoint every K steps.
+TRAINING_LIBRARIES = ("train_plain", "train_eager", "train_lazy")
 SMALL_TENSOR_LIBRARIES = ("fabric_ckpt", "torch")
 # Rows on the local S3 server: s3fs moving the same bytes raw, and fabric_ckpt's save/load to and from s3:// URLs.
 OBJECT_STORE_LIBRARIES = ("s3fs", "fabric_ckpt")
@@ -50,7 +73,7 @@ class Scenario:
     group: str
     checkpointer: str
     op: str
-    workload: Workload
+    workload: Workload | TrainingWorkload
     cache: str = ""
     storage: str = "local"
 
@@ -90,6 +113,9 @@ class PlanOptions:
     # Checkpoint size on the local S3 server (0: no object-store rows). Smaller than the headline because the
     # server is slow (~100 MB/s), but well above a part (64 MiB), so memory bounded by parts in flight shows.
     object_store_gib: float = 0.5
+    # The training-loop rows: steps per run and steps between checkpoints (0 steps: no training or resume rows).
+    train_steps: int = 30
+    train_every: int = 10
 
     def gpt(self, size_gib: float) -> GPTWorkload:
         return GPTWorkload(config_for_size(size_gib, layers=self.layers, vocab=self.vocab, block=self.block))
@@ -120,6 +146,10 @@ def plan(options: PlanOptions) -> list[Scenario]:
         rows += _rows("headline", library, headline, caches)
     if "fabric_ckpt" in options.libraries:
         rows += [Scenario("async", library, SAVE, headline) for library in ASYNC_LIBRARIES]
+        if options.train_steps > 0:
+            training = TrainingWorkload(headline, options.train_steps, options.train_every)
+            rows += [Scenario("training", library, SAVE, training) for library in TRAINING_LIBRARIES]
+            rows += _rows("resume", "fabric_ckpt_resume", headline, (WARM,))
     if options.object_store_gib > 0:
         remote = options.gpt(min(options.size_gib, options.object_store_gib))
         for library in OBJECT_STORE_LIBRARIES:
@@ -144,8 +174,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 4 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def describe(workload: Workload) -> str:
+def describe(workload: Workload | TrainingWorkload) -> str:
     """A human description for the report."""
+    if isinstance(workload, TrainingWorkload):
+        return f"{workload.steps} training steps, a checkpoint after every {workload.every}; " + describe(workload.gpt)
     if isinstance(workload, GPTWorkload):
         c = workload.config
         return (

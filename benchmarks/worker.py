@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import benchmarks.peers
+import benchmarks.training  # noqa: F401
 from benchmarks.checkpointers import CHECKPOINTERS, Checkpointer
 from benchmarks.workloads import LiveState, Workload
 
@@ -79,7 +81,11 @@ def _run(task: Task, conn: Connection) -> None:
     seconds = time.perf_counter() - started
     conn.send(("done", {"seconds": seconds}))
     _expect(conn, "finish")
-    conn.send(("result", {"fingerprint": checkpointer.fingerprint(state, loaded)}))
+    result = {
+        "fingerprint": checkpointer.fingerprint(state, loaded),
+        "telemetry": checkpointer.telemetry(state, task.op),
+    }
+    conn.send(("result", result))
 
 
 def _operate(checkpointer: Checkpointer, op: str, path: str, state: LiveState) -> Any:
@@ -95,8 +101,10 @@ def _warm_up(checkpointer: Checkpointer, task: Task) -> None:
     """Save and load a tiny workload once: lazy imports, first calls and allocator set-up are not measured."""
     state = checkpointer.build(task.workload.tiny(), task.seed)
     checkpointer.save(task.warmup_path, state)
+    checkpointer.settle(state)  # an asynchronous save completes before it is read back
     _barrier(task.world_size > 1)
-    loaded = checkpointer.load(task.warmup_path, state)
+    loaded = checkpointer.load(task.warmup_path, state) if checkpointer.has_load else None
+    checkpointer.fingerprint(state, loaded)
     del state, loaded
 
 

@@ -9,6 +9,7 @@ finished, so the last checkpoint is not lost; an error nobody was told of is pri
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fabric_ckpt.core.staging import Stager
+from fabric_ckpt.core.telemetry import CheckpointTelemetry, Recorder
 from fabric_ckpt.errors import CheckpointError
 
 __all__ = ["BackgroundSaver", "SaveHandle"]
@@ -37,6 +39,13 @@ class SaveHandle:
         self._written = future is None
         self._lock = threading.Lock()
         self._reported = False  # the caller has been given the save's error: it is not raised again
+        self._telemetry: CheckpointTelemetry | None = None
+
+    @property
+    def telemetry(self) -> CheckpointTelemetry | None:
+        """What the save cost, stage by stage (:class:`~fabric_ckpt.core.telemetry.CheckpointTelemetry`), once it
+        has finished; ``None`` while it runs."""
+        return self._telemetry
 
     def done(self) -> bool:
         """Whether the save finished (successfully or not).
@@ -129,8 +138,18 @@ class BackgroundSaver:
             pending._reported = True
             raise CheckpointError(f"The previous asynchronous save to '{pending.path}' failed: {error}") from error
 
-    def submit(self, path: str, write: Callable[[], Any]) -> SaveHandle:
-        """Run ``write()`` in the background (after :meth:`finish_previous`); return its handle."""
+    def submit(
+        self,
+        path: str,
+        write: Callable[[], Any],
+        recorder: Recorder | None = None,
+        on_telemetry: Callable[[CheckpointTelemetry], object] | None = None,
+    ) -> SaveHandle:
+        """Run ``write()`` in the background (after :meth:`finish_previous`); return its handle.
+
+        ``recorder`` collects the write's stages; once it ends, its telemetry is on the handle and passed to
+        ``on_telemetry`` (an error that raises on success is the save's error).
+        """
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-async-save")
@@ -138,13 +157,28 @@ class BackgroundSaver:
             future: Future[Any] = Future()
             handle = SaveHandle(path, future)
 
+            def report(error: BaseException | None) -> None:
+                if recorder is None:
+                    return
+                handle._telemetry = recorder.finish(error)
+                if on_telemetry is not None:
+                    on_telemetry(handle._telemetry)
+
             def job() -> None:
                 if not future.set_running_or_notify_cancel():
                     return
                 try:
-                    write()
+                    if recorder is not None:
+                        with recorder.active():
+                            write()
+                    else:
+                        write()
                     handle._finish()
+                    report(None)
                 except BaseException as err:
+                    if handle._telemetry is None:
+                        with contextlib.suppress(Exception):  # the save's own error is the one to report
+                            report(err)
                     future.set_exception(err)
                 else:
                     future.set_result(None)

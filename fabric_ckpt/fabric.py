@@ -8,6 +8,7 @@ strategies, the core's state rules, the training helpers and the formats.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar, cast, overload
 
@@ -20,6 +21,7 @@ from fabric_ckpt.core.loader import FabricDataLoader
 from fabric_ckpt.core.naming import fill_rank_variables
 from fabric_ckpt.core.precision import select_precision
 from fabric_ckpt.core.state import FilterFn, IgnoreKeys, unwrap_objects, validate_filter
+from fabric_ckpt.core.telemetry import CheckpointTelemetry, Recorder, recording
 from fabric_ckpt.core.wrappers import (
     FabricModule,
     FabricOptimizer,
@@ -41,6 +43,8 @@ from fabric_ckpt.training.seeding import add_worker_init_fn
 __all__ = ["Fabric"]
 
 T = TypeVar("T")
+# One debug line per save and load with its stages (times and bytes); `logging.getLogger("fabric_ckpt").setLevel(...)`.
+telemetry_log = logging.getLogger("fabric_ckpt.telemetry")
 
 
 def _no_function(fabric: Fabric, *args: Any, **kwargs: Any) -> Any:
@@ -113,6 +117,8 @@ class Fabric(TrainingLoop):
         self._strategy.checkpoint_hooks = _HookCaller(self) if checkpoint_hooks else None
         if checkpoint_io is not None:
             self._strategy.checkpoint_io = checkpoint_io
+        self._last_save_telemetry: CheckpointTelemetry | None = None
+        self._last_load_telemetry: CheckpointTelemetry | None = None
 
     # ------------------------------------------------------------------ topology
     @property
@@ -286,10 +292,20 @@ class Fabric(TrainingLoop):
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
         self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
-        self._strategy.save_checkpoint(path=path, state=objects, filter=filter)
+        with recording("save", str(path)) as recorder:
+            try:
+                self._strategy.save_checkpoint(path=path, state=objects, filter=filter)
+            finally:
+                self._last_save_telemetry = recorder.telemetry
+        self._report_telemetry(recorder.telemetry)
 
     def save_async(
-        self, path: PathLike, state: Mapping[str, Any], *, filter: Mapping[str, FilterFn] | None = None
+        self,
+        path: PathLike,
+        state: Mapping[str, Any],
+        *,
+        filter: Mapping[str, FilterFn] | None = None,
+        snapshot: str = "eager",
     ) -> SaveHandle:
         """Like :meth:`save`, but return once ``state`` is copied; the checkpoint is written in the background.
 
@@ -297,6 +313,13 @@ class Fabric(TrainingLoop):
         repeated saves hold one copy at most. A new save (or :meth:`load`) first waits for the one in flight, and
         raises its error if it failed; ``handle.wait()`` does the same. The checkpoint appears under ``path`` only
         when complete, exactly as with :meth:`save`; a pending save is finished at interpreter exit.
+
+        Args:
+            snapshot: ``"eager"`` (the default) copies everything before returning. ``"lazy"`` returns after copying
+                the plain values and small tensors; the parameters and state of the set-up optimizers are copied in
+                the background while training runs forward and backward, and those optimizers' ``step`` waits for
+                what is still uncopied. In-place changes made outside a set-up optimizer's ``step`` (an EMA update of
+                the weights, writes to ``.data``) are not waited for: use ``"eager"`` if your loop makes them.
 
         Example:
             >>> handle = fabric.save_async("ckpt/step-100.ckpt", {"model": model, "optimizer": optimizer})
@@ -306,10 +329,46 @@ class Fabric(TrainingLoop):
         self._ensure_launched()
         objects = unwrap_objects(state)
         validate_filter(filter, objects)
+        if snapshot not in ("eager", "lazy"):
+            raise ValueError(f"save_async(snapshot={snapshot!r}): use 'eager' (the default) or 'lazy'")
         self._strategy.agree(self._background.finish_previous, f"Saving '{path}'")
-        stager = self._background.stager
-        write = self._strategy.stage_checkpoint(path, objects, SaveOptions(filter=filter), stager)
-        return SaveHandle(str(path)) if write is None else self._background.submit(str(path), write)
+        options = SaveOptions(filter=filter, snapshot=snapshot)
+        recorder = Recorder("save_async", str(path))
+        with recorder.active():
+            write = self._strategy.stage_checkpoint(path, objects, options, self._background.stager)
+        recorder.add("blocked", recorder.elapsed())
+        if write is None:
+            handle = SaveHandle(str(path))
+            handle._telemetry = recorder.finish()
+            return handle
+        return self._background.submit(str(path), write, recorder, self._report_telemetry)
+
+    @property
+    def last_save_telemetry(self) -> CheckpointTelemetry | None:
+        """The stages (times, bytes) of this process's last :meth:`save`; an asynchronous save's are on its handle.
+
+        Example:
+            >>> fabric.save("ckpt.pt", state)
+            >>> print(fabric.last_save_telemetry.summary())
+        """
+        return self._last_save_telemetry
+
+    @property
+    def last_load_telemetry(self) -> CheckpointTelemetry | None:
+        """The stages (times, bytes) of this process's last :meth:`load`.
+
+        Example:
+            >>> fabric.load("ckpt.pt", state)
+            >>> fabric.last_load_telemetry.stages["verify"].seconds
+            0.09
+        """
+        return self._last_load_telemetry
+
+    def _report_telemetry(self, telemetry: CheckpointTelemetry) -> None:
+        """Log a finished save's or load's stages at debug level, and hand them to ``on_checkpoint_telemetry``."""
+        if telemetry_log.isEnabledFor(logging.DEBUG):
+            telemetry_log.debug("[rank %d] %s", self.global_rank, telemetry.summary())
+        self.call("on_checkpoint_telemetry", telemetry)
 
     def wait_for_saves(self) -> None:
         """Block until the asynchronous save in flight (if any) is complete; raise if it failed, on every rank.
@@ -365,9 +424,14 @@ class Fabric(TrainingLoop):
         extras = _our_options(
             verify=verify, ignore_keys=ignore_keys, load_weights_only=load_weights_only, progress=progress_bar
         )
-        remainder = self._strategy.load_checkpoint(
-            path=path, state=objects, strict=strict, weights_only=weights_only, **extras
-        )
+        with recording("load", str(path)) as recorder:
+            try:
+                remainder = self._strategy.load_checkpoint(
+                    path=path, state=objects, strict=strict, weights_only=weights_only, **extras
+                )
+            finally:
+                self._last_load_telemetry = recorder.telemetry
+        self._report_telemetry(recorder.telemetry)
         if state and objects is not None:
             for key, value in objects.items():
                 if not isinstance(state[key], (nn.Module, Optimizer)) and value is not state[key]:

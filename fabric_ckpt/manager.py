@@ -63,6 +63,8 @@ class CheckpointManager:
         run_name: ``{run_name}``; defaults to ``$RUN_NAME``, else a time-based name agreed by all ranks.
         async_save: write checkpoints in the background (``fabric.save_async``); ``latest`` and pruning follow each
             checkpoint once it is complete, and the next save (or ``load_latest``) waits for the previous one.
+            ``"lazy"`` takes lazy snapshots (``fabric.save_async(..., snapshot="lazy")``); ``True`` (or ``"eager"``)
+            eager ones.
         save_on_signal: signals (e.g. ``(signal.SIGTERM,)``) that mean "save now and stop": at the next hook every
             rank saves synchronously at the same step and :attr:`should_stop` becomes ``True``. The default ``()``
             changes no signal handler. See docs/preemption.md.
@@ -102,7 +104,7 @@ class CheckpointManager:
         save_weights_only: bool = False,
         timestamp: Timestamp | None = None,
         run_name: str | None = None,
-        async_save: bool = False,
+        async_save: bool | str = False,
         save_on_signal: Iterable[int | str] = (),
         signal_timeout: float = DEFAULT_SIGNAL_TIMEOUT,
         remote_folder: str | os.PathLike[str] | None = None,
@@ -117,6 +119,8 @@ class CheckpointManager:
         self.num_checkpoints_to_keep = _check_keep(num_checkpoints_to_keep, remote=remote_folder is not None)
         self.overwrite = overwrite
         self.save_weights_only = save_weights_only
+        if async_save not in (False, True, "eager", "lazy"):
+            raise ValueError(f"async_save={async_save!r}: use False, True ('eager' snapshots) or 'lazy'")
         self.async_save = async_save
         self.last_save: SaveHandle | None = None
         self._owns_timestamp = timestamp is None
@@ -259,7 +263,7 @@ class CheckpointManager:
         Example:
             >>> path = manager.save({"model": model, "optimizer": optimizer})
         """
-        return self._save(state, asynchronous=self.async_save)
+        return self._save(state, asynchronous=bool(self.async_save))
 
     def _save(self, state: Mapping[str, Any], *, asynchronous: bool) -> str:
         name = self._name(self._checkpoint)
@@ -270,7 +274,8 @@ class CheckpointManager:
         replace = self.overwrite or self._ahead_of_resume(name)
         upload = self._remote.next_upload(name, self._values(), replace=replace) if manages and self._remote else None
         if asynchronous:
-            handle = self.fabric.save_async(path, payload)
+            snapshot = "lazy" if self.async_save == "lazy" else "eager"
+            handle = self.fabric.save_async(path, payload, snapshot=snapshot)
             if manages:  # moved on the background thread once the checkpoint is complete
                 handle.add_done_callback(lambda _: self._after_commit(name, upload))
             self.last_save, self._last_saved = handle, name

@@ -3,6 +3,8 @@
 :class:`Stager` copies every tensor of a checkpoint dict into staging storage (pinned CPU memory for accelerator
 tensors) and rebuilds the dict around the copies; tensors that shared a storage still share one. The storages are
 kept and reused by the next snapshot of the same structure, so repeated async saves hold one copy at most.
+:meth:`Stager.snapshot` plans the copies instead of making them, so that large ones can run in the background (a
+lazy snapshot, :mod:`fabric_ckpt.core.snapshot`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fabric_ckpt.core.snapshot import LAZY_MIN_BYTES, Snapshot
 from fabric_ckpt.core.state import resolved
+from fabric_ckpt.core.telemetry import Recorder, current_recorder
 
 __all__ = ["Stager"]
 
@@ -34,6 +38,8 @@ class Stager:
         self._pool: list[torch.UntypedStorage] = []
         self._next = 0
         self._copies: dict[int, torch.UntypedStorage] = {}
+        self._plan = Snapshot()
+        self._lazy_sources: frozenset[int] = frozenset()
 
     @property
     def staged_bytes(self) -> int:
@@ -42,14 +48,33 @@ class Stager:
 
     def stage(self, checkpoint: Any) -> Any:
         """A copy of ``checkpoint`` whose tensors live in staging memory (the previous snapshot's, when it fits)."""
+        snapshot = self.snapshot(checkpoint)
+        snapshot.copy_eager()
+        return snapshot.checkpoint
+
+    def snapshot(
+        self, checkpoint: Any, *, lazy: frozenset[int] | set[int] = frozenset(), recorder: Recorder | None = None
+    ) -> Snapshot:
+        """``checkpoint`` rebuilt around staging memory, with the copies that fill it planned, not made.
+
+        Storages whose address is in ``lazy`` (and at least :data:`LAZY_MIN_BYTES` large) are left to
+        :meth:`Snapshot.start`; :meth:`Snapshot.copy_eager` makes the others.
+
+        Example:
+            >>> snapshot = stager.snapshot({"model": model.state_dict()})
+            >>> snapshot.copy_eager()
+        """
         self._next = 0
         self._copies = {}
-        staged = self._walk(checkpoint)
-        if any(storage.device.type != "cpu" for storage in self._copies.values()):
-            torch.cuda.synchronize()
+        self._plan = Snapshot(recorder if recorder is not None else current_recorder())
+        self._lazy_sources = frozenset(lazy)
+        try:
+            self._plan.checkpoint = self._walk(checkpoint)
+        finally:
+            self._lazy_sources = frozenset()
+            self._copies = {}
         del self._pool[self._next :]  # storages the new structure no longer needs
-        self._copies = {}
-        return staged
+        return self._plan
 
     def _walk(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -106,7 +131,8 @@ class Stager:
         staged = self._copies.get(key)
         if staged is None:
             staged = self._storage_for(source)
-            staged.copy_(source, non_blocking=source.device.type != "cpu")
+            lazy = key in self._lazy_sources and source.nbytes() >= LAZY_MIN_BYTES
+            self._plan.add(source, staged, lazy=lazy)
             self._copies[key] = staged
         view = torch.empty((0,), dtype=tensor.dtype)
         view.set_(staged, tensor.storage_offset(), tensor.size(), tensor.stride())

@@ -11,20 +11,24 @@ optimizer.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from types import MethodType
 from typing import Any, cast
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from fabric_ckpt.core.precision import Precision
+from fabric_ckpt.core.snapshot import wait_for_snapshots
 
 __all__ = [
     "STEP_METHODS",
     "FabricModule",
     "FabricOptimizer",
     "is_compiled",
+    "lazily_copyable_storages",
     "unwrap_module",
     "unwrap_optimizer",
     "wrap_optimizer",
@@ -33,6 +37,8 @@ __all__ = [
 # Methods that run through the strategy's wrapper without being marked (Lightning's LightningModule step methods).
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _ABSENT = object()
+# The user's optimizers that fabric.setup wrapped: their step waits for lazy snapshots (see wrap_optimizer).
+_SET_UP_OPTIMIZERS: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 
 
 class FabricModule(nn.Module):
@@ -244,6 +250,12 @@ def wrap_optimizer(
     """
     if isinstance(optimizer, FabricOptimizer):
         return optimizer
+    if optimizer not in _SET_UP_OPTIMIZERS:
+        # Before any step changes parameters or state, copies of a lazy snapshot still running must finish. A step
+        # pre-hook runs on every path to the step (LR schedulers' wrappers, gradient scalers, the user's original
+        # optimizer object, which shares the hooks).
+        optimizer.register_step_pre_hook(_wait_for_lazy_snapshots)
+        _SET_UP_OPTIMIZERS.add(optimizer)
     namespace: dict[str, Any] = {
         "_fabric_original": optimizer,
         "_fabric_precision": precision if precision is not None else Precision(),
@@ -255,6 +267,32 @@ def wrap_optimizer(
     wrapped: Optimizer = object.__new__(cls)
     wrapped.__dict__ = optimizer.__dict__
     return wrapped
+
+
+def _wait_for_lazy_snapshots(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    wait_for_snapshots()
+
+
+def lazily_copyable_storages() -> set[int]:
+    """Addresses of the storages that only set-up optimizers' steps change: their parameters and their state.
+
+    A lazy snapshot copies these in the background (every step waits for it); any other tensor of a checkpoint is
+    copied before ``save_async`` returns.
+
+    Example:
+        >>> model, optimizer = fabric.setup(model, optimizer)
+        >>> model.weight.untyped_storage().data_ptr() in lazily_copyable_storages()
+        True
+    """
+    addresses: set[int] = set()
+    for optimizer in list(_SET_UP_OPTIMIZERS):
+        tensors: list[Any] = [p for group in optimizer.param_groups for p in group["params"]]
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        for tensor in tensors:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if isinstance(local, torch.Tensor) and local.layout == torch.strided and not local.is_meta:
+                addresses.add(local.untyped_storage().data_ptr())
+    return addresses
 
 
 def _step_through_fabric(optimizer: Any, *args: Any, **kwargs: Any) -> Any:

@@ -16,7 +16,6 @@ import os
 import pickle
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,9 @@ from typing import Any
 import torch
 from torch import _weights_only_unpickler
 
+from fabric_ckpt.core.telemetry import stage
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
+from fabric_ckpt.formats.archive_fast_path import FastPathUnavailable, load_mapped_archive, start_checks
 from fabric_ckpt.formats.base import Format, Loaded, Probe, ReadOptions
 from fabric_ckpt.formats.reading import torch_load, unsafe_refusal
 from fabric_ckpt.formats.reports import Description, VerifyReport, as_infos
@@ -36,10 +37,10 @@ from fabric_ckpt.formats.torch_format import (
     compressed_records,
     read_archive_info,
     verify_archive,
-    verify_archive_parallel,
 )
 from fabric_ckpt.formats.zip_archive import ZipEntry, ZipFormatError, read_zip_directory_at, resolve_entry
 from fabric_ckpt.storage import Location, resolve
+from fabric_ckpt.storage.mapped_file import MappedFile, map_local_file
 
 __all__ = ["LegacyPickleFormat", "TorchZipFormat", "ZipSkeleton", "read_zip_skeleton"]
 
@@ -113,32 +114,36 @@ class LegacyPickleFormat(Format):
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_archive(local: str, display: str, options: ReadOptions) -> tuple[Any, ArchiveInfo]:
-    """Unpickle a zip checkpoint (memory-mapped) while its CRC-32s are checked on another thread.
+    """Unpickle a zip checkpoint (memory-mapped) while its CRC-32s are checked on other threads.
 
-    The checks run in parallel with ``torch.load``'s unpickling, so verification costs little wall time; every
-    error is raised only after the mapping is closed (a traceback holding views of it would block the close).
+    The checks run in parallel with the unpickling, so verification costs little wall time; every error is raised
+    only after the mapping is closed (a traceback holding views of it would block the close). One private mapping
+    serves the checks and the tensors: the pages the checks fault in are the ones copied.
     """
     damage = None
     problems: list[Any] = []
     loaded: Any = None
     load_error: BaseException | None = None
     info: ArchiveInfo | None = None
-    with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    with map_local_file(local) as mapping:
+        mapped = mapping.buffer
         try:
             info = read_archive_info(mapped)
         except ZipFormatError as err:
             damage = str(err)
         else:
-            if info.is_torch_checkpoint and not compressed_records(info) and options.verify:
-                if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-                    mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
-                with ThreadPoolExecutor(1, thread_name_prefix="fabric_ckpt-verify") as pool:
-                    checking = pool.submit(verify_archive_parallel, mapped, info)
+            if info.is_torch_checkpoint and not compressed_records(info):
+                if options.verify:
+                    if hasattr(mmap, "MADV_WILLNEED"):
+                        mapped.madvise(mmap.MADV_WILLNEED)  # start reading the whole file ahead of the checks
+                    finish_checks = start_checks(mapped, info)  # large records on threads, while we unpickle
                     try:
-                        loaded = _load_mapped(local, display, options)
+                        loaded = _load_mapped(mapping, info, local, display, options)
                     except BaseException as err:  # reported after the checks: damage explains most failures
                         load_error = err
-                    problems = checking.result()
+                    problems = finish_checks()
+                else:
+                    loaded = _load_mapped(mapping, info, local, display, options)
     if damage is not None or info is None:
         raise CheckpointError(f"Checkpoint '{display}' is truncated or damaged: {damage}")
     _refuse_non_checkpoint(info, display)
@@ -146,13 +151,18 @@ def load_archive(local: str, display: str, options: ReadOptions) -> tuple[Any, A
         raise CheckpointCorruptedError(f"Checkpoint '{display}' is corrupted: {problems[0]}")
     if load_error is not None:
         raise load_error
-    if not options.verify:
-        loaded = _load_mapped(local, display, options)
     return loaded, info
 
 
-def _load_mapped(local: str, display: str, options: ReadOptions) -> Any:
-    return torch_load(local, display, weights_only=options.weights_only, mmap=True, map_location=options.map_location)
+def _load_mapped(mapping: MappedFile, info: ArchiveInfo, local: str, display: str, options: ReadOptions) -> Any:
+    """Unpickle from the shared mapping where the fast path can (:mod:`.archive_fast_path`), else ``torch.load``."""
+    with stage("unpickle"):
+        try:
+            return load_mapped_archive(mapping, info, options.map_location)
+        except FastPathUnavailable:
+            return torch_load(
+                local, display, weights_only=options.weights_only, mmap=True, map_location=options.map_location
+            )
 
 
 def _refuse_non_checkpoint(info: ArchiveInfo, display: str, *, compressed: bool = True) -> None:

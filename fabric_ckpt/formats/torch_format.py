@@ -32,6 +32,7 @@ from typing_extensions import Buffer
 from fabric_ckpt._version import __version__
 from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.state import resolved
+from fabric_ckpt.core.telemetry import stage
 from fabric_ckpt.formats.zip_archive import Writable, ZipDirectory, ZipEntry, ZipWriter, read_zip_directory
 
 __all__ = [
@@ -98,6 +99,11 @@ def _storage_type(dtype: torch.dtype) -> Any:
     return getattr(torch, empty._pickle_storage_type())
 
 
+_NEVER_STORAGES = frozenset(
+    {int, float, bool, str, bytes, tuple, list, dict, OrderedDict, type(None), torch.Size, torch.dtype, torch.device}
+)
+
+
 class _StoragePickler(pickle.Pickler):
     """Pickles like ``torch.save``: each storage becomes a persistent id ``("storage", type, key, location, numel)``."""
 
@@ -116,6 +122,8 @@ class _StoragePickler(pickle.Pickler):
         return NotImplemented
 
     def persistent_id(self, obj: Any) -> tuple[str, Any, str, str, int] | None:
+        if type(obj) in _NEVER_STORAGES:  # called for every object pickled: most are plain values
+            return None
         if isinstance(obj, _LazyStorage):
             lazy = obj.tensor
             key = self.keys_by_storage.setdefault(id(lazy), str(len(self.keys_by_storage)))
@@ -200,11 +208,13 @@ def write_torch_archive(
     force_zip64: bool = False,
     on_storage_written: Callable[[int], object] | None = None,
     entries: str = FABRIC_ENTRIES,
+    before_storage: Callable[[torch.UntypedStorage], object] | None = None,
 ) -> ArchiveSummary:
     """Write ``obj`` to ``sink`` as a ``torch.load``-able archive with an integrity manifest.
 
     ``entries`` names the layout of the object's entries (ours, or another tool's that ``convert`` wrote), so that
-    readers map a foreign layout even in a file of ours.
+    readers map a foreign layout even in a file of ours. ``before_storage(storage)`` is called before a storage's
+    bytes are written (a lazy snapshot waits there until they are copied).
 
     Example:
         >>> with open("model.pt", "wb") as f:
@@ -212,7 +222,8 @@ def write_torch_archive(
     """
     buffer = io.BytesIO()
     pickler = _StoragePickler(buffer)
-    pickler.dump(obj)
+    with stage("serialise"):
+        pickler.dump(obj)
     owners: dict[int, str] = {}
     _tensor_owners(obj, "", owners, pickler.resolved)
     tensor_names = {f"data/{key}": owners[cdata] for cdata, key in pickler.keys_by_storage.items() if cdata in owners}
@@ -222,6 +233,8 @@ def write_torch_archive(
     for key, storage in pickler.storages.items():
         if isinstance(storage, LazyTensor):
             storage = _materialize_lazy(storage)
+        elif before_storage is not None:
+            before_storage(storage)
         view, _keepalive = _cpu_bytes(storage)
         writer.add(f"{ARCHIVE_PREFIX}/data/{key}", view)
         if on_storage_written is not None:

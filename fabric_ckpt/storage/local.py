@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 from typing_extensions import Buffer
 
+from fabric_ckpt.core.telemetry import record_stage, stage
 from fabric_ckpt.storage.base import Storage
 from fabric_ckpt.storage.temporaries import (
     delete_in_background,
@@ -114,8 +115,10 @@ class LocalStorage(Storage):
         sink = os.fdopen(os.open(temporary, flags, 0o666), "wb", buffering=0)
         try:
             yield WritebackFile(sink)
-            os.fsync(sink.fileno())
+            with stage("fsync"):
+                os.fsync(sink.fileno())
             sink.close()
+            commit_started = time.perf_counter()
             previous = _keep_aside(path)
             try:
                 os.replace(temporary, path)
@@ -131,6 +134,7 @@ class LocalStorage(Storage):
                 os.unlink(temporary)
             raise
         fsync_folder(folder)
+        record_stage("commit", time.perf_counter() - commit_started)
 
     @contextmanager
     def open_write(self, path: str) -> Iterator[Any]:
@@ -204,7 +208,8 @@ class _DurableWriter(io.BufferedWriter):
     def close(self) -> None:
         if not self.closed:
             self.flush()
-            os.fsync(self.fileno())
+            with stage("fsync"):
+                os.fsync(self.fileno())
         super().close()
 
 

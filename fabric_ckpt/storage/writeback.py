@@ -10,7 +10,10 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import time
 from typing import Any
+
+from fabric_ckpt.core.telemetry import current_recorder
 
 __all__ = ["WritebackFile"]
 
@@ -46,6 +49,7 @@ class WritebackFile(io.RawIOBase):
         self._fd = raw.fileno()
         self._flushed_to = raw.tell()
         self._in_flight: list[tuple[int, int]] = []
+        self._recorder = current_recorder()  # the save this file belongs to: its writes are its "write" stage
 
     def writable(self) -> bool:
         return True
@@ -63,10 +67,13 @@ class WritebackFile(io.RawIOBase):
         return int(self._fd)
 
     def write(self, data: Any) -> int:
+        started = time.perf_counter()
         written = int(self._raw.write(data) or 0)
         position = self._raw.tell()
         if _sync_file_range is not None and position - self._flushed_to >= _WRITEBACK_CHUNK:
             self._start_writeback(position)
+        if self._recorder is not None:
+            self._recorder.add("write", time.perf_counter() - started, written, start=started)
         return written
 
     def _start_writeback(self, position: int) -> None:

@@ -29,6 +29,7 @@ from fabric_ckpt.core.restore import (
     prepare_restore,
     validate_optimizer_state,
 )
+from fabric_ckpt.core.snapshot import Snapshot
 from fabric_ckpt.core.staging import Stager
 from fabric_ckpt.core.state import (
     FilterFn,
@@ -41,7 +42,8 @@ from fabric_ckpt.core.state import (
     to_checkpoint,
     validate_filter,
 )
-from fabric_ckpt.core.wrappers import unwrap_module, unwrap_optimizer
+from fabric_ckpt.core.telemetry import stage
+from fabric_ckpt.core.wrappers import lazily_copyable_storages, unwrap_module, unwrap_optimizer
 from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError, UnpicklableStateError
 from fabric_ckpt.formats import open_source, save_file
 from fabric_ckpt.formats.interop import adapt, adapt_raw
@@ -74,6 +76,9 @@ class SaveOptions:
     filter: Mapping[str, FilterFn] | None = None
     on_save: CheckpointHook | None = None
     storage_options: Any = None
+    # An asynchronous save's snapshot: "eager" (copied before save_async returns) or "lazy" (parameters and optimizer
+    # state copied in the background; set-up optimizers' steps wait for it).
+    snapshot: str = "eager"
 
 
 @dataclass(frozen=True)
@@ -248,12 +253,18 @@ class SingleFileCheckpoints:
             lambda: self._write_file(path, checkpoint, options) if self.is_global_zero else None, f"Saving '{path}'"
         )
 
-    def _write_file(self, path: PathLike | Location, checkpoint: dict[str, Any], options: SaveOptions) -> None:
+    def _write_file(
+        self,
+        path: PathLike | Location,
+        checkpoint: dict[str, Any],
+        options: SaveOptions,
+        before_storage: Callable[[Any], object] | None = None,
+    ) -> None:
         user_io = self._user_checkpoint_io()
         if user_io is not None:  # it does all of the I/O, on the path as the user gave it
             user_io.save_checkpoint(checkpoint=checkpoint, path=path, storage_options=options.storage_options)
         else:
-            save_file(self._location(path, options.storage_options), checkpoint)
+            save_file(self._location(path, options.storage_options), checkpoint, before_storage=before_storage)
 
     def stage_checkpoint(
         self, path: PathLike | Location, state: Mapping[str, Any], options: SaveOptions, stager: Stager
@@ -271,20 +282,23 @@ class SingleFileCheckpoints:
         checkpoint = self.agree(lambda: self._build_checkpoint(state, options), f"Saving '{path}'")
         if not self.is_global_zero:
             return None
-        staged = stager.stage(checkpoint)
+        snapshot = stage_snapshot(stager, checkpoint, options)
         del checkpoint
 
         def write() -> None:
-            self._write_file(path, staged, options)
+            if self._user_checkpoint_io() is not None:
+                snapshot.wait_copied()  # a user's CheckpointIO reads every tensor at once
+            self._write_file(path, snapshot.checkpoint, options, before_storage=snapshot.wait_copied)
 
         return write
 
     def _build_checkpoint(self, state: Mapping[str, Any], options: SaveOptions) -> dict[str, Any]:
-        checkpoint = to_checkpoint(
-            state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
-        )
-        if options.on_save is not None:
-            options.on_save(checkpoint)
+        with stage("snapshot"):
+            checkpoint = to_checkpoint(
+                state, options.filter, module_state=self.module_state_dict, optimizer_state=self.optimizer_state_dict
+            )
+            if options.on_save is not None:
+                options.on_save(checkpoint)
         if self._user_checkpoint_io() is None:  # a user's CheckpointIO may not pickle at all
             self._check_serializable(checkpoint)
         return checkpoint
@@ -376,10 +390,12 @@ class SingleFileCheckpoints:
                             "load it with fabric.load_raw() or fabric.load(path) without a state"
                         )
                     return _Returning(checkpoint)
-                return self._prepare_restore(checkpoint, state, options, native=native)
+                with stage("validate"):
+                    return self._prepare_restore(checkpoint, state, options, native=native)
 
             plan = self.agree(prepare, f"Loading '{path}'")
-            return self._apply(plan, f"Loading '{path}'")
+            with stage("copy"):
+                return self._apply(plan, f"Loading '{path}'")
 
     def _apply(self, plan: _Plan, description: str) -> dict[str, Any]:
         """Apply a plan phase by phase, every rank agreeing after each (loaders may be collective)."""
@@ -490,3 +506,15 @@ def _reject_full_checkpoint(state_dict: Any, label: str) -> None:
             f"{label} holds a checkpoint with entries {entries}, not a plain state dict; restore it with "
             f"fabric.load(path, {{{entries[0]!r}: module}})"
         )
+
+
+def stage_snapshot(stager: Stager, checkpoint: dict[str, Any], options: SaveOptions) -> Snapshot:
+    """Snapshot ``checkpoint`` into the stager's memory: every copy made now, or (lazy) the large copies of what only
+    set-up optimizers change left to :meth:`Snapshot.start`."""
+    if options.snapshot not in ("eager", "lazy"):
+        raise ValueError(f"snapshot={options.snapshot!r}: use 'eager' (the default) or 'lazy'")
+    lazy = lazily_copyable_storages() if options.snapshot == "lazy" else set()
+    snapshot = stager.snapshot(checkpoint, lazy=lazy)
+    snapshot.copy_eager()
+    snapshot.start()
+    return snapshot

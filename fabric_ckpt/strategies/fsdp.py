@@ -42,12 +42,9 @@ from fabric_ckpt.formats import sharded
 from fabric_ckpt.formats.interop import adapt
 from fabric_ckpt.storage import Location, PathLike
 from fabric_ckpt.storage.pointers import follow_pointer
-from fabric_ckpt.strategies.base import (
-    LoadOptions,
-    SaveOptions,
-    WriteJob,
-)
+from fabric_ckpt.strategies.base import LoadOptions, SaveOptions, WriteJob
 from fabric_ckpt.strategies.checkpoint_io import is_ours
+from fabric_ckpt.strategies.checkpoints import stage_snapshot
 from fabric_ckpt.strategies.fsdp_options import WrapPolicy, build_mesh, check_policy, parse_fsdp_options, shard
 from fabric_ckpt.strategies.module_init import has_meta_tensors, materialize_meta
 from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
@@ -313,11 +310,16 @@ class FSDPStrategy(ParallelStrategy):
         location = self._location(path, options.storage_options)
         description = f"Saving '{location.original}'"
         checkpoint = self.agree(lambda: self._build_sharded_checkpoint(state, options, description), description)
-        staged = stager.stage(checkpoint)
+        snapshot = stage_snapshot(stager, checkpoint, options)
         del checkpoint
         temporary = self._staging_folder(location, description)
         group = self.background_group()
-        return lambda: self._write_sharded(staged, temporary, location, description, group=group)
+
+        def write() -> None:
+            snapshot.wait_copied()  # DCP plans every item up front: a lazy snapshot is written once complete
+            self._write_sharded(snapshot.checkpoint, temporary, location, description, group=group)
+
+        return write
 
     def _build_sharded_checkpoint(
         self, state: Mapping[str, Any], options: SaveOptions, description: str
