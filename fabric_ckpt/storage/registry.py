@@ -19,6 +19,7 @@ from fabric_ckpt.storage.fsspec_storage import FsspecStorage
 from fabric_ckpt.storage.local import LocalStorage
 from fabric_ckpt.storage.object_store import OBJECT_STORE_PROTOCOLS, ObjectStoreStorage
 from fabric_ckpt.storage.options import StorageOptions
+from fabric_ckpt.storage.s3 import S3_PROTOCOLS, S3Storage
 
 __all__ = ["PathLike", "StorageFactory", "register_storage", "resolve"]
 
@@ -40,6 +41,7 @@ def register_storage(protocols: Iterable[str], factory: StorageFactory) -> None:
 
 
 register_storage(OBJECT_STORE_PROTOCOLS, ObjectStoreStorage)
+register_storage(S3_PROTOCOLS, S3Storage)
 
 
 def resolve(path: PathLike | Location, options: StorageOptions | None = None, *, absolute: bool = False) -> Location:
