@@ -59,8 +59,9 @@ class _CountingSink:
 class ObjectStoreStorage(FsspecStorage):
     """A bucket of an object store, reached through its fsspec client (s3fs, gcsfs, adlfs, ocifs).
 
-    Subclasses for one store say which version an upload created (:meth:`_complete`), how the store names an
-    object's version (:meth:`_version_of`) and how to remove exactly one version (:meth:`_remove_version`).
+    Subclasses for one store may drive the upload themselves (:meth:`_open_upload`), and say which version an
+    upload created (:meth:`_complete`), how the store names an object's version (:meth:`_version_of`) and how to
+    remove exactly one version (:meth:`_remove_version`).
 
     Example:
         >>> resolve("oci://bucket@namespace/run/last.ckpt").storage
@@ -71,7 +72,7 @@ class ObjectStoreStorage(FsspecStorage):
     def atomic_write(self, path: str) -> Iterator[Any]:
         self._refuse_folder(path)
         self._before_upload(path)
-        sink = self.fs.open(path, "wb", autocommit=False, block_size=UPLOAD_PART_BYTES)
+        sink = self._open_upload(path)
         counting = _CountingSink(sink)
         try:
             yield counting
@@ -84,6 +85,10 @@ class ObjectStoreStorage(FsspecStorage):
                 sink.discard()
             raise
         self._confirm_size(path, counting.written, version)
+
+    def _open_upload(self, path: str) -> Any:
+        """A writable whose bytes become the object at ``path`` only through :meth:`_complete`."""
+        return self.fs.open(path, "wb", autocommit=False, block_size=UPLOAD_PART_BYTES)
 
     def _before_upload(self, path: str) -> None:
         """Housekeeping before a new upload to ``path`` (S3 aborts abandoned uploads of its folder here)."""
@@ -106,7 +111,7 @@ class ObjectStoreStorage(FsspecStorage):
 
         Only an object known to be this writer's is removed when its size is wrong.
         """
-        self.fs.invalidate_cache(path)
+        self.forget(path)
         try:
             info = self.fs.info(path)
         except FileNotFoundError:

@@ -14,8 +14,10 @@ from typing import Any, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from fabric_ckpt.storage.azure import AZURE_PROTOCOLS, AzureBlobStorage
 from fabric_ckpt.storage.base import Location, Storage
 from fabric_ckpt.storage.fsspec_storage import FsspecStorage
+from fabric_ckpt.storage.gcs import GCS_PROTOCOLS, GcsStorage
 from fabric_ckpt.storage.local import LocalStorage
 from fabric_ckpt.storage.object_store import OBJECT_STORE_PROTOCOLS, ObjectStoreStorage
 from fabric_ckpt.storage.options import StorageOptions
@@ -42,6 +44,8 @@ def register_storage(protocols: Iterable[str], factory: StorageFactory) -> None:
 
 register_storage(OBJECT_STORE_PROTOCOLS, ObjectStoreStorage)
 register_storage(S3_PROTOCOLS, S3Storage)
+register_storage(GCS_PROTOCOLS, GcsStorage)
+register_storage(AZURE_PROTOCOLS, AzureBlobStorage)
 
 
 def resolve(path: PathLike | Location, options: StorageOptions | None = None, *, absolute: bool = False) -> Location:
@@ -77,7 +81,9 @@ def resolve(path: PathLike | Location, options: StorageOptions | None = None, *,
 def _filesystem_options(protocol: str, options: StorageOptions) -> dict[str, Any]:
     """The fsspec filesystem's keyword arguments: the endpoint for S3-compatible stores, then the user's own."""
     settings: dict[str, Any] = {}
-    if protocol in ("s3", "s3a") and options.endpoint_url and not os.environ.get("AWS_ENDPOINT_URL"):
+    if protocol in S3_PROTOCOLS and options.endpoint_url and not os.environ.get("AWS_ENDPOINT_URL"):
         settings["client_kwargs"] = {"endpoint_url": options.endpoint_url}
+    if protocol in GCS_PROTOCOLS and os.environ.get("STORAGE_EMULATOR_HOST"):
+        settings["token"] = "anon"  # as Google's own client does for an emulator: no credentials to look up
     settings.update(options.filesystem_options)
     return settings

@@ -47,7 +47,7 @@ class S3Storage(ObjectStoreStorage):
             MultipartUpload={"Parts": parts},
         )
         sink.mpu = None  # completed: nothing left for a later discard() to abort
-        self.fs.invalidate_cache(path)
+        self.forget(path)
         return _etag(response.get("ETag"))
 
     def _version_of(self, info: dict[str, Any]) -> str | None:
@@ -60,7 +60,7 @@ class S3Storage(ObjectStoreStorage):
         except Exception:  # precondition failed (someone else's object now), or a store without conditional deletes
             return False
         finally:
-            self.fs.invalidate_cache(path)
+            self.forget(path)
         return True
 
     def _before_upload(self, path: str) -> None:
