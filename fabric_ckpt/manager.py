@@ -103,6 +103,7 @@ class CheckpointManager:
         self.run_name = _check_run_name(run_name if run_name is not None else self._default_run_name())
         self.resumed_from: str | None = None
         self._resumed_name: str | None = None
+        self._pruned_before_first_save = False
         self._seen = (self.timestamp.epoch, self.timestamp.batch)
         self._run_values = self._topology()
 
@@ -179,6 +180,11 @@ class CheckpointManager:
         payload = self._payload(state)
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
+        if manages and not self._pruned_before_first_save:
+            # Each earlier run killed between a commit and its pruning left one checkpoint too many; were this run
+            # killed the same way, the excess would grow. Pruning once before the first commit bounds it.
+            self._pruned_before_first_save = True
+            self._prune(name)
         if self.async_save:
             handle = self.fabric.save_async(path, payload)
             if manages:  # moved on the background thread once the checkpoint is complete

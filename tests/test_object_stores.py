@@ -4,6 +4,7 @@ reach them, through their own clients (s3fs, gcsfs, adlfs) and their standard se
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import pytest
@@ -123,3 +124,24 @@ def test_the_writer_that_lost_never_removes_the_other_writers_object(store):
     assert len(calls) == 1
     with client(url).open(url, "rb") as f:
         assert bitwise_equal(torch.load(f, weights_only=True)["w"], theirs["w"])
+
+
+def test_gs_urls_with_composers_hmac_key_go_through_the_s3_compatible_endpoint(bucket, monkeypatch):
+    # Composer's route for GCS: GCS_KEY/GCS_SECRET (an HMAC key) and GCS's S3-compatible XML API. The local S3
+    # server stands in for storage.googleapis.com, given per Fabric through filesystem_options.
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    name = bucket[5:]
+    monkeypatch.setenv("GCS_KEY", "testing")
+    monkeypatch.setenv("GCS_SECRET", "testing")
+    assert resolve(f"gs://{name}/c.ckpt").storage.fs.client_kwargs == {"endpoint_url": "https://storage.googleapis.com"}
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the Fabric's setting leads to the server
+    options = StorageOptions(filesystem_options={"client_kwargs": {"endpoint_url": endpoint}})
+    fabric = Fabric(accelerator="cpu", storage_options=options)
+    url = f"gs://{name}/hmac/c.ckpt"
+    assert type(resolve(url, options).storage).__name__ == "GcsHmacStorage"
+    fabric.save(url, {"step": 7})
+    assert fabric.load(url) == {"step": 7}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert client(bucket).ls(f"{bucket}/hmac", detail=False) == [f"{name}/hmac/c.ckpt"]
+    with pytest.raises(FileNotFoundError, match=rf"gs://{name}/hmac/missing\.ckpt"):
+        fabric.load(f"gs://{name}/hmac/missing.ckpt")

@@ -162,3 +162,36 @@ def test_a_latest_symlink_pointing_outside_the_run_folder_is_refused(tmp_path, a
     before = snapshot(untouched)
     assert CheckpointManager(fabric, folder, run_name="r").load_latest({"model": untouched}) is None
     assert_same_state(snapshot(untouched), before)
+
+
+class _FolderAtSave:
+    """A state entry that records the run folder's checkpoints at the moment the save collects it (before commit)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.seen: list[str] = []
+
+    def state_dict(self) -> dict:
+        self.seen = sorted(name for name in os.listdir(self.folder) if name.startswith("ep"))
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_a_resumed_run_prunes_what_killed_runs_left_before_its_first_commit(tmp_path, fabric):
+    # Runs killed between a commit and its pruning each leave one checkpoint too many; a resumed run that is killed
+    # the same way must not add to them, so it prunes before its first commit too.
+    folder = tmp_path / "run"
+    model = make_net(1)
+    leftover = CheckpointManager(fabric, folder, save_interval="1ba", run_name="r")  # keeps all: as kills left it
+    for _ in range(4):
+        leftover.on_batch_end({"model": model})
+    assert len([n for n in os.listdir(folder) if n.startswith("ep")]) == 4
+
+    manager = CheckpointManager(fabric, folder, save_interval="1ba", num_checkpoints_to_keep=2, run_name="r")
+    manager.load_latest({"model": model})
+    probe = _FolderAtSave(folder)
+    manager.on_batch_end({"model": model, "probe": probe})
+    assert probe.seen == ["ep0-ba3-rank0", "ep0-ba4-rank0"]  # before the new checkpoint was committed
+    assert sorted(n for n in os.listdir(folder) if n.startswith("ep")) == ["ep0-ba4-rank0", "ep0-ba5-rank0"]

@@ -16,10 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from fabric_ckpt.storage.object_store import ObjectStoreStorage
+from fabric_ckpt.storage.s3 import S3Storage
 
-__all__ = ["GCS_PROTOCOLS", "GcsStorage"]
+__all__ = ["GCS_PROTOCOLS", "GCS_S3_ENDPOINT", "GcsHmacStorage", "GcsStorage"]
 
 GCS_PROTOCOLS = ("gs", "gcs")
+# GCS's XML API, which speaks S3's protocol to HMAC keys (Composer's GCS_KEY/GCS_SECRET route).
+GCS_S3_ENDPOINT = "https://storage.googleapis.com"
 
 
 class GcsStorage(ObjectStoreStorage):
@@ -49,3 +52,18 @@ class GcsStorage(ObjectStoreStorage):
         finally:
             self.forget(path)
         return True
+
+
+class GcsHmacStorage(S3Storage):
+    """A GCS bucket reached with an HMAC key through GCS's S3-compatible endpoint (s3fs): S3's commit and checks.
+
+    Used for ``gs://`` URLs when ``GCS_KEY`` and ``GCS_SECRET`` are set, as Composer does; URLs stay ``gs://``.
+
+    Example:
+        >>> os.environ.update(GCS_KEY="GOOG1E...", GCS_SECRET="...")
+        >>> resolve("gs://bucket/run/last.ckpt").storage
+        GcsHmacStorage(protocol='s3')
+    """
+
+    def url(self, path: str) -> str:
+        return f"gs://{path}"
