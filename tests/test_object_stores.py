@@ -145,3 +145,9 @@ def test_gs_urls_with_composers_hmac_key_go_through_the_s3_compatible_endpoint(b
     assert client(bucket).ls(f"{bucket}/hmac", detail=False) == [f"{name}/hmac/c.ckpt"]
     with pytest.raises(FileNotFoundError, match=rf"gs://{name}/hmac/missing\.ckpt"):
         fabric.load(f"gs://{name}/hmac/missing.ckpt")
+
+
+def test_oci_urls_use_ocifs_where_it_is_installed():
+    pytest.importorskip("ocifs", reason="ocifs (the `oci` extra) is not installed; Oracle's S3 endpoint is s3://")
+    storage = resolve("oci://bucket@namespace/run/last.ckpt").storage
+    assert type(storage).__name__ == "ObjectStoreStorage" and storage.protocol == "oci"
