@@ -632,7 +632,7 @@ KILL_POINTS = [
     KillPoint("manager/mid-prune", "manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
     # Object stores: the multipart upload is complete but not committed; the manifest is not written yet; the
     # manifest names the new generation but the old one is not deleted yet; `latest` not moved yet.
-    KillPoint("s3-single/before-complete", "s3-single", "s3fs.core:S3File.commit"),
+    KillPoint("s3-single/before-complete", "s3-single", "fabric_ckpt.storage.s3:S3Storage._complete"),
     KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.formats.sharded:commit"),
     KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.formats.sharded:remove_later", call=1),
     KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
