@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,8 +46,12 @@ def _server(command: list[str], port: int, what: str) -> Iterator[None]:
         _wait_for_port(port, server, what)
         yield
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.send_signal(signal.SIGINT)  # both stop cleanly on SIGINT (Azurite ignores SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
 
 
 @contextmanager

@@ -80,15 +80,21 @@ class ObjectStoreStorage(FsspecStorage):
             version = self._complete(sink, path)
         except BaseException:
             with suppress(Exception):
-                sink.close()
-            with suppress(Exception):
-                sink.discard()
+                self._abandon(sink)
             raise
         self._confirm_size(path, counting.written, version)
 
     def _open_upload(self, path: str) -> Any:
         """A writable whose bytes become the object at ``path`` only through :meth:`_complete`."""
         return self.fs.open(path, "wb", autocommit=False, block_size=UPLOAD_PART_BYTES)
+
+    def _abandon(self, sink: Any) -> None:
+        """Cancel the upload: what was sent is discarded, and what is still buffered is never sent."""
+        try:
+            sink.discard()  # aborts the S3 multipart upload, cancels the GCS upload session
+        finally:
+            sink.forced = True  # fsspec files: close without the final flush (which would upload the buffer)
+            sink.close()
 
     def _before_upload(self, path: str) -> None:
         """Housekeeping before a new upload to ``path`` (S3 aborts abandoned uploads of its folder here)."""
