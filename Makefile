@@ -62,7 +62,8 @@ RELIABILITY_FIGURES := build/reliability-figures.jsonl
 reliability: $(STAMP) $(AZURITE)
 	rm -f $(RELIABILITY_FIGURES)
 	FABRIC_CKPT_CAMPAIGN=full FABRIC_CKPT_FIGURES=$(RELIABILITY_FIGURES) $(BIN)/python -m pytest -s -rxs \
-		tests/test_crash.py tests/test_disk_full.py tests/test_hostile_input.py tests/test_fault_injection.py
+		tests/test_crash.py tests/test_disk_full.py tests/test_hostile_input.py tests/test_fault_injection.py \
+		tests/test_shared_volumes.py tests/test_object_store_writers.py
 	$(BIN)/python -m tests.reliability_figures $(RELIABILITY_FIGURES)
 
 clean:

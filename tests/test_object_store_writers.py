@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import fsspec
 import pytest
 import torch
@@ -48,38 +46,6 @@ def test_the_writer_that_lost_leaves_the_other_writers_object_and_is_not_retried
     with fsspec.open(url, "rb") as f:  # the other writer's object, bitwise
         assert bitwise_equal(torch.load(f, weights_only=True)["w"], theirs["w"])
     assert s3().list_multipart_uploads(bucket[5:]) == []
-
-
-def test_concurrent_writers_on_one_key_never_remove_each_others_object(bucket):
-    url = f"{bucket}/shared/last.ckpt"
-    states = [{"w": torch.full((1000 * (i + 1),), float(i))} for i in range(2)]
-    for _round in range(4):
-        start = threading.Barrier(2)
-        outcomes: list[object] = [None, None]
-
-        def write(index: int, start=start, outcomes=outcomes) -> None:
-            start.wait()
-            try:
-                save_file(resolve(url, StorageOptions(retries=1)), states[index])  # a retry would hide a removal
-                outcomes[index] = "saved"
-            except Exception as err:  # recorded, judged below
-                outcomes[index] = err
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        for outcome in outcomes:
-            assert outcome == "saved" or isinstance(outcome, WriteConflictError), outcome
-        assert "saved" in outcomes
-        fs = s3()
-        with fs.open(url, "rb") as f:  # never removed: one writer's complete object, bitwise
-            stored = torch.load(f, weights_only=True)["w"]
-        winners = [i for i, state in enumerate(states) if bitwise_equal(stored, state["w"])]
-        assert len(winners) == 1
-        loser = [i for i, outcome in enumerate(outcomes) if outcome != "saved"]
-        assert loser in ([], [1 - winners[0]])
 
 
 def _start_upload(fs, key: str) -> str:
