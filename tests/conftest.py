@@ -144,9 +144,9 @@ def bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def gcs_endpoint():
     """The GCS emulator for the whole session; STORAGE_EMULATOR_HOST points gcsfs at it."""
-    from tests.servers import environment, gcs_server
+    from tests.servers import environment, gcs_json_api_client, gcs_server
 
-    with gcs_server() as settings, environment(settings):
+    with gcs_server() as settings, environment(settings), gcs_json_api_client():
         yield settings["STORAGE_EMULATOR_HOST"]
 
 

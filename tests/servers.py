@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import fsspec
+
 from tests.s3 import free_port
 
 AZURITE_FOLDER = os.path.join(os.path.dirname(__file__), "azurite")
@@ -82,12 +84,33 @@ def gcs_server() -> Iterator[dict[str, str]]:
         }
 
 
+@contextmanager
+def gcs_json_api_client() -> Iterator[None]:
+    """Serve ``gs://`` with gcsfs's JSON API client for the duration.
+
+    Recent gcsfs serves ``gs://`` with a class that first asks each bucket over gRPC whether it is zonal, which an
+    emulator cannot answer (each new bucket then waits out the gRPC client's retries). GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
+    (set by :func:`gcs_server`) turns that off only if gcsfs was not imported yet, so the class is named here too.
+    """
+    from gcsfs.core import GCSFileSystem
+
+    previous = {protocol: fsspec.registry.get(protocol) for protocol in ("gs", "gcs")}
+    for protocol in previous:
+        fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+    try:
+        yield
+    finally:
+        for protocol, implementation in previous.items():
+            if implementation is not None:
+                fsspec.register_implementation(protocol, implementation, clobber=True)
+
+
 def new_gcs_bucket() -> str:
     """Create an empty bucket on the emulator; return its name."""
-    import gcsfs
+    from gcsfs.core import GCSFileSystem
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(name)
+    GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(name)
     return name
 
 
