@@ -16,7 +16,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Azure's storage emulator for the az:// tests (tests/servers.py starts it): an npm package pinned by its lock file.
+AZURITE := tests/azurite/node_modules/.bin/azurite-blob
+
+$(AZURITE): tests/azurite/package.json tests/azurite/package-lock.json
+	cd tests/azurite && npm ci --no-audit --no-fund --loglevel=error
+	touch $(AZURITE)
+
+test: $(STAMP) $(AZURITE)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -58,13 +65,13 @@ gpu-check: $(STAMP)
 # checkpoints, full disks; prints the figures (also kept in build/reliability-figures.jsonl). ~6 min on 2 cores.
 RELIABILITY_FIGURES := build/reliability-figures.jsonl
 
-reliability: $(STAMP)
+reliability: $(STAMP) $(AZURITE)
 	rm -f $(RELIABILITY_FIGURES)
 	FABRIC_CKPT_CAMPAIGN=full FABRIC_CKPT_FIGURES=$(RELIABILITY_FIGURES) $(BIN)/python -m pytest -s -rxs \
 		tests/test_crash.py tests/test_disk_full.py tests/test_hostile_input.py tests/test_hostile_formats.py \
 		tests/test_fault_injection.py tests/test_tensor_kinds.py tests/test_partial_load.py \
 		tests/test_partial_load_distributed.py tests/test_async_save.py tests/test_paths.py tests/test_dcp_errors.py \
-		tests/test_preemption.py
+		tests/test_preemption.py tests/test_shared_volumes.py tests/test_object_store_writers.py
 	$(BIN)/python -m tests.reliability_figures $(RELIABILITY_FIGURES)
 
 clean:

@@ -128,6 +128,7 @@ class CheckpointManager:
         self.run_name = _check_run_name(run_name if run_name is not None else self._default_run_name())
         self.resumed_from: str | None = None
         self._resumed_name: str | None = None
+        self._pruned_before_first_save = False
         self._seen = (self.timestamp.epoch, self.timestamp.batch)
         self._run_values = self._topology()
 
@@ -271,6 +272,11 @@ class CheckpointManager:
         payload = self._payload(state)
         self._check_overwrite(name, path)
         manages = self.fabric.is_global_zero or self._per_rank
+        if manages and not self._pruned_before_first_save:
+            # Each earlier run killed between a commit and its pruning left one checkpoint too many; were this run
+            # killed the same way, the excess would grow. Pruning once before the first commit bounds it.
+            self._pruned_before_first_save = True
+            self._prune(name)
         replace = self.overwrite or self._ahead_of_resume(name)
         upload = self._remote.next_upload(name, self._values(), replace=replace) if manages and self._remote else None
         if asynchronous:

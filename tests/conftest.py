@@ -139,3 +139,46 @@ def bucket(s3_endpoint):
     name = new_bucket()
     yield f"s3://{name}"
     fsspec.filesystem("s3").invalidate_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """The GCS emulator for the whole session; STORAGE_EMULATOR_HOST points gcsfs at it."""
+    from tests.servers import environment, gcs_json_api_client, gcs_server
+
+    with gcs_server() as settings, environment(settings), gcs_json_api_client():
+        yield settings["STORAGE_EMULATOR_HOST"]
+
+
+@pytest.fixture(scope="session")
+def azurite_endpoint():
+    """Azurite's blob service for the whole session; AZURE_STORAGE_CONNECTION_STRING points adlfs at it."""
+    from tests.servers import azurite_available, azurite_server, environment
+
+    if not azurite_available():
+        message = "Azurite is not installed: `make test` installs it (npm ci in tests/azurite)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI runs `make test`, which installs it: a skip there would hide a broken step
+        pytest.skip(message)
+    with azurite_server() as settings, environment(settings):
+        yield settings["AZURE_STORAGE_CONNECTION_STRING"]
+
+
+@pytest.fixture(params=["s3", "gs", "az"])
+def store(request):
+    """A fresh bucket (container) on each object store's local server; its URL, e.g. ``gs://test-1a2b``."""
+    from tests import servers
+    from tests.s3 import new_bucket
+
+    kind = request.param
+    if kind == "s3":
+        request.getfixturevalue("s3_endpoint")
+        name = new_bucket()
+    elif kind == "gs":
+        request.getfixturevalue("gcs_endpoint")
+        name = servers.new_gcs_bucket()
+    else:
+        request.getfixturevalue("azurite_endpoint")
+        name = servers.new_azure_container()
+    yield f"{kind}://{name}"
+    fsspec.filesystem(kind).invalidate_cache()

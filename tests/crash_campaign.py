@@ -200,8 +200,8 @@ class LocalStorage:
     def temporaries(self, folder: str = "") -> list[str]:
         return [os.path.join(folder, n) if folder else n for n in self.names(folder) if TEMP_MARKER in n]
 
-    def incomplete_uploads(self) -> int:
-        return 0
+    def incomplete_uploads(self) -> set[str]:
+        return set()
 
 
 class S3Storage:
@@ -259,9 +259,10 @@ class S3Storage:
     def temporaries(self, folder: str = "") -> list[str]:
         return [posixpath.join(folder, n) for n in self.names(folder) if TEMP_MARKER in n]
 
-    def incomplete_uploads(self) -> int:
-        """Multipart uploads started and neither completed nor aborted (a writer killed mid-upload leaves one)."""
-        return len(self._fs().list_multipart_uploads(self.bucket))
+    def incomplete_uploads(self) -> set[str]:
+        """Ids of multipart uploads started and neither completed nor aborted (a writer killed mid-upload leaves
+        one; the next save to its folder aborts it)."""
+        return {upload["UploadId"] for upload in self._fs().list_multipart_uploads(self.bucket)}
 
 
 Storage = LocalStorage | S3Storage
@@ -582,12 +583,6 @@ class S3Manager(Manager):
             campaign.violation(f"`{latest}` is not a pointer object: {raw[:100]!r}")
             return None
 
-    def retention_exceeded(self, campaign: Campaign, checkpoints: list[str]) -> None:
-        # Known bug, counted rather than failed: after some kills the writer's listing of the folder misses older
-        # checkpoints that another client's listing shows, so they are not pruned (nothing is lost or wrong).
-        bug = "s3 retention exceeded"
-        campaign.figures.known_bugs[bug] = campaign.figures.known_bugs.get(bug, 0) + 1
-
     def verify(self, campaign: Campaign) -> None:
         super().verify(campaign)
         campaign.check_visible("", {self.folder}.__contains__)
@@ -697,7 +692,9 @@ class KillPoint:
 
 
 # Writers free superseded sharded generations at once (no grace period), so a clean run leaves none behind.
-WRITER_ENVIRONMENT = {"FABRIC_CKPT_RETIRE_AFTER": "0"}
+# They abort the incomplete uploads killed writers left at once too (one writer at a time here, so none is live;
+# users keep the default age of a day).
+WRITER_ENVIRONMENT = {"FABRIC_CKPT_RETIRE_AFTER": "0", "FABRIC_CKPT_ABORT_UPLOADS_AFTER": "0"}
 
 KILL_POINTS = [
     KillPoint(
@@ -720,7 +717,7 @@ KILL_POINTS = [
     KillPoint("manager/mid-prune", "manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
     # Object stores: the multipart upload is complete but not committed; the manifest is not written yet; the
     # manifest names the new generation but the old one is not deleted yet; `latest` not moved yet.
-    KillPoint("s3-single/before-complete", "s3-single", "s3fs.core:S3File.commit"),
+    KillPoint("s3-single/before-complete", "s3-single", "fabric_ckpt.storage.s3:S3Storage._complete"),
     KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.formats.sharded:commit"),
     KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.formats.sharded:remove_later", call=1),
     KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
@@ -859,6 +856,7 @@ class Figures:
     complete_temporaries: int = 0
     temporaries_cleaned: int = 0
     uploads_left_incomplete: int = 0  # object stores: multipart uploads a kill left (invisible to listings)
+    uploads_aborted: int = 0  # ... and that a later save to the same folder aborted
     survivor_stopped_alone: int = 0
     survivor_errors: int = 0
     clean_rounds: int = 0
@@ -893,7 +891,7 @@ class Campaign:
         self._expected: dict[int, str] = {}
         self._patterns = Patterns()
         self._pending: list[str] = []  # temporaries seen after the previous round
-        self._uploads_seen = 0  # incomplete multipart uploads counted after the previous round
+        self._uploads_seen: set[str] = set()  # incomplete multipart uploads found after the previous round
         self._periods: list[float] = []
         self._errors_seen = 0
         self._round = "start"
@@ -1122,7 +1120,12 @@ class Campaign:
     def _inspect(self, saved: bool, clean: bool) -> None:
         temporaries = self.scenario.temporaries(self.storage)
         uploads = self.storage.incomplete_uploads()
-        left, self._uploads_seen = uploads - self._uploads_seen, uploads
+        new, earlier = uploads - self._uploads_seen, self._uploads_seen
+        self._uploads_seen = uploads
+        self.figures.uploads_aborted += len(earlier - uploads)
+        if saved and earlier & uploads:
+            self.violation(f"{len(earlier & uploads)} incomplete upload(s) a kill left survived the next save")
+        left = len(new)
         if clean and left:
             self.violation(f"a run that finished cleanly left {left} incomplete multipart upload(s)")
         elif left > 0:
@@ -1304,7 +1307,8 @@ def _summary(f: Figures) -> str:
     return (
         f"{f.scenario:28s} kills {f.kills:4d} (mid-save {f.kills_mid_save}, starting {f.kills_before_ready}) "
         f"saves {f.saves_journalled:4d} verified {f.checkpoints_verified:4d} partial-refused {f.partial_refused:3d} "
-        f"cleaned {f.temporaries_cleaned:3d} incomplete-uploads {f.uploads_left_incomplete:3d} lost {f.lost} "
+        f"cleaned {f.temporaries_cleaned:3d} incomplete-uploads {f.uploads_left_incomplete:3d} "
+        f"(aborted {f.uploads_aborted:3d}) lost {f.lost} "
         f"violations {len(f.violations)} [{f.seconds:.0f} s]"
     )
 

@@ -221,7 +221,17 @@ class FsspecStorage(Storage):
     def remove(self, path: str) -> None:
         with suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
-        self.fs.invalidate_cache(path)
+        self.forget(path)
+
+    def forget(self, path: str) -> None:
+        """Drop what the client cached about ``path`` and the listings of the folders above it (some clients,
+        e.g. adlfs, drop only the path itself)."""
+        while True:
+            self.fs.invalidate_cache(path)
+            parent = self.parent(path)
+            if not parent or parent == path:
+                return
+            path = parent
 
     # ------------------------------------------------------------------ policy
     def retrying(self, operation: Callable[[], T], description: str) -> T:

@@ -35,6 +35,9 @@ class StorageOptions:
             override what the environment gives.
         retire_after: seconds a sharded checkpoint's superseded generation stays readable after a save replaced
             it, so that loads already reading it finish (``FABRIC_CKPT_RETIRE_AFTER``, default 120).
+        abort_uploads_after: seconds after which a save aborts the incomplete multipart uploads that killed
+            writers left in its folder on S3 (``FABRIC_CKPT_ABORT_UPLOADS_AFTER``, default 86400: one day, far
+            longer than any live upload of a checkpoint takes); ``None`` leaves them to the bucket's lifecycle rule.
 
     Example:
         >>> fabric = Fabric(storage_options=StorageOptions(retries=8, cache_dir="/scratch/ckpt-cache"))
@@ -46,6 +49,7 @@ class StorageOptions:
     endpoint_url: str | None = None
     filesystem_options: Mapping[str, Any] = field(default_factory=dict)
     retire_after: float = 120.0
+    abort_uploads_after: float | None = 86400.0
 
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 1:
@@ -55,6 +59,12 @@ class StorageOptions:
         seconds = self.retire_after
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
             raise ValueError(f"StorageOptions(retire_after={self.retire_after!r}) must be a number of seconds >= 0")
+        age = self.abort_uploads_after
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0):
+            raise ValueError(
+                f"StorageOptions(abort_uploads_after={self.abort_uploads_after!r}) must be a number of seconds >= 0 "
+                "or None"
+            )
         if not isinstance(self.filesystem_options, Mapping):
             raise TypeError(
                 f"StorageOptions(filesystem_options=...) must be a dict, got {type(self.filesystem_options).__name__}"
@@ -74,6 +84,7 @@ class StorageOptions:
             "progress": _bool_from_environment("FABRIC_CKPT_PROGRESS"),
             "endpoint_url": os.environ.get("S3_ENDPOINT_URL") or None,
             "retire_after": _float_from_environment("FABRIC_CKPT_RETIRE_AFTER", 120.0),
+            "abort_uploads_after": _float_from_environment("FABRIC_CKPT_ABORT_UPLOADS_AFTER", 86400.0),
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)

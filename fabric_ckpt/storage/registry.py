@@ -1,8 +1,9 @@
 """From a user's path to a :class:`~fabric_ckpt.storage.base.Location`: backends register by URL protocol.
 
 A path without ``://`` (or a ``file://`` URL) is a local path; any other URL goes to the backend registered for its
-protocol, or to the generic fsspec backend. Adding a backend is one module with a :class:`Storage` subclass and a
-:func:`register_storage` call (see docs/architecture.md).
+protocol, or to the generic fsspec backend. ``gs://`` URLs go through GCS's S3-compatible endpoint instead when
+``GCS_KEY`` and ``GCS_SECRET`` (an HMAC key, Composer's settings) are set. Adding a backend is one module with a
+:class:`Storage` subclass and a :func:`register_storage` call (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Any, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from fabric_ckpt.storage.azure import AZURE_PROTOCOLS, AzureBlobStorage
 from fabric_ckpt.storage.base import Location, Storage
 from fabric_ckpt.storage.fsspec_storage import FsspecStorage
+from fabric_ckpt.storage.gcs import GCS_PROTOCOLS, GCS_S3_ENDPOINT, GcsHmacStorage, GcsStorage
 from fabric_ckpt.storage.local import LocalStorage
 from fabric_ckpt.storage.object_store import OBJECT_STORE_PROTOCOLS, ObjectStoreStorage
 from fabric_ckpt.storage.options import StorageOptions
+from fabric_ckpt.storage.s3 import S3_PROTOCOLS, S3Storage
 
 __all__ = ["PathLike", "StorageFactory", "register_storage", "resolve"]
 
@@ -40,6 +44,9 @@ def register_storage(protocols: Iterable[str], factory: StorageFactory) -> None:
 
 
 register_storage(OBJECT_STORE_PROTOCOLS, ObjectStoreStorage)
+register_storage(S3_PROTOCOLS, S3Storage)
+register_storage(GCS_PROTOCOLS, GcsStorage)
+register_storage(AZURE_PROTOCOLS, AzureBlobStorage)
 
 
 def resolve(path: PathLike | Location, options: StorageOptions | None = None, *, absolute: bool = False) -> Location:
@@ -64,6 +71,8 @@ def resolve(path: PathLike | Location, options: StorageOptions | None = None, *,
         local = os.path.abspath(os.path.expanduser(text))
         return Location(LocalStorage(options), local, local if absolute else text)
     protocol = text.split("://", 1)[0].lower()
+    if protocol in GCS_PROTOCOLS and os.environ.get("GCS_KEY") and os.environ.get("GCS_SECRET"):
+        return _gcs_through_hmac(text, options)
     fs, fs_path = fsspec.core.url_to_fs(text, **_filesystem_options(protocol, options))
     if isinstance(fs, LocalFileSystem):
         return Location(LocalStorage(options), os.path.abspath(fs_path), text)
@@ -72,10 +81,24 @@ def resolve(path: PathLike | Location, options: StorageOptions | None = None, *,
     return Location(factory(fs, options), fs_path, text)
 
 
+def _gcs_through_hmac(url: str, options: StorageOptions) -> Location:
+    """A ``gs://`` URL with ``GCS_KEY``/``GCS_SECRET`` set (Composer's route): GCS's S3-compatible endpoint."""
+    settings: dict[str, Any] = {
+        "key": os.environ["GCS_KEY"],
+        "secret": os.environ["GCS_SECRET"],
+        "client_kwargs": {"endpoint_url": GCS_S3_ENDPOINT},
+    }
+    settings.update(options.filesystem_options)
+    fs = fsspec.filesystem("s3", **settings)
+    return Location(GcsHmacStorage(fs, options), url.split("://", 1)[1], url)
+
+
 def _filesystem_options(protocol: str, options: StorageOptions) -> dict[str, Any]:
     """The fsspec filesystem's keyword arguments: the endpoint for S3-compatible stores, then the user's own."""
     settings: dict[str, Any] = {}
-    if protocol in ("s3", "s3a") and options.endpoint_url and not os.environ.get("AWS_ENDPOINT_URL"):
+    if protocol in S3_PROTOCOLS and options.endpoint_url and not os.environ.get("AWS_ENDPOINT_URL"):
         settings["client_kwargs"] = {"endpoint_url": options.endpoint_url}
+    if protocol in GCS_PROTOCOLS and os.environ.get("STORAGE_EMULATOR_HOST"):
+        settings["token"] = "anon"  # as Google's own client does for an emulator: no credentials to look up
     settings.update(options.filesystem_options)
     return settings

@@ -51,6 +51,8 @@ def is_transient(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if getattr(current, "transient", None) is False:
+            return False  # an error that says a retry would do harm (e.g. overwrite another writer's object)
         if isinstance(current, (ConnectionError, TimeoutError)) or type(current).__name__ in _TRANSIENT_NAMES:
             return True
         if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:

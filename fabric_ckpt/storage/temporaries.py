@@ -1,7 +1,11 @@
 """Hidden temporaries of saves in progress: their names, sweeping what crashed saves left, deleting in background.
 
-A temporary's name carries the writer's PID, so the next save can tell a crashed writer's leftovers (PID gone) from a
-live writer's work in progress and removes only the former.
+A temporary's name carries the writer's PID and the identity of its PID namespace on its host (boot id and namespace
+inode, hashed). A later save in the same namespace tells a crashed writer's leftovers (PID gone) from a live
+writer's work at once. A PID means nothing in another namespace (another pod on a shared volume, another host on
+NFS), so there a temporary is judged abandoned only once nothing has written to it for
+:data:`FOREIGN_TEMPORARY_AGE_S`: a live writer keeps its temporary fresh, and removing a live writer's temporary
+would fail its save.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
 from contextlib import suppress
 
 __all__ = [
+    "FOREIGN_TEMPORARY_AGE_S",
     "TEMP_MARKER",
     "delete_in_background",
     "is_temporary_name",
@@ -26,12 +32,33 @@ __all__ = [
 ]
 
 TEMP_MARKER = ".fabric-tmp-"
+# A temporary of another host or PID namespace is removed once unchanged for this long (an hour: far longer than a
+# live writer goes without writing to its temporary, or holds a link's temporary before renaming it).
+FOREIGN_TEMPORARY_AGE_S = 3600.0
+
+
+def _namespace_identity() -> str:
+    """8 hex digits naming this host's boot and this process's PID namespace: where its PIDs mean something."""
+    parts = []
+    for source in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        with suppress(OSError):
+            with open(source) as f:
+                parts.append(f.read().strip())
+            break
+    with suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    if not parts:  # no /proc (e.g. macOS): the host's name stands for both
+        parts.append(os.uname().nodename if hasattr(os, "uname") else "")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+
+
+_NAMESPACE = _namespace_identity()
 
 
 # The longest file name local filesystems take (bytes), and what a temporary adds to the checkpoint's name: the
-# leading dot, the marker, a PID of up to 10 digits, a dash and 12 hex digits.
+# leading dot, the marker, a PID of up to 10 digits, "@" and the namespace's 8 hex digits, a dash and 12 hex digits.
 NAME_MAX = 255
-_ADDED = 1 + len(TEMP_MARKER) + 10 + 1 + 12
+_ADDED = 1 + len(TEMP_MARKER) + 10 + 1 + 8 + 1 + 12
 
 
 def _temporary_stem(final_name: str) -> str:
@@ -48,13 +75,14 @@ def _temporary_stem(final_name: str) -> str:
 
 
 def temporary_name(final_name: str) -> str:
-    """A hidden name beside ``final_name`` that no other writer (process or thread) picks, within ``NAME_MAX``.
+    """A hidden name beside ``final_name`` that no other writer (process, thread, pod or host) picks, within
+    ``NAME_MAX``.
 
     Example:
         >>> temporary_name("last.ckpt").startswith(".last.ckpt" + TEMP_MARKER)
         True
     """
-    return f".{_temporary_stem(final_name)}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return f".{_temporary_stem(final_name)}{TEMP_MARKER}{os.getpid()}@{_NAMESPACE}-{uuid.uuid4().hex[:12]}"
 
 
 def is_temporary_name(name: str) -> bool:
@@ -62,15 +90,18 @@ def is_temporary_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARKER in name
 
 
-def _writer_is_dead(name: str) -> bool:
-    """Whether the process that created this temporary name is gone (names carry the writer's PID)."""
+def _writer_is_dead(folder: str, name: str) -> bool:
+    """Whether the writer that created this temporary is gone (names carry the writer's PID and namespace)."""
     tail = name.split(TEMP_MARKER, 1)[1]
     if tail.startswith("old-"):
         return True  # a retired previous checkpoint whose removal was interrupted
+    writer, _, namespace = tail.split("-", 1)[0].partition("@")
     try:
-        pid = int(tail.split("-", 1)[0])
+        pid = int(writer)
     except ValueError:
         return False
+    if namespace and namespace != _NAMESPACE:
+        return _unchanged_for(os.path.join(folder, name), FOREIGN_TEMPORARY_AGE_S)
     if pid == os.getpid():
         return False
     try:
@@ -91,11 +122,20 @@ def sweep_temporaries(folder: str, final_name: str) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     for name in names:
-        if name.startswith(prefix) and _writer_is_dead(name):
+        if name.startswith(prefix) and _writer_is_dead(folder, name):
             path = os.path.join(folder, name)
             remove_tree_or_file(path)
             removed.append(path)
     return removed
+
+
+def _unchanged_for(path: str, seconds: float) -> bool:
+    """Whether nothing was written to ``path`` (or created in it, for a folder) for ``seconds``."""
+    try:
+        modified = os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False
+    return time.time() - modified > seconds
 
 
 def remove_tree_or_file(path: str) -> None:
