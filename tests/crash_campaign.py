@@ -714,17 +714,17 @@ KILL_POINTS = [
     KillPoint("manager/latest-temporary", "manager", "os:replace", "before", 2, match=".latest-rank0" + TEMP_MARKER,
               overwrite=True),
     KillPoint("manager/before-prune", "manager", "fabric_ckpt.manager:CheckpointManager._prune", call=3),
-    KillPoint("manager/mid-prune", "manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
+    KillPoint("manager/mid-prune", "manager", "fabric_ckpt.tiers.folder:CheckpointFolder.delete", "after", 1),
     # Object stores: the multipart upload is complete but not committed; the manifest is not written yet; the
     # manifest names the new generation but the old one is not deleted yet; `latest` not moved yet.
     KillPoint("s3-single/before-complete", "s3-single", "fabric_ckpt.storage.s3:S3Storage._complete"),
     KillPoint("s3-fsdp/before-manifest", "s3-fsdp", "fabric_ckpt.formats.sharded:commit"),
     KillPoint("s3-fsdp/old-generation-kept", "s3-fsdp", "fabric_ckpt.formats.sharded:remove_later", call=1),
     KillPoint("s3-manager/before-latest", "s3-manager", "fabric_ckpt.manager:CheckpointManager._point_latest"),
-    KillPoint("s3-manager/mid-prune", "s3-manager", "fabric_ckpt.manager:CheckpointManager._delete", "after", 1),
+    KillPoint("s3-manager/mid-prune", "s3-manager", "fabric_ckpt.tiers.folder:CheckpointFolder.delete", "after", 1),
     # Two tiers (uploads on a background thread): the second checkpoint's upload is complete but not committed; it is
     # committed but the remote `latest` not moved; both done but the local copy not deleted yet.
-    KillPoint("s3-twotier/mid-upload", "s3-twotier", "s3fs.core:S3File.commit", call=3),
+    KillPoint("s3-twotier/mid-upload", "s3-twotier", "fabric_ckpt.storage.s3:S3Storage._complete", call=3),
     KillPoint("s3-twotier/before-remote-latest", "s3-twotier", "fabric_ckpt.tiers.folder:CheckpointFolder.point_latest"),  # noqa: E501
     KillPoint("s3-twotier/before-local-release", "s3-twotier", "fabric_ckpt.tiers.remote:RemoteTier._prune_local"),
 ]  # fmt: skip

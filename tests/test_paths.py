@@ -135,7 +135,7 @@ def test_long_names_that_share_a_beginning_keep_their_temporaries_apart(tmp_path
     assert all(len(n.encode()) <= NAME_MAX and is_temporary_name(n) for n in names)
     for name in names:
         (tmp_path / name).write_bytes(b"left by a crashed save")
-    dead = [n.replace(f"{TEMP_MARKER}{os.getpid()}-", f"{TEMP_MARKER}999999999-") for n in names]
+    dead = [n.replace(f"{TEMP_MARKER}{os.getpid()}@", f"{TEMP_MARKER}999999999@") for n in names]
     for live, crashed in zip(sorted(names), sorted(dead), strict=True):
         (tmp_path / live).rename(tmp_path / crashed)
     assert len(sweep_temporaries(str(tmp_path), first)) == 1  # only the first name's leftover

@@ -23,7 +23,7 @@ from typing_extensions import Buffer
 from fabric_ckpt.core.progress import progress_bar
 from fabric_ckpt.storage.base import Storage
 from fabric_ckpt.storage.options import StorageOptions
-from fabric_ckpt.storage.retry import with_retries
+from fabric_ckpt.storage.retry import is_transient, with_retries
 from fabric_ckpt.storage.temporaries import temporary_name
 
 __all__ = ["FsspecStorage"]
@@ -33,6 +33,20 @@ T = TypeVar("T")
 # larger, concurrent requests are fastest; memory stays at 4 parts.
 _DOWNLOAD_CHUNK = 64 << 20
 _DOWNLOAD_PARALLEL = 4
+
+
+@contextmanager
+def _unreachable_as_oserror(url: str) -> Iterator[None]:
+    """Raise a network failure of the backend's client (botocore's ``EndpointConnectionError`` is no ``OSError``) as
+    :class:`ConnectionError`, so callers handle "the store cannot be reached" like any other I/O error."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        raise ConnectionError(f"{url} could not be reached: {err}") from err
 
 
 class FsspecStorage(Storage):
@@ -67,20 +81,25 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ questions
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))
+        with _unreachable_as_oserror(self.url(path)):
+            return bool(self.fs.exists(path))
 
     def isdir(self, path: str) -> bool:
-        return bool(self.fs.isdir(path))
+        with _unreachable_as_oserror(self.url(path)):
+            return bool(self.fs.isdir(path))
 
     def isfile(self, path: str) -> bool:
-        return bool(self.fs.isfile(path))
+        with _unreachable_as_oserror(self.url(path)):
+            return bool(self.fs.isfile(path))
 
     def size(self, path: str) -> int:
-        return int(self.fs.size(path))
+        with _unreachable_as_oserror(self.url(path)):
+            return int(self.fs.size(path))
 
     def listdir(self, path: str) -> list[str]:
         try:
-            return [self.name(entry) for entry in self.fs.ls(path, detail=False) if self.name(entry)]
+            with _unreachable_as_oserror(self.url(path)):
+                return [self.name(entry) for entry in self.fs.ls(path, detail=False) if self.name(entry)]
         except FileNotFoundError:
             return []
 

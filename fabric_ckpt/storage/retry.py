@@ -37,6 +37,10 @@ _TRANSIENT_WORDS = (
     "504",
     "SlowDown",
     "InternalError",
+    "Internal Server Error",  # s3fs's OSError(EREMOTEIO) for an HTTP 500
+    "Service Unavailable",
+    "Bad Gateway",
+    "Gateway Timeout",
     "ServiceUnavailable",
     "RequestTimeout",
     "Throttl",
