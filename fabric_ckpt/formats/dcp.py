@@ -9,6 +9,7 @@ sharded checkpoints too. Our own sharded layout (manifest, generations) is :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -149,26 +150,34 @@ def translate_dcp_error(error: BaseException, description: str) -> BaseException
 
 
 class _SafeReader(FileSystemReader):
-    """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler."""
+    """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler (or not at all, when the
+    caller already holds it)."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, metadata: Metadata | None = None) -> None:
         super().__init__(location.path)
         self.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
         self.path = location.path
         self._display = location.original
+        self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA_NAME), "rb") as stream:
-            metadata = read_metadata_safely(cast(BinaryIO, stream), self._display)
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata = self._metadata
+        if metadata is None:
+            with self.fs.create_stream(self.fs.concat_path(self.path, METADATA_NAME), "rb") as stream:
+                metadata = read_metadata_safely(cast(BinaryIO, stream), self._display)
+        # A copy that carries this load's id: the caller's metadata is shared by every load of the folder.
+        storage_meta = dataclasses.replace(getattr(metadata, "storage_meta", None) or StorageMeta())
         storage_meta.load_id = self.load_id
-        metadata.storage_meta = storage_meta
-        return metadata
+        return dataclasses.replace(metadata, storage_meta=storage_meta)
 
 
-def reader_for(location: Location) -> FileSystemReader:
-    """A DCP storage reader for the folder at ``location`` (its ``.metadata`` read safely)."""
-    return _SafeReader(location)
+def reader_for(location: Location, metadata: Metadata | None = None) -> FileSystemReader:
+    """A DCP storage reader for the folder at ``location``; its ``.metadata`` read safely, or ``metadata`` used.
+
+    Passing the metadata already read (a :class:`ShardedFolder`'s) saves unpickling it again on every ``dcp.load``:
+    the folder is an immutable generation, so its ``.metadata`` cannot have changed.
+    """
+    return _SafeReader(location, metadata)
 
 
 def written_files(writer: FileSystemWriter) -> dict[str, WrittenFile]:
@@ -308,7 +317,8 @@ def load_full(
         with warnings.catch_warnings():  # reading in one process is the point here, not an accident
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             try:
-                dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
+                reader = reader_for(folder.data, folder.metadata)
+                dcp.load(to_read, storage_reader=reader, planner=planner, no_dist=True)
             except CheckpointException as err:
                 raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
         values.update(to_read)

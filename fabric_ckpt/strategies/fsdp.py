@@ -527,7 +527,7 @@ class FSDPStrategy(ParallelStrategy):
     def _dcp_load(self, folder: dcp_format.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
         planner = dcp_format.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
         try:
-            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data), planner=planner)
+            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data, folder.metadata), planner=planner)
         except CheckpointException as err:
             raise dcp_format.translate_dcp_error(
                 err, f"Loading '{folder.location.original}' while reading the shards"
