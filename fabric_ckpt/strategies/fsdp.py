@@ -457,7 +457,10 @@ class FSDPStrategy(ParallelStrategy):
             options.on_load(view)
         apply_ignore_keys(view, options.ignore_keys)
         view = adapt(view, state, native=folder.manifest is not None)
-        sharded_loader = self._sharded_optimizer_loader(folder, state, options)
+        # The modules' shards are read together with the first optimizer's, in one dcp.load: each call costs a
+        # planning round of collectives on every rank. What no optimizer took along is read after the optimizers.
+        pending: dict[str, Any] = {}
+        sharded_loader = self._sharded_optimizer_loader(folder, state, options, pending)
 
         def load_optimizer(optimizer: Optimizer, entry: Mapping[str, Any]) -> None:
             if _key_of(optimizer, state) in by_index:
@@ -476,7 +479,7 @@ class FSDPStrategy(ParallelStrategy):
                 view,
                 strict=options.strict,
                 load_weights_only=options.load_weights_only,
-                load_module=self._sharded_module_loader(folder, state, options),
+                load_module=self._sharded_module_loader(state, pending),
                 load_optimizer=load_optimizer,
                 meta_placeholders=True,  # the view's module and optimizer tensors are read in place later
             )
@@ -485,22 +488,24 @@ class FSDPStrategy(ParallelStrategy):
         self.agree(plan.apply_stateful, description)
         self.agree(plan.apply_modules, description)
         self.agree(plan.apply_optimizers, description)
+        if pending:  # the same on every rank: it follows from the state's structure alone
+            self.agree(lambda: self._dcp_load(folder, pending, options), description)
         return self.agree(plan.finish, description)
 
     def _sharded_module_loader(
-        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, state: dict[str, Any], pending: dict[str, Any]
     ) -> Callable[[nn.Module, Mapping[str, Any], bool], None]:
         def load(module: nn.Module, view: Mapping[str, Any], strict: bool) -> None:
             key = _key_of(module, state)
             _reshard(module)
             live = module.state_dict()
             targets = {name: live[name] for name in view if name in live and isinstance(live[name], torch.Tensor)}
-            self._dcp_load(folder, {key: targets}, options)
+            pending[key] = targets  # read with the next optimizer's shards (or after the optimizers)
 
         return load
 
     def _sharded_optimizer_loader(
-        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions, pending: dict[str, Any]
     ) -> Callable[[Optimizer, Mapping[str, Any]], None]:
         def load(optimizer: Optimizer, view: Mapping[str, Any]) -> None:
             key = _key_of(optimizer, state)
@@ -519,7 +524,9 @@ class FSDPStrategy(ParallelStrategy):
                 names[id(params[index])]: {n: t for n, t in s.items() if isinstance(t, torch.Tensor)}
                 for index, s in targets.items()
             }
-            self._dcp_load(folder, {key: {"state": by_name}}, options)
+            targets_by_key = {**pending, key: {"state": by_name}}
+            pending.clear()
+            self._dcp_load(folder, targets_by_key, options)
             optimizer.load_state_dict({"state": targets, "param_groups": view["param_groups"]})
 
         return load
