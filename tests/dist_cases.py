@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fabric_ckpt import CheckpointError, DDPStrategy, Fabric, FSDPStrategy
+from fabric_ckpt import CheckpointError, DDPStrategy, Fabric, FSDPStrategy, StorageOptions
 from tests.sharded_files import live_generation
 
 
@@ -412,3 +412,27 @@ def distributed_batches(kind: str) -> dict[str, Any]:
     loader = fabric.setup_dataloaders(DataLoader(list(range(10)), batch_size=2, shuffle=True))
     epochs = [[int(x) for batch in loader for x in batch] for _ in range(2)]
     return {"epochs": epochs, "length": len(loader)}
+
+
+def writer_threads_round_trip(
+    path: str, strategy_threads: int | None, option_threads: int | None, asynchronous: bool
+) -> dict[str, Any]:
+    """Save with writer threads set on the strategy and/or the storage options, then load into a fresh model."""
+    strategy = FSDPStrategy(accelerator="cpu", auto_wrap_policy={Block}, writer_threads=strategy_threads)
+    options = StorageOptions(writer_threads=option_threads) if option_threads is not None else None
+    fabric = Fabric(strategy=strategy, storage_options=options)
+    fabric.launch()
+    model, optimizer = build(fabric, 21)
+    train(fabric, model, optimizer, 0, 2)
+    state = {"model": model, "optimizer": optimizer, "step": 2}
+    if asynchronous:
+        fabric.save_async(path, state).wait()
+    else:
+        fabric.save(path, state)
+    fresh, fresh_optimizer = build(fabric, 22)
+    fabric.load(path, {"model": fresh, "optimizer": fresh_optimizer, "step": 0})
+    return {
+        "saved": full_state(model, optimizer),
+        "loaded": full_state(fresh, fresh_optimizer),
+        "files": sorted(os.listdir(live_generation(path))),
+    }

@@ -9,14 +9,12 @@ sharded checkpoints too. Our own sharded layout (manifest, generations) is :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
-import os
 import pickle
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -26,16 +24,16 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemBase
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.formats.base import ReadOptions
+from fabric_ckpt.formats.dcp_storage import ChecksummingFileSystem, StorageFileSystem, WrittenFile
 from fabric_ckpt.formats.torch_file import load_archive
 from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
 from fabric_ckpt.formats.zip_archive import ZipFormatError
-from fabric_ckpt.storage import Location, Storage
+from fabric_ckpt.storage import Location
 
 __all__ = [
     "LIGHTNING_META",
@@ -43,6 +41,7 @@ __all__ = [
     "SafeLoadPlanner",
     "ShardedFolder",
     "StorageFileSystem",
+    "WrittenFile",
     "load_full",
     "read_metadata",
     "read_tensor",
@@ -51,6 +50,7 @@ __all__ = [
     "unflatten",
     "verify_chunk_archives",
     "writer_for",
+    "written_files",
 ]
 
 METADATA_NAME = ".metadata"
@@ -149,75 +149,51 @@ def translate_dcp_error(error: BaseException, description: str) -> BaseException
     return CheckpointError(f"{description} failed {detail}")
 
 
-class StorageFileSystem(FileSystemBase):
-    """DCP's file operations on one of our storages: DCP writes and reads shards wherever a checkpoint may live.
-
-    Written files are durable when closed (the storage's ``open_write``), so DCP's own fsync is not needed.
-    """
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
-        opener = self.storage.open_write if "w" in mode else self.storage.open
-        with opener(os.fspath(path)) as stream:
-            yield cast(io.IOBase, stream)
-
-    def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
-        return self.storage.join(os.fspath(path), suffix)
-
-    def init_path(self, path: str | os.PathLike[str]) -> str:
-        return os.fspath(path)
-
-    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
-        self.storage.rename(os.fspath(path), os.fspath(new_path))
-
-    def mkdir(self, path: str | os.PathLike[str]) -> None:
-        self.storage.makedirs(os.fspath(path))
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return True
-
-    def exists(self, path: str | os.PathLike[str]) -> bool:
-        return self.storage.exists(os.fspath(path))
-
-    def rm_file(self, path: str | os.PathLike[str]) -> None:
-        self.storage.remove(os.fspath(path))
-
-    def ls(self, path: str | os.PathLike[str]) -> list[str]:
-        folder = os.fspath(path)
-        return [self.storage.join(folder, name) for name in self.storage.listdir(folder)]
-
-
 class _SafeReader(FileSystemReader):
-    """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler."""
+    """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler (or not at all, when the
+    caller already holds it)."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, metadata: Metadata | None = None) -> None:
         super().__init__(location.path)
         self.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
         self.path = location.path
         self._display = location.original
+        self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA_NAME), "rb") as stream:
-            metadata = read_metadata_safely(cast(BinaryIO, stream), self._display)
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata = self._metadata
+        if metadata is None:
+            with self.fs.create_stream(self.fs.concat_path(self.path, METADATA_NAME), "rb") as stream:
+                metadata = read_metadata_safely(cast(BinaryIO, stream), self._display)
+        # A copy that carries this load's id: the caller's metadata is shared by every load of the folder.
+        storage_meta = dataclasses.replace(getattr(metadata, "storage_meta", None) or StorageMeta())
         storage_meta.load_id = self.load_id
-        metadata.storage_meta = storage_meta
-        return metadata
+        return dataclasses.replace(metadata, storage_meta=storage_meta)
 
 
-def reader_for(location: Location) -> FileSystemReader:
-    """A DCP storage reader for the folder at ``location`` (its ``.metadata`` read safely)."""
-    return _SafeReader(location)
+def reader_for(location: Location, metadata: Metadata | None = None) -> FileSystemReader:
+    """A DCP storage reader for the folder at ``location``; its ``.metadata`` read safely, or ``metadata`` used.
+
+    Passing the metadata already read (a :class:`ShardedFolder`'s) saves unpickling it again on every ``dcp.load``:
+    the folder is an immutable generation, so its ``.metadata`` cannot have changed.
+    """
+    return _SafeReader(location, metadata)
+
+
+def written_files(writer: FileSystemWriter) -> dict[str, WrittenFile]:
+    """The files ``writer`` (from :func:`writer_for`) wrote, by name, with their CRC-32s."""
+    fs = writer.fs
+    return dict(fs.written) if isinstance(fs, ChecksummingFileSystem) else {}
 
 
 def writer_for(location: Location, *, thread_count: int = 1) -> FileSystemWriter:
-    """A DCP storage writer into the (uncommitted) folder at ``location``; files are durable once written."""
+    """A DCP storage writer into the (uncommitted) folder at ``location``; files are durable once written.
+
+    ``thread_count`` threads write this process's items, each into a file of its own. The CRC-32s of what the
+    writer wrote are kept as it writes (:func:`written_files`).
+    """
     writer = FileSystemWriter(location.path, sync_files=False, thread_count=thread_count, overwrite=True)
-    writer.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
+    writer.fs = ChecksummingFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own
     writer.path = location.path
     return writer
 
@@ -341,7 +317,8 @@ def load_full(
         with warnings.catch_warnings():  # reading in one process is the point here, not an accident
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             try:
-                dcp.load(to_read, storage_reader=reader_for(folder.data), planner=planner, no_dist=True)
+                reader = reader_for(folder.data, folder.metadata)
+                dcp.load(to_read, storage_reader=reader, planner=planner, no_dist=True)
             except CheckpointException as err:
                 raise translate_dcp_error(err, f"Reading sharded checkpoint '{folder.location.original}'") from err
         values.update(to_read)

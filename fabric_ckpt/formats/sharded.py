@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +55,7 @@ from fabric_ckpt.formats.dcp import (
     writer_for,
 )
 from fabric_ckpt.formats.dcp_checks import check_metadata
+from fabric_ckpt.formats.dcp_storage import WrittenFile
 from fabric_ckpt.storage import Location
 
 __all__ = [
@@ -97,21 +98,35 @@ class FileRecord:
     items: tuple[tuple[str, int, int, int], ...] = ()
 
 
-def file_checksums(folder: Location, names: list[str], metadata: Metadata | None) -> list[FileRecord]:
-    """Size and CRC-32 of each named file in ``folder``, and of every DCP chunk inside it."""
+def file_checksums(
+    folder: Location,
+    names: list[str],
+    metadata: Metadata | None,
+    written: Mapping[str, WrittenFile] | None = None,
+) -> list[FileRecord]:
+    """Size and CRC-32 of each named file in ``folder``, and of every DCP chunk inside it.
+
+    ``written`` has the CRC-32s the writer kept while it wrote the files (:func:`~fabric_ckpt.formats.dcp.
+    written_files`): a file found there with every chunk's bounds is not read again; the others are.
+    """
     items_by_file: dict[str, list[tuple[str, int, int]]] = {}
     if metadata is not None:
         for index, info in metadata.storage_data.items():
             items_by_file.setdefault(info.relative_path, []).append((index.fqn, info.offset, info.length))
     records = []
     for name in names:
+        items = sorted(items_by_file.get(name, []), key=lambda item: item[1])
+        kept = (written or {}).get(name)
+        chunks = kept.chunk_checksums(items) if kept is not None else None
+        if kept is not None and chunks is not None:
+            records.append(FileRecord(name, kept.size, kept.crc32, chunks))
+            continue
         with folder.child(name).view() as data:
             view = memoryview(data)
-            items = tuple(
-                (fqn, offset, length, crc32(view[offset : offset + length]))
-                for fqn, offset, length in sorted(items_by_file.get(name, []), key=lambda item: item[1])
+            chunks = tuple(
+                (fqn, offset, length, crc32(view[offset : offset + length])) for fqn, offset, length in items
             )
-            records.append(FileRecord(name, view.nbytes, crc32(view), items))
+            records.append(FileRecord(name, view.nbytes, crc32(view), chunks))
             view.release()
     return records
 

@@ -38,6 +38,10 @@ class StorageOptions:
         abort_uploads_after: seconds after which a save aborts the incomplete multipart uploads that killed
             writers left in its folder on S3 (``FABRIC_CKPT_ABORT_UPLOADS_AFTER``, default 86400: one day, far
             longer than any live upload of a checkpoint takes); ``None`` leaves them to the bucket's lifecycle rule.
+        writer_threads: threads each process writes a sharded checkpoint with, one file each
+            (``FABRIC_CKPT_WRITER_THREADS``, default 1; DCP's ``thread_count``). A single-file checkpoint is one
+            sequential stream: one thread writes it (the caller's for ``save``, the background writer's for
+            ``save_async``), whatever this says. See docs/performance.md for what each save runs on.
 
     Example:
         >>> fabric = Fabric(storage_options=StorageOptions(retries=8, cache_dir="/scratch/ckpt-cache"))
@@ -50,8 +54,12 @@ class StorageOptions:
     filesystem_options: Mapping[str, Any] = field(default_factory=dict)
     retire_after: float = 120.0
     abort_uploads_after: float | None = 86400.0
+    writer_threads: int = 1
 
     def __post_init__(self) -> None:
+        threads = self.writer_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"StorageOptions(writer_threads={threads!r}) must be a positive int")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 1:
             raise ValueError(f"StorageOptions(retries={self.retries!r}) must be a positive int")
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -85,6 +93,7 @@ class StorageOptions:
             "endpoint_url": os.environ.get("S3_ENDPOINT_URL") or None,
             "retire_after": _float_from_environment("FABRIC_CKPT_RETIRE_AFTER", 120.0),
             "abort_uploads_after": _float_from_environment("FABRIC_CKPT_ABORT_UPLOADS_AFTER", 86400.0),
+            "writer_threads": _int_from_environment("FABRIC_CKPT_WRITER_THREADS", 1),
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
@@ -62,7 +63,8 @@ class FSDPStrategy(ParallelStrategy):
         state_dict_type: ``"sharded"`` (a folder, every rank writes its shard) or ``"full"`` (one file from rank 0).
         auto_wrap_policy: which submodules become their own FSDP unit: a set of module classes, a predicate, or a
             ``ModuleWrapPolicy``; the root is always sharded.
-        writer_threads: DCP writer threads per rank.
+        writer_threads: threads per rank that write a sharded checkpoint (DCP's ``thread_count``), each into a
+            file of its own; ``None`` (default) takes ``StorageOptions.writer_threads``.
         sharding_strategy: ``"FULL_SHARD"`` (default), ``"SHARD_GRAD_OP"``, ``"HYBRID_SHARD"``,
             ``"_HYBRID_SHARD_ZERO2"`` or ``"NO_SHARD"`` (or torch's ``ShardingStrategy``).
         device_mesh: ``(replicas, shard_size)`` or a ``DeviceMesh``, for hybrid sharding.
@@ -86,7 +88,7 @@ class FSDPStrategy(ParallelStrategy):
         auto_wrap_policy: WrapPolicy = None,
         process_group_backend: str | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
-        writer_threads: int = 1,
+        writer_threads: int | None = None,
         *,
         sharding_strategy: Any = None,
         device_mesh: tuple[int, int] | Any | None = None,
@@ -111,6 +113,10 @@ class FSDPStrategy(ParallelStrategy):
         )
         self.state_dict_type = state_dict_type
         self._wrap_policy = auto_wrap_policy
+        if writer_threads is not None and (
+            isinstance(writer_threads, bool) or not isinstance(writer_threads, int) or writer_threads < 1
+        ):
+            raise ValueError(f"FSDPStrategy(writer_threads={writer_threads!r}) must be a positive int or None")
         self._writer_threads = writer_threads
         self._mesh: Any = None
         self._modules: list[nn.Module] = []
@@ -339,15 +345,17 @@ class FSDPStrategy(ParallelStrategy):
         """DCP writes every rank's shards into ``temporary``; rank 0 adds the manifest and commits."""
         try:
             try:
-                writer = dcp_format.writer_for(temporary, thread_count=self._writer_threads)
+                threads = self._writer_threads or temporary.storage.options.writer_threads
+                writer = dcp_format.writer_for(temporary, thread_count=threads)
                 # Our manifest checksums every item; torch's own per-item CRC (which it never checks) is extra
                 # work. The switch is process-wide, so it is flipped only while the caller waits (not in the
                 # background, where user code keeps running).
                 with _torch_item_crc(enabled=group is not None):
-                    dcp.save(checkpoint, storage_writer=writer, process_group=group)
+                    metadata = dcp.save(checkpoint, storage_writer=writer, process_group=group)
             except CheckpointException as err:
                 raise dcp_format.translate_dcp_error(err, f"{description} while writing the shards") from err
-            records = self.agree(lambda: self._checksum_own_files(temporary), description, group)
+            written = dcp_format.written_files(writer)
+            records = self.agree(lambda: self._checksum_own_files(temporary, metadata, written), description, group)
             every_record = [record for per_rank in self.gather_objects(records, group) for record in per_rank]
             self.agree(
                 lambda: self._commit(temporary, location, every_record) if self.is_global_zero else None,
@@ -359,11 +367,17 @@ class FSDPStrategy(ParallelStrategy):
                 sharded.discard(temporary, location)
             raise
 
-    def _checksum_own_files(self, temporary: Location) -> list[sharded.FileRecord]:
+    def _checksum_own_files(
+        self, temporary: Location, metadata: Any, written: Mapping[str, dcp_format.WrittenFile]
+    ) -> list[sharded.FileRecord]:
+        """The manifest records of this rank's files: from the CRC-32s kept while they were written, read back only
+        where those are incomplete."""
         names = sharded.own_files(temporary, self.global_rank)
         if self.is_global_zero:
             names.append(dcp_format.METADATA_NAME)
-        return sharded.file_checksums(temporary, names, dcp_format.read_metadata(temporary))
+        if not isinstance(metadata, Metadata):
+            metadata = dcp_format.read_metadata(temporary)
+        return sharded.file_checksums(temporary, names, metadata, written)
 
     def _commit(self, temporary: Location, location: Location, records: list[sharded.FileRecord]) -> None:
         sharded.commit(temporary, location, records, self.world_size)
@@ -443,7 +457,10 @@ class FSDPStrategy(ParallelStrategy):
             options.on_load(view)
         apply_ignore_keys(view, options.ignore_keys)
         view = adapt(view, state, native=folder.manifest is not None)
-        sharded_loader = self._sharded_optimizer_loader(folder, state, options)
+        # The modules' shards are read together with the first optimizer's, in one dcp.load: each call costs a
+        # planning round of collectives on every rank. What no optimizer took along is read after the optimizers.
+        pending: dict[str, Any] = {}
+        sharded_loader = self._sharded_optimizer_loader(folder, state, options, pending)
 
         def load_optimizer(optimizer: Optimizer, entry: Mapping[str, Any]) -> None:
             if _key_of(optimizer, state) in by_index:
@@ -462,7 +479,7 @@ class FSDPStrategy(ParallelStrategy):
                 view,
                 strict=options.strict,
                 load_weights_only=options.load_weights_only,
-                load_module=self._sharded_module_loader(folder, state, options),
+                load_module=self._sharded_module_loader(state, pending),
                 load_optimizer=load_optimizer,
                 meta_placeholders=True,  # the view's module and optimizer tensors are read in place later
             )
@@ -471,22 +488,24 @@ class FSDPStrategy(ParallelStrategy):
         self.agree(plan.apply_stateful, description)
         self.agree(plan.apply_modules, description)
         self.agree(plan.apply_optimizers, description)
+        if pending:  # the same on every rank: it follows from the state's structure alone
+            self.agree(lambda: self._dcp_load(folder, pending, options), description)
         return self.agree(plan.finish, description)
 
     def _sharded_module_loader(
-        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, state: dict[str, Any], pending: dict[str, Any]
     ) -> Callable[[nn.Module, Mapping[str, Any], bool], None]:
         def load(module: nn.Module, view: Mapping[str, Any], strict: bool) -> None:
             key = _key_of(module, state)
             _reshard(module)
             live = module.state_dict()
             targets = {name: live[name] for name in view if name in live and isinstance(live[name], torch.Tensor)}
-            self._dcp_load(folder, {key: targets}, options)
+            pending[key] = targets  # read with the next optimizer's shards (or after the optimizers)
 
         return load
 
     def _sharded_optimizer_loader(
-        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions
+        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions, pending: dict[str, Any]
     ) -> Callable[[Optimizer, Mapping[str, Any]], None]:
         def load(optimizer: Optimizer, view: Mapping[str, Any]) -> None:
             key = _key_of(optimizer, state)
@@ -505,7 +524,9 @@ class FSDPStrategy(ParallelStrategy):
                 names[id(params[index])]: {n: t for n, t in s.items() if isinstance(t, torch.Tensor)}
                 for index, s in targets.items()
             }
-            self._dcp_load(folder, {key: {"state": by_name}}, options)
+            targets_by_key = {**pending, key: {"state": by_name}}
+            pending.clear()
+            self._dcp_load(folder, targets_by_key, options)
             optimizer.load_state_dict({"state": targets, "param_groups": view["param_groups"]})
 
         return load
@@ -513,7 +534,7 @@ class FSDPStrategy(ParallelStrategy):
     def _dcp_load(self, folder: dcp_format.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
         planner = dcp_format.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
         try:
-            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data), planner=planner)
+            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data, folder.metadata), planner=planner)
         except CheckpointException as err:
             raise dcp_format.translate_dcp_error(
                 err, f"Loading '{folder.location.original}' while reading the shards"
