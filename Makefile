@@ -71,7 +71,8 @@ reliability: $(STAMP) $(AZURITE)
 		tests/test_crash.py tests/test_disk_full.py tests/test_hostile_input.py tests/test_hostile_formats.py \
 		tests/test_fault_injection.py tests/test_tensor_kinds.py tests/test_partial_load.py \
 		tests/test_partial_load_distributed.py tests/test_async_save.py tests/test_paths.py tests/test_dcp_errors.py \
-		tests/test_preemption.py tests/test_shared_volumes.py tests/test_object_store_writers.py
+		tests/test_preemption.py tests/test_shared_volumes.py tests/test_object_store_writers.py \
+		tests/test_sharded_commit.py
 	$(BIN)/python -m tests.reliability_figures $(RELIABILITY_FIGURES)
 
 clean:
