@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import fsspec
 import pytest
@@ -159,3 +160,19 @@ def test_cleanup_of_a_failed_sharded_save_never_removes_the_committed_generation
     generations = [p for p in fs.ls(url, detail=False) if ".gen-" in p]
     # After a commit, the generation it replaced stays for its grace period (listed as retired in the manifest).
     assert len(generations) == (2 if committed else 1)
+
+
+def test_an_unreachable_store_raises_connection_error_naming_the_url(bucket):
+    """Connection refused (nothing listens on the endpoint's port): save, load and exists raise an OSError that
+    names the checkpoint, not botocore's EndpointConnectionError, which callers catching I/O errors would miss."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    endpoint = {"endpoint_url": f"http://127.0.0.1:{closed_port}", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    options = StorageOptions(filesystem_options=endpoint, retries=1)
+    fabric = Fabric(accelerator="cpu", storage_options=options)
+    url = f"{bucket}/unreachable.ckpt"
+    for call in (lambda: fabric.save(url, {"step": 1}), lambda: fabric.load(url)):
+        with pytest.raises(ConnectionError, match="could not be reached") as raised:
+            call()
+        assert "unreachable.ckpt" in str(raised.value)

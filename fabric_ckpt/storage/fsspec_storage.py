@@ -36,7 +36,7 @@ _DOWNLOAD_PARALLEL = 4
 
 
 @contextmanager
-def _unreachable_as_oserror(url: str) -> Iterator[None]:
+def _unreachable_as_oserror(what: str) -> Iterator[None]:
     """Raise a network failure of the backend's client (botocore's ``EndpointConnectionError`` is no ``OSError``) as
     :class:`ConnectionError`, so callers handle "the store cannot be reached" like any other I/O error."""
     try:
@@ -46,7 +46,7 @@ def _unreachable_as_oserror(url: str) -> Iterator[None]:
     except Exception as err:
         if not is_transient(err):
             raise
-        raise ConnectionError(f"{url} could not be reached: {err}") from err
+        raise ConnectionError(f"{what}: the store could not be reached ({err})") from err
 
 
 class FsspecStorage(Storage):
@@ -81,24 +81,24 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ questions
     def exists(self, path: str) -> bool:
-        with _unreachable_as_oserror(self.url(path)):
+        with _unreachable_as_oserror(repr(self.url(path))):
             return bool(self.fs.exists(path))
 
     def isdir(self, path: str) -> bool:
-        with _unreachable_as_oserror(self.url(path)):
+        with _unreachable_as_oserror(repr(self.url(path))):
             return bool(self.fs.isdir(path))
 
     def isfile(self, path: str) -> bool:
-        with _unreachable_as_oserror(self.url(path)):
+        with _unreachable_as_oserror(repr(self.url(path))):
             return bool(self.fs.isfile(path))
 
     def size(self, path: str) -> int:
-        with _unreachable_as_oserror(self.url(path)):
+        with _unreachable_as_oserror(repr(self.url(path))):
             return int(self.fs.size(path))
 
     def listdir(self, path: str) -> list[str]:
         try:
-            with _unreachable_as_oserror(self.url(path)):
+            with _unreachable_as_oserror(repr(self.url(path))):
                 return [self.name(entry) for entry in self.fs.ls(path, detail=False) if self.name(entry)]
         except FileNotFoundError:
             return []
@@ -254,7 +254,8 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ policy
     def retrying(self, operation: Callable[[], T], description: str) -> T:
-        return with_retries(operation, description, attempts=self.options.retries)
+        with _unreachable_as_oserror(description):
+            return with_retries(operation, description, attempts=self.options.retries)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(protocol={self.protocol!r})"
