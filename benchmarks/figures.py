@@ -15,20 +15,12 @@ import os
 import sys
 from typing import Any
 
+from benchmarks.scenarios import HEADLINE_LIBRARIES
+
 __all__ = ["draw"]
 
 GIB = 1 << 30
 Row = dict[str, Any]
-_HEADLINE_ORDER = (
-    "disk",
-    "torch",
-    "torch_mmap",
-    "lightning",
-    "torch_checkpointing",
-    "fabric_ckpt",
-    "dcp",
-    "fabric_ckpt_fsdp",
-)
 _NAMES = {
     "disk": "disk (limit)",
     "torch": "torch.save / torch.load",
@@ -71,7 +63,7 @@ def draw(results: dict[str, Any], folder: str) -> list[str]:
     title = f"{results['run']['size_gib']:g} GiB checkpoint, {results['created']}"
     written = []
 
-    libraries = [lib for lib in _HEADLINE_ORDER if _row(rows, "headline", lib, "save") is not None]
+    libraries = [lib for lib in HEADLINE_LIBRARIES if _row(rows, "headline", lib, "save") is not None]
     saves = [(_NAMES[lib], _seconds_per_gib(_row(rows, "headline", lib, "save"))) for lib in libraries]
     saves = [(name, value) for name, value in saves if value is not None]
     figure, axis = plt.subplots(figsize=(8, 4))

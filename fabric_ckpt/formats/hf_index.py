@@ -7,7 +7,7 @@ without a ``weight_map`` is refused as not a checkpoint). Shards are read by the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -106,30 +106,29 @@ class HFIndexFormat(Format):
 
     @contextmanager
     def load(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
-        index = self.index_of(location)
-        reader = SafetensorsFormat()
-        loaded: dict[str, Any] = {}
-        with ExitStack() as stack:
-            for shard, keys in index.shards.items():
-                shard_location = _existing_shard(index, shard)
-                tensors = stack.enter_context(reader.load(shard_location, options)).value
-                _check_keys(index, shard_location, keys, tensors)
-                loaded.update((key, tensors[key]) for key in keys)
-            ordered = {key: loaded[key] for key in index.weight_map}
-            yield Loaded(ordered, self.name)
+        with self._gather(location, SafetensorsFormat().load, options) as loaded:
+            yield loaded
 
     @contextmanager
     def open_lazily(self, location: Location, options: ReadOptions) -> Iterator[Loaded]:
+        with self._gather(location, SafetensorsFormat().open_lazily, options) as loaded:
+            yield loaded
+
+    @contextmanager
+    def _gather(
+        self, location: Location, open_shard: Callable[[Location, ReadOptions], Any], options: ReadOptions
+    ) -> Iterator[Loaded]:
+        """Every shard opened with ``open_shard`` (kept open until the caller is done), checked against the index;
+        the tensors in the index's order."""
         index = self.index_of(location)
-        reader = SafetensorsFormat()
-        lazy: dict[str, Any] = {}
+        gathered: dict[str, Any] = {}
         with ExitStack() as stack:
             for shard, keys in index.shards.items():
                 shard_location = _existing_shard(index, shard)
-                tensors = stack.enter_context(reader.open_lazily(shard_location, options)).value
+                tensors = stack.enter_context(open_shard(shard_location, options)).value
                 _check_keys(index, shard_location, keys, tensors)
-                lazy.update((key, tensors[key]) for key in keys)
-            yield Loaded({key: lazy[key] for key in index.weight_map}, self.name)
+                gathered.update((key, tensors[key]) for key in keys)
+            yield Loaded({key: gathered[key] for key in index.weight_map}, self.name)
 
     def describe(self, location: Location, options: ReadOptions) -> Description:
         index = self.index_of(location)
