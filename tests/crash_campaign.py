@@ -651,12 +651,6 @@ class S3TwoTier(S3Manager):
         campaign.check_visible("", {self.folder}.__contains__)
         campaign.check_visible(self.folder, lambda n: n == self.latest or bool(self._pattern.fullmatch(n)))
 
-    def retention_exceeded(self, campaign: Campaign, checkpoints: list[str]) -> None:
-        # A known bug (docs/reliability.md, "Known bugs"): after kills, the bucket held one checkpoint more than
-        # keep + 2 (once in 16 kills). Nothing is lost or wrong; counted here, and the clean runs' bound is strict.
-        bugs = campaign.figures.known_bugs
-        bugs["two-tier remote retention exceeded"] = bugs.get("two-tier remote retention exceeded", 0) + 1
-
     def _check_tier(self, campaign: Campaign, folder: str, names: list[str], latest: str | None) -> int:
         """Every checkpoint of a tier loads bitwise right, and ``latest`` names one; returns its step (0: none)."""
         for name in names:

@@ -13,6 +13,7 @@ import torch
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from fabric_ckpt import Fabric
+from fabric_ckpt.storage.local import _KEEP_ASIDE_FROM
 from fabric_ckpt.storage.temporaries import wait_for_deletions
 from tests.conftest import assert_same_state, make_net, snapshot
 
@@ -133,6 +134,18 @@ def test_concurrent_savers_never_share_a_temporary_file(tmp_path):
     assert torch.equal(loaded["w"], torch.full((50_000,), loaded["i"]))
     wait_for_deletions()  # each save frees the checkpoint it replaced in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]
+
+
+def test_a_large_replaced_checkpoint_is_freed_in_the_background_and_leaves_nothing(tmp_path, fabric):
+    """Above the size where unlinking costs time, the old file is linked aside and removed off the save's path."""
+    path = tmp_path / "big.ckpt"
+    elements = _KEEP_ASIDE_FROM // 4 + 1  # float32: just over the threshold
+    fabric.save(path, {"w": torch.zeros(elements), "step": 1})
+    fabric.save(path, {"w": torch.ones(elements), "step": 2})
+    loaded = fabric.load(path)
+    assert loaded["step"] == 2 and torch.equal(loaded["w"], torch.ones(elements))
+    wait_for_deletions()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.ckpt"]
 
 
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path, fabric):

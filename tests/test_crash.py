@@ -101,6 +101,14 @@ def test_s3_manager_retention_stays_within_its_bound(campaign):
     assert "s3 retention exceeded" not in result["known_bugs"]
 
 
+def test_s3_two_tier_remote_retention_stays_within_its_bound(campaign):
+    """Once a known bug: runs killed between an upload and its pruning each left one checkpoint more in the bucket;
+    the remote tier now prunes once before a run's first upload, so at most 2 + 2 remain."""
+    result = campaign["s3-twotier"]
+    assert not [v for v in result["violations"] if "retention kept" in v]
+    assert result["known_bugs"] == {}
+
+
 @pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: p.name)
 def test_every_kill_point_names_a_function_that_exists(point):
     """A refactor that renames a seam must fail here, not silently disarm its kill point."""

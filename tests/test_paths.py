@@ -11,7 +11,13 @@ import torch
 
 import fabric_ckpt
 from fabric_ckpt import CheckpointError
-from fabric_ckpt.storage.temporaries import TEMP_MARKER, is_temporary_name, sweep_temporaries, temporary_name
+from fabric_ckpt.storage.temporaries import (
+    TEMP_MARKER,
+    is_temporary_name,
+    sweep_temporaries,
+    temporary_name,
+    wait_for_deletions,
+)
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 from tests.reliability_figures import record
 
@@ -123,8 +129,9 @@ def test_a_long_valid_name_saves_and_loads(tmp_path, fabric, save, length):
     handle = getattr(fabric, save)(tmp_path / name, {"w": torch.arange(4), "step": 1})
     if handle is not None:
         handle.wait()
-    fabric.save(tmp_path / name, {"w": torch.arange(4), "step": 2})  # replacing it (the previous one set aside)
+    fabric.save(tmp_path / name, {"w": torch.arange(4), "step": 2})  # replacing it
     assert fabric.load(tmp_path / name)["step"] == 2
+    wait_for_deletions()  # a large replaced file is freed in the background, under a temporary name
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     COUNTS["checkpoint names"] += 1
 

@@ -407,6 +407,65 @@ def test_a_writer_killed_during_uploads_loses_nothing_and_the_next_run_catches_u
     assert step_of(f"{remote}/ep0-ba4-rank0") == 4
 
 
+# Each run SIGKILLs itself right after its last upload moved the remote `latest`: before that upload's pruning ran.
+DYING_WRITER = """
+import os
+import signal
+import sys
+
+import torch
+
+from fabric_ckpt import CheckpointManager, Fabric
+from fabric_ckpt.tiers.folder import CheckpointFolder
+
+local, remote, saves = sys.argv[1], sys.argv[2], int(sys.argv[3])
+point_latest = CheckpointFolder.point_latest
+moved = []
+
+
+def point_latest_then_die(folder, latest, name):
+    point_latest(folder, latest, name)
+    if folder.root.original.startswith("s3://"):
+        moved.append(name)
+        if len(moved) == saves:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+CheckpointFolder.point_latest = point_latest_then_die
+manager = CheckpointManager(
+    Fabric(accelerator="cpu"), local, remote_folder=remote, save_interval="1ba", num_checkpoints_to_keep=0,
+    remote_num_checkpoints_to_keep=1, run_name="r",
+)
+manager.load_latest({})
+for step in range(manager.timestamp.batch + 1, manager.timestamp.batch + 1 + saves):
+    manager.on_batch_end({"weights": torch.full((50_000,), float(step)), "step": step})
+manager.wait()
+"""
+
+
+def test_runs_killed_before_pruning_one_after_another_do_not_grow_the_remote_tier(tmp_path, bucket):
+    """Each killed run leaves its last upload unpruned; the next run prunes what it finds before uploading, so the
+    bucket stays at keep + 2 (the checkpoint resumed from, and the one committed before the kill) however many
+    runs die that way."""
+    script = tmp_path / "dying_writer.py"
+    script.write_text(DYING_WRITER)
+    local, remote = tmp_path / "local", f"{bucket}/run"
+    for saves in (3, 1, 1, 1):
+        result = subprocess.run(
+            [sys.executable, str(script), str(local), remote, str(saves)],
+            env=writer_environment(os.environ["AWS_ENDPOINT_URL"]),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == -signal.SIGKILL, result.stderr
+    # Steps 1-6 were saved; the last run resumed from step 5 and died after uploading step 6, before pruning.
+    on_remote = [name for name in remote_files(remote) if name != "latest-rank0"]
+    assert on_remote == ["ep0-ba5-rank0", "ep0-ba6-rank0"]
+    assert pointer(f"{remote}/latest-rank0") == "ep0-ba6-rank0"
+    assert [step_of(f"{remote}/{name}") for name in on_remote] == [5, 6]
+
+
 @pytest.mark.filterwarnings("ignore:.*retrying in")
 def test_resuming_while_the_remote_tier_is_unreachable_raises_instead_of_going_back(tmp_path, bucket, outage):
     fabric = through(outage)

@@ -32,6 +32,9 @@ from fabric_ckpt.storage.writeback import WritebackFile
 __all__ = ["LocalStorage", "fsync_folder"]
 
 _WRITE_BUFFER = 1 << 20
+# Below this size the rename frees the old file's blocks in microseconds, so it is not worth a hidden link that
+# lingers in the folder until the background thread gets to it.
+_KEEP_ASIDE_FROM = 64 << 20
 
 
 class LocalStorage(Storage):
@@ -246,9 +249,11 @@ def _keep_aside(path: str) -> str | None:
 
     Freeing gigabytes of blocks can take a second (e.g. with the ``discard`` mount option); done by the rename, it
     would stall the save. The hidden link is removed in the background (or, after a crash, by the next save).
+    Small files are left to the rename.
     """
     try:
-        if not os.path.isfile(path) or os.path.islink(path):
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < _KEEP_ASIDE_FROM:
             return None
         aside = os.path.join(os.path.dirname(path), temporary_name(os.path.basename(path)))
         os.link(path, aside)

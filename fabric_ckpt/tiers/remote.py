@@ -3,8 +3,9 @@
 Each checkpoint is committed in the local folder first; then an :class:`Upload` copies it to the remote folder in the
 background with the remote storage's commit (:mod:`fabric_ckpt.tiers.transfer`). Only once the copy is complete does
 the remote ``latest`` move to it (never back to an older one); then the remote folder is pruned to
-``remote_num_checkpoints_to_keep``, and where the local tier keeps none (``num_checkpoints_to_keep=0``) the local
-copy is deleted. Resuming takes the newest checkpoint of either tier.
+``remote_num_checkpoints_to_keep`` (and once before a run's first upload, finishing what a killed run left), and
+where the local tier keeps none (``num_checkpoints_to_keep=0``) the local copy is deleted. Resuming takes the newest
+checkpoint of either tier.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class RemoteTier:
         self.resumed_name: str | None = None  # the remote copy of the checkpoint this run resumed from: kept
         self.local_resumed_name: str | None = None  # and its local name, which local retention keeps too
         self._found_latest: Key | None = None  # what the remote `latest` named when the run resumed
+        self._pruned_before_first_upload = False
         self.queue = UploadQueue(self._upload, folder.root.original, before_exit)
 
     def url(self, name: str) -> str:
@@ -170,6 +172,11 @@ class RemoteTier:
             message = "Checkpoint exists on the remote tier; pass overwrite=True to replace it"
             raise FileExistsError(errno.EEXIST, message, upload.remote_url)
         upload.replace = True  # from here on, what is at the target is this upload's own (a retry replaces it)
+        if not self._pruned_before_first_upload:
+            # An earlier run killed between an upload and its pruning left one checkpoint too many; each further run
+            # killed that way would add one more. Pruning once before this run's first copy bounds the bucket.
+            self._pruned_before_first_upload = True
+            self.folder.prune(self.keep, upload.remote_latest, {upload.remote_name, self.resumed_name})
         copy_checkpoint(self.local.folder.root.child(upload.name), target)
         with self._latest_lock:
             if self._newest is None or upload.key >= self._newest:
