@@ -1248,8 +1248,8 @@ def default_kills(remote: bool = False) -> int:
     """Random kills per scenario: the local S3 server is slow, so the full campaign gives its scenarios fewer."""
     full = os.environ.get("FABRIC_CKPT_CAMPAIGN") == "full"
     if remote:
-        return 40 if full else 16
-    return 100 if full else 16
+        return 40 if full else 12
+    return 100 if full else 12
 
 
 def group(scenario: str) -> str:

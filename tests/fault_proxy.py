@@ -35,6 +35,7 @@ class FaultProxy:
         self._open: set[socket.socket] = set()
         self.injected: Counter[str] = Counter()
         self.connections = 0
+        self.response_bytes = 0  # relayed from the server to clients: what a client downloaded, headers included
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -97,8 +98,7 @@ class FaultProxy:
                 self._open.discard(client)
             client.close()
 
-    @staticmethod
-    def _relay(client: socket.socket, upstream: socket.socket, response_limit: int | None = None) -> None:
+    def _relay(self, client: socket.socket, upstream: socket.socket, response_limit: int | None = None) -> None:
         """Relay both ways; with ``response_limit``, cut the connection after that many response bytes."""
         for sock in (client, upstream):
             sock.settimeout(_TIMEOUT_S)  # a stuck peer ends the relay instead of hanging the test
@@ -112,6 +112,9 @@ class FaultProxy:
                         break
                     target.sendall(data)
                     sent += len(data)
+                    if source is upstream:
+                        with self._lock:
+                            self.response_bytes += len(data)
             except OSError:
                 pass
             finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from fabric_ckpt.errors import CheckpointError, folder_not_a_checkpoint
@@ -144,8 +144,7 @@ class FormatRegistry:
         size = location.size()
         if size == 0:
             raise CheckpointError(f"Checkpoint '{location.original}' is empty (0 bytes)")
-        with location.open() as stream:
-            head = stream.read(HEAD_BYTES)
+        head = location.head(min(HEAD_BYTES, size))
         return Probe(location, folder=False, head=head, size=size)
 
     def detect(self, location: Location) -> tuple[Format, Probe]:
@@ -271,10 +270,12 @@ def open_source(
         True
     """
     location = _located(path, progress)
-    fmt, _ = FormatRegistry.default().detect(location)
-    options = ReadOptions(weights_only=weights_only, verify=verify, map_location=map_location, progress=progress)
-    with _reading(fmt, location, fmt.load(location, options)) as loaded:
-        yield loaded
+    # Every format reads a single file whole to load it: downloaded once, before sniffing, where it is remote.
+    with location.storage.read_whole(location.path) if location.isfile() else nullcontext():
+        fmt, _ = FormatRegistry.default().detect(location)
+        options = ReadOptions(weights_only=weights_only, verify=verify, map_location=map_location, progress=progress)
+        with _reading(fmt, location, fmt.load(location, options)) as loaded:
+            yield loaded
 
 
 @contextmanager

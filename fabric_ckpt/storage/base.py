@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -87,6 +87,19 @@ class Storage(ABC):
     @abstractmethod
     def open(self, path: str) -> AbstractContextManager[BinaryIO]:
         """A seekable binary stream of the file at ``path``."""
+
+    def read_whole(self, path: str) -> AbstractContextManager[None]:
+        """For the block, every read of the file at ``path`` (:meth:`head`, :meth:`open`, :meth:`view`,
+        :meth:`local_file`) is served from one local copy: what a load that sniffs, then reads the whole file, wants.
+
+        A local disk reads the file itself; remote backends download it once, on entering.
+        """
+        return nullcontext()
+
+    def head(self, path: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` bytes of the file at ``path`` (fewer if it is shorter): what format sniffing reads."""
+        with self.open(path) as stream:
+            return stream.read(nbytes)
 
     @abstractmethod
     def view(self, path: str) -> AbstractContextManager[Buffer]:
@@ -216,6 +229,9 @@ class Location:
 
     def view(self) -> AbstractContextManager[Buffer]:
         return self.storage.view(self.path)
+
+    def head(self, nbytes: int) -> bytes:
+        return self.storage.head(self.path, nbytes)
 
     def local_file(self) -> AbstractContextManager[str]:
         return self.storage.local_file(self.path)

@@ -12,10 +12,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from itertools import islice
 from typing import Any, BinaryIO, TypeVar
 
 from typing_extensions import Buffer
@@ -29,8 +32,8 @@ from fabric_ckpt.storage.temporaries import temporary_name
 __all__ = ["FsspecStorage"]
 
 T = TypeVar("T")
-# Ranged GETs of 64 MiB, 4 in flight: object stores charge per request (moto's server ~0.4 s each), so fewer,
-# larger, concurrent requests are fastest; memory stays at 4 parts.
+# Ranged GETs of 64 MiB, up to 4 in flight: object stores charge per request (moto's server reads the whole object
+# for each), so fewer, larger, concurrent requests are fastest; memory stays at the parts in flight.
 _DOWNLOAD_CHUNK = 64 << 20
 _DOWNLOAD_PARALLEL = 4
 
@@ -60,6 +63,8 @@ class FsspecStorage(Storage):
     def __init__(self, fs: Any, options: StorageOptions) -> None:
         super().__init__(options)
         self.fs = fs
+        self._kept: dict[str, tuple[str, int]] = {}  # path -> (its local copy, blocks of read_whole using it)
+        self._kept_lock = threading.Lock()
 
     @property
     def protocol(self) -> str:
@@ -111,16 +116,76 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ reading
     @contextmanager
+    def read_whole(self, path: str) -> Iterator[None]:
+        # One download serves the block: sniffing the format costs no request of its own (moto's server reads the
+        # whole object for any GET, even of 512 bytes), and nothing is fetched twice.
+        with self._kept_lock:
+            kept = self._kept.get(path)
+            if kept is not None:
+                self._kept[path] = (kept[0], kept[1] + 1)
+        if kept is None:
+            with self._downloaded(path) as local:
+                with self._kept_lock:
+                    kept = self._kept.get(path)  # another thread may have kept its own meanwhile: use either
+                    self._kept[path] = (local, 1) if kept is None else (kept[0], kept[1] + 1)
+                try:
+                    yield
+                finally:
+                    self._release(path)
+            return
+        try:
+            yield
+        finally:
+            self._release(path)
+
+    def _release(self, path: str) -> None:
+        with self._kept_lock:
+            local, users = self._kept[path]
+            if users > 1:
+                self._kept[path] = (local, users - 1)
+            else:
+                del self._kept[path]
+
+    def _kept_copy(self, path: str) -> str | None:
+        with self._kept_lock:
+            kept = self._kept.get(path)
+        return None if kept is None else kept[0]
+
+    @contextmanager
     def open(self, path: str) -> Iterator[BinaryIO]:
-        with self.fs.open(path, "rb") as stream:
+        kept = self._kept_copy(path)
+        with open(kept, "rb") if kept is not None else self.fs.open(path, "rb") as stream:
             yield stream
 
     @contextmanager
     def view(self, path: str) -> Iterator[Buffer]:
+        kept = self._kept_copy(path)
+        if kept is not None:
+            with open(kept, "rb") as stream:
+                yield stream.read()
+            return
         yield self.retrying(lambda: self.fs.cat_file(path), f"Reading '{self.url(path)}'")
+
+    def head(self, path: str, nbytes: int) -> bytes:
+        if self._kept_copy(path) is not None:
+            return super().head(path, nbytes)
+        # One ranged request of exactly these bytes: a stream's read would fetch a whole read-ahead block
+        # (s3fs: 50 MiB) to sniff a format.
+        return bytes(
+            self.retrying(lambda: self.fs.cat_file(path, start=0, end=nbytes), f"Reading '{self.url(path)}'")[:nbytes]
+        )
 
     @contextmanager
     def local_file(self, path: str) -> Iterator[str]:
+        kept = self._kept_copy(path)
+        if kept is not None:
+            yield kept
+            return
+        with self._downloaded(path) as local:
+            yield local
+
+    @contextmanager
+    def _downloaded(self, path: str) -> Iterator[str]:
         info = self.fs.info(path)
         if self.options.cache_dir:
             yield self._cached_download(path, info)
@@ -157,26 +222,41 @@ class FsspecStorage(Storage):
             raise
 
     def _download_ranges(self, path: str, total: int, fd: int, advance: Callable[[int], object]) -> None:
-        """Fetch ``_DOWNLOAD_PARALLEL`` byte ranges at a time (concurrent requests on async filesystems such as s3fs).
+        """Fetch byte ranges with ``_DOWNLOAD_PARALLEL`` in flight (a sliding window: a finished range starts the
+        next, so one slow request does not idle the others); each is written at its offset as it arrives.
 
-        Memory stays at one batch of ranges; a range that comes back short (an object that changed) is an error.
+        Concurrent only on async filesystems (s3fs, gcsfs, adlfs: their event loop serves every thread); a
+        synchronous client (sftp, ...) gets one range at a time. Memory stays at the ranges in flight; a range that
+        comes back short (an object that changed) is an error.
         """
-        step = _DOWNLOAD_CHUNK * _DOWNLOAD_PARALLEL
-        for batch_start in range(0, total, step):
-            starts = list(range(batch_start, min(batch_start + step, total), _DOWNLOAD_CHUNK))
-            ends = [min(start + _DOWNLOAD_CHUNK, total) for start in starts]
-            parts = self.fs.cat_ranges([path] * len(starts), starts, ends)
-            for start, end, part in zip(starts, ends, parts, strict=True):
-                if isinstance(part, BaseException):
-                    raise part
-                if len(part) != end - start:
-                    raise OSError(
-                        f"Downloading '{self.url(path)}': bytes {start}-{end} came back as {len(part)} bytes "
-                        "(the object changed or the connection was cut)"
-                    )
-                os.pwrite(fd, part, start)
-                advance(len(part))
-            del parts
+        starts = iter(range(0, total, _DOWNLOAD_CHUNK))
+
+        def fetch(start: int) -> int:
+            end = min(start + _DOWNLOAD_CHUNK, total)
+            part = self.fs.cat_file(path, start=start, end=end)
+            if len(part) != end - start:
+                raise OSError(
+                    f"Downloading '{self.url(path)}': bytes {start}-{end} came back as {len(part)} bytes "
+                    "(the object changed or the connection was cut)"
+                )
+            view = memoryview(part)
+            while view:
+                view = view[os.pwrite(fd, view, start + len(part) - len(view)) :]
+            return len(part)
+
+        width = _DOWNLOAD_PARALLEL if getattr(self.fs, "async_impl", False) else 1
+        with ThreadPoolExecutor(width, thread_name_prefix="fabric_ckpt-download") as pool:
+            running = {pool.submit(fetch, start) for start in islice(starts, width)}
+            try:
+                while running:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        advance(future.result())
+                        running.update(pool.submit(fetch, start) for start in islice(starts, 1))
+            except BaseException:
+                for future in running:
+                    future.cancel()
+                raise
 
     def _cached_download(self, path: str, info: dict[str, Any]) -> str:
         assert self.options.cache_dir is not None

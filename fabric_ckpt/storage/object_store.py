@@ -42,8 +42,14 @@ class WriteConflictError(OSError):
     transient = False
 
 
+# The most handed to the client's buffer at once: fsspec files buffer a whole write before cutting parts from it, so
+# one 300 MB tensor written whole would be buffered whole; in slices, the buffer stays near one part.
+_WRITE_SLICE_BYTES = 8 << 20
+
+
 class _CountingSink:
-    """Counts the bytes written through it, to confirm the stored object's size afterwards."""
+    """Counts the bytes written through it (to confirm the stored object's size afterwards), and passes large
+    writes on in slices."""
 
     def __init__(self, sink: Any) -> None:
         self._sink = sink
@@ -51,7 +57,12 @@ class _CountingSink:
 
     def write(self, data: Any) -> int:
         count = memoryview(data).nbytes
-        self._sink.write(data)
+        if count <= _WRITE_SLICE_BYTES:
+            self._sink.write(data)
+        else:
+            view = memoryview(data).cast("B")
+            for start in range(0, count, _WRITE_SLICE_BYTES):
+                self._sink.write(view[start : start + _WRITE_SLICE_BYTES])
         self.written += count
         return count
 
