@@ -3,9 +3,11 @@ every store shares, a round trip and the manager included, are in tests/test_obj
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
+import tempfile
 
 import fsspec
 import pytest
@@ -204,11 +206,13 @@ def test_a_load_downloads_the_objects_bytes_once(bucket, s3_endpoint):
     Fabric(accelerator="cpu").save(url, state)
     size = s3().info(url)["size"]
     proxy = FaultProxy(("127.0.0.1", int(s3_endpoint.rsplit(":", 1)[1])), rate=0.0)
+    downloads = set(glob.glob(os.path.join(tempfile.gettempdir(), "fabric_ckpt-download-*")))
     try:
         options = StorageOptions(progress=False, filesystem_options={"client_kwargs": {"endpoint_url": proxy.endpoint}})
         target = {"w": torch.zeros(5_000_000)}
         assert Fabric(accelerator="cpu", storage_options=options).load(url, target) == {"step": 4}
         assert torch.equal(target["w"], state["w"])
         assert size <= proxy.response_bytes < size + (256 << 10)  # + headers and metadata answers
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "fabric_ckpt-download-*"))) == downloads  # removed
     finally:
         proxy.close()

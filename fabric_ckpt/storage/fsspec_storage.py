@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from typing import Any, BinaryIO, TypeVar
@@ -36,6 +37,15 @@ T = TypeVar("T")
 # for each), so fewer, larger, concurrent requests are fastest; memory stays at the parts in flight.
 _DOWNLOAD_CHUNK = 64 << 20
 _DOWNLOAD_PARALLEL = 4
+
+
+@dataclass(eq=False)
+class _KeptCopy:
+    """A download kept for :meth:`FsspecStorage.read_whole`: removed (``download`` closed) when its last user ends."""
+
+    local: str
+    download: ExitStack
+    users: int = 1
 
 
 @contextmanager
@@ -63,7 +73,7 @@ class FsspecStorage(Storage):
     def __init__(self, fs: Any, options: StorageOptions) -> None:
         super().__init__(options)
         self.fs = fs
-        self._kept: dict[str, tuple[str, int]] = {}  # path -> (its local copy, blocks of read_whole using it)
+        self._kept: dict[str, _KeptCopy] = {}  # the local copies read_whole blocks keep, by path
         self._kept_lock = threading.Lock()
 
     @property
@@ -119,56 +129,72 @@ class FsspecStorage(Storage):
     def read_whole(self, path: str) -> Iterator[None]:
         # One download serves the block: sniffing the format costs no request of its own (moto's server reads the
         # whole object for any GET, even of 512 bytes), and nothing is fetched twice.
-        with self._kept_lock:
-            kept = self._kept.get(path)
+        with self._kept_copy(path) as kept:
             if kept is not None:
-                self._kept[path] = (kept[0], kept[1] + 1)
-        if kept is None:
-            with self._downloaded(path) as local:
-                with self._kept_lock:
-                    kept = self._kept.get(path)  # another thread may have kept its own meanwhile: use either
-                    self._kept[path] = (local, 1) if kept is None else (kept[0], kept[1] + 1)
-                try:
-                    yield
-                finally:
-                    self._release(path)
-            return
+                yield
+                return
+        download = ExitStack()
+        local = download.enter_context(self._downloaded(path))
+        with self._kept_lock:
+            entry = self._kept.get(path)
+            ours = entry is None
+            if entry is None:
+                entry = self._kept[path] = _KeptCopy(local, download)
+            else:  # another thread kept its own copy meanwhile: that one serves, this one goes
+                entry.users += 1
+        if not ours:
+            download.close()
         try:
             yield
         finally:
-            self._release(path)
+            self._release(path, entry)
 
-    def _release(self, path: str) -> None:
+    @contextmanager
+    def _kept_copy(self, path: str) -> Iterator[str | None]:
+        """The local copy a :meth:`read_whole` block keeps of ``path`` (``None`` if none), kept until this exits."""
         with self._kept_lock:
-            local, users = self._kept[path]
-            if users > 1:
-                self._kept[path] = (local, users - 1)
-            else:
+            entry = self._kept.get(path)
+            if entry is not None:
+                entry.users += 1
+        if entry is None:
+            yield None
+            return
+        try:
+            yield entry.local
+        finally:
+            self._release(path, entry)
+
+    def _release(self, path: str, entry: _KeptCopy) -> None:
+        with self._kept_lock:
+            entry.users -= 1
+            last = entry.users == 0
+            if last:
                 del self._kept[path]
-
-    def _kept_copy(self, path: str) -> str | None:
-        with self._kept_lock:
-            kept = self._kept.get(path)
-        return None if kept is None else kept[0]
+        if last:
+            entry.download.close()
 
     @contextmanager
     def open(self, path: str) -> Iterator[BinaryIO]:
-        kept = self._kept_copy(path)
-        with open(kept, "rb") if kept is not None else self.fs.open(path, "rb") as stream:
+        with (
+            self._kept_copy(path) as kept,
+            open(kept, "rb") if kept is not None else self.fs.open(path, "rb") as stream,
+        ):
             yield stream
 
     @contextmanager
     def view(self, path: str) -> Iterator[Buffer]:
-        kept = self._kept_copy(path)
-        if kept is not None:
-            with open(kept, "rb") as stream:
-                yield stream.read()
-            return
+        with self._kept_copy(path) as kept:
+            if kept is not None:
+                with open(kept, "rb") as stream:
+                    yield stream.read()
+                return
         yield self.retrying(lambda: self.fs.cat_file(path), f"Reading '{self.url(path)}'")
 
     def head(self, path: str, nbytes: int) -> bytes:
-        if self._kept_copy(path) is not None:
-            return super().head(path, nbytes)
+        with self._kept_copy(path) as kept:
+            if kept is not None:
+                with open(kept, "rb") as stream:
+                    return stream.read(nbytes)
         # One ranged request of exactly these bytes: a stream's read would fetch a whole read-ahead block
         # (s3fs: 50 MiB) to sniff a format.
         return bytes(
@@ -177,10 +203,10 @@ class FsspecStorage(Storage):
 
     @contextmanager
     def local_file(self, path: str) -> Iterator[str]:
-        kept = self._kept_copy(path)
-        if kept is not None:
-            yield kept
-            return
+        with self._kept_copy(path) as kept:
+            if kept is not None:
+                yield kept
+                return
         with self._downloaded(path) as local:
             yield local
 
