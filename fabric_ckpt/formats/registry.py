@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from fabric_ckpt.errors import CheckpointError, folder_not_a_checkpoint
@@ -271,7 +271,7 @@ def open_source(
     """
     location = _located(path, progress)
     # Every format reads a single file whole to load it: downloaded once, before sniffing, where it is remote.
-    with location.storage.read_whole(location.path) if location.isfile() else nullcontext():
+    with location.storage.read_whole(location.path):
         fmt, _ = FormatRegistry.default().detect(location)
         options = ReadOptions(weights_only=weights_only, verify=verify, map_location=map_location, progress=progress)
         with _reading(fmt, location, fmt.load(location, options)) as loaded:

@@ -92,7 +92,8 @@ class Storage(ABC):
         """For the block, every read of the file at ``path`` (:meth:`head`, :meth:`open`, :meth:`view`,
         :meth:`local_file`) is served from one local copy: what a load that sniffs, then reads the whole file, wants.
 
-        A local disk reads the file itself; remote backends download it once, on entering.
+        A local disk reads the file itself; remote backends download it once, on entering. Where no regular file
+        is at ``path`` (nothing, or a folder), nothing is kept.
         """
         return nullcontext()
 

@@ -133,8 +133,16 @@ class FsspecStorage(Storage):
             if kept is not None:
                 yield
                 return
+        try:
+            with _unreachable_as_oserror(repr(self.url(path))):
+                info = self.fs.info(path)  # the download needs it too: one request says whether there is a file
+        except FileNotFoundError:
+            info = None
+        if info is None or info.get("type") != "file":  # nothing there, or a folder: the sniffing says which
+            yield
+            return
         download = ExitStack()
-        local = download.enter_context(self._downloaded(path))
+        local = download.enter_context(self._downloaded(path, info))
         with self._kept_lock:
             entry = self._kept.get(path)
             ours = entry is None
@@ -211,8 +219,8 @@ class FsspecStorage(Storage):
             yield local
 
     @contextmanager
-    def _downloaded(self, path: str) -> Iterator[str]:
-        info = self.fs.info(path)
+    def _downloaded(self, path: str, info: dict[str, Any] | None = None) -> Iterator[str]:
+        info = info if info is not None else self.fs.info(path)
         if self.options.cache_dir:
             yield self._cached_download(path, info)
             return
