@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 from fabric_ckpt import AttributeDict, Fabric
+from fabric_ckpt.core.collector import collector_paused
 from fabric_ckpt.storage.temporaries import wait_for_deletions
 from tests.conftest import assert_same_state, make_net, snapshot, trained
 
@@ -191,3 +194,65 @@ class TestSaveHooks:
         model = HookedNet(2, 2)
         fabric.save(tmp_path / "c.ckpt", {"a": model, "b": fabric.setup(model)})
         assert calls == [1]
+
+
+def _many_small_tensors(count: int = 3000) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.randn(8, generator=generator) for i in range(count)}
+
+
+def test_a_save_of_many_small_tensors_pauses_the_garbage_collector_and_resumes_it(tmp_path, fabric):
+    """Full collections would walk the heap hundreds of times while a many-tensor save builds its small objects."""
+    state = _many_small_tensors()
+    collections: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        fabric.save(tmp_path / "paused.ckpt", state)
+        during = len(collections)
+        collections.clear()
+        with open(tmp_path / "unpaused.pt", "wb") as f:  # the same object, pickled by torch with the collector on
+            torch.save(state, f)
+        by_torch = len(collections)
+    finally:
+        gc.callbacks.remove(count)
+    assert gc.isenabled()
+    assert by_torch >= 10 and during <= by_torch // 4, (during, by_torch)
+    loaded = fabric.load(tmp_path / "paused.ckpt")
+    assert all(torch.equal(loaded[name], value) for name, value in state.items())
+
+
+def test_a_save_leaves_a_disabled_garbage_collector_disabled(tmp_path, fabric):
+    gc.disable()
+    try:
+        fabric.save(tmp_path / "c.ckpt", _many_small_tensors(100))
+        fabric.save_async(tmp_path / "d.ckpt", _many_small_tensors(100)).wait()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_nested_and_concurrent_pauses_resume_the_collector_once_at_the_last():
+    assert gc.isenabled()
+    inner_entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with collector_paused():
+            inner_entered.set()
+            release.wait(10)
+
+    with collector_paused():
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert inner_entered.wait(10)
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's pause is still open
+    release.set()
+    thread.join(10)
+    assert gc.isenabled()

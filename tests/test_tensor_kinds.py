@@ -9,7 +9,8 @@ fixture counts the examples for ``make reliability`` (docs/reliability.md).
 from __future__ import annotations
 
 import warnings
-from collections import Counter
+import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -239,3 +240,84 @@ def test_a_sharded_folder_refuses_quantized_tensors_before_writing(tmp_path, fab
         convert(tmp_path / "q.ckpt", f"{tmp_path}/folder/")
     COUNTS["quantized tensors"] += 1
     assert not (tmp_path / "folder").exists()
+
+
+def _pickle_record(path) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        return archive.read(name)
+
+
+def _every_kind_of_tensor() -> dict[str, object]:
+    """Tensors of every kind torch's reduction tells apart, including the ones our faster reduction leaves to it."""
+    base = _real(9, 6, 4)
+    with_attribute = _real(10, 3)
+    with_attribute.note = "kept"  # Python state: torch pickles it through _rebuild_from_type_v2
+    leaf = _real(11, 2).requires_grad_()
+    marked: OrderedDict[str, int] = OrderedDict()
+    marked.mark = 1  # type: ignore[attr-defined]
+    kinds: dict[str, object] = {
+        "float32": _real(12, 3, 5),
+        "slice (offset, strided)": base[1:, ::2],
+        "transposed view of the same storage": base.t(),
+        "bfloat16": _real(13, 4).bfloat16(),
+        "float16": _real(14, 4).half(),
+        "float64": _real(15, 2).double(),
+        "int64": torch.arange(7),
+        "bool": torch.tensor([True, False, True]),
+        "uint8": torch.arange(5, dtype=torch.uint8),
+        "complex64": _complex(16, 3),
+        "uint16 (torch's v3 layout)": torch.arange(4).to(torch.uint16),
+        "float8": _real(17, 4).to(torch.float8_e4m3fn),
+        "zero-size": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5),
+        "requires grad": leaf,
+        "parameter": nn.Parameter(_real(18, 2)),
+        "Python attribute": with_attribute,
+        "sparse": _real(19, 3, 3).relu().to_sparse(),
+        "meta": torch.empty(2, 2, device="meta"),
+        "quantized": torch.quantize_per_tensor(_real(20, 4), 0.1, 0, torch.qint8),
+        "nested": torch.nested.nested_tensor([_real(21, 2), _real(22, 3)]),
+        "the same tensor twice": [base, base],
+        "plain values": {"step": 3, "name": "x", "shape": torch.Size([2, 3]), "dtype": torch.bfloat16},
+        "empty OrderedDict": OrderedDict(),
+        "empty OrderedDict with an attribute": marked,
+        "OrderedDict": OrderedDict(a=torch.ones(2), b=1),
+    }
+    return kinds
+
+
+def test_the_pickled_structure_is_byte_for_byte_what_torch_save_writes(tmp_path, fabric):
+    """Our writer reduces plain CPU tensors itself (faster than torch's generic path) and must change nothing.
+
+    The object part of a checkpoint (``data.pkl``) is compared with ``torch.save``'s for the same object, kind by
+    kind, so that any tensor our reduction handles differently from torch's shows up by name.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors warn that they are a prototype
+        kinds = _every_kind_of_tensor()
+    for name, value in kinds.items():
+        state = {"value": value}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.save(state, tmp_path / "torch.pt")
+            fabric.save(tmp_path / "ours.ckpt", state)
+        assert _pickle_record(tmp_path / "ours.ckpt") == _pickle_record(tmp_path / "torch.pt"), name
+    # All of them in one object as well: the storage keys and the memo run across the whole structure.
+    torch.save(kinds, tmp_path / "torch.pt")
+    fabric.save(tmp_path / "ours.ckpt", kinds)
+    assert _pickle_record(tmp_path / "ours.ckpt") == _pickle_record(tmp_path / "torch.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors rebuild through the deprecated TypedStorage
+        loaded = torch.load(tmp_path / "ours.ckpt", weights_only=False)
+    assert bitwise_equal(loaded["slice (offset, strided)"], kinds["slice (offset, strided)"])
+    assert loaded["Python attribute"].note == "kept"
+    assert loaded["requires grad"].requires_grad and not loaded["float32"].requires_grad
+
+
+def test_a_tensor_with_hooks_warns_as_torch_save_does(tmp_path, fabric):
+    tensor = _real(23, 3).requires_grad_()
+    tensor.register_hook(lambda grad: grad)
+    with pytest.warns(UserWarning, match="backward hook .* will not be serialized"):
+        fabric.save(tmp_path / "hooked.ckpt", {"t": tensor})
+    assert bitwise_equal(fabric.load(tmp_path / "hooked.ckpt")["t"], tensor.detach())

@@ -84,12 +84,15 @@ class _Output:
         self.position = 0
 
     def write(self, data: Buffer) -> None:
-        if type(data) is bytes and len(data) < _SMALL_WRITE:  # headers: no view needed (one per record)
-            self.position += len(data)
-            self._pending += data
-            if len(self._pending) >= _COALESCE_LIMIT:
-                self.flush()
-            return
+        # Headers (bytes) and small records are appended as they are: a view's cast costs more than their copy.
+        if type(data) is bytes or (type(data) is memoryview and data.format == "B" and data.ndim == 1):
+            size = len(data)
+            if size < _SMALL_WRITE:
+                self.position += size
+                self._pending += data
+                if len(self._pending) >= _COALESCE_LIMIT:
+                    self.flush()
+                return
         view = memoryview(data).cast("B")
         self.position += view.nbytes
         if view.nbytes < _SMALL_WRITE:
@@ -142,7 +145,7 @@ class ZipWriter:
         """Append one record. ``data`` is one buffer or a list written back to back; ``crc`` if known."""
         if name in self._names:
             raise ValueError(f"duplicate zip record name: {name!r}")
-        parts = [memoryview(p).cast("B") for p in (data if isinstance(data, list) else [data])]
+        parts = [_byte_view(p) for p in (data if isinstance(data, list) else [data])]
         size = sum(p.nbytes for p in parts)
         if crc is None:
             started = time.perf_counter()
@@ -198,8 +201,7 @@ class ZipWriter:
         unpadded = offset + _LOCAL.size + len(encoded) + len(extra)
         padding = -unpadded % ALIGNMENT
         if padding:
-            padding += ALIGNMENT if padding < 4 else 0
-            extra += struct.pack("<HH", _PADDING_EXTRA_ID, padding - 4) + b"Z" * (padding - 4)
+            extra += _PADDING_FIELDS[padding]
         stored_size = _U32 if zip64 else size
         header = _LOCAL.pack(
             _LOCAL_SIG,
@@ -245,6 +247,22 @@ class ZipWriter:
             _U32 if big_offset else entry.header_offset,
         )
         return record + encoded + extra
+
+
+def _padding_field(padding: int) -> bytes:
+    """The extra field that pads a header by ``padding`` bytes (at least 4, its own header; else one more block)."""
+    padding += ALIGNMENT if padding < 4 else 0
+    return struct.pack("<HH", _PADDING_EXTRA_ID, padding - 4) + b"Z" * (padding - 4)
+
+
+_PADDING_FIELDS = [_padding_field(padding) if padding else b"" for padding in range(ALIGNMENT)]
+
+
+def _byte_view(data: Buffer) -> memoryview:
+    """``data`` as a flat view of bytes (``memoryview.cast`` costs microseconds: skipped where it is one already)."""
+    if type(data) is memoryview and data.format == "B" and data.ndim == 1:
+        return data
+    return memoryview(data).cast("B")
 
 
 def _utf8_flag(name: str) -> int:
