@@ -19,31 +19,42 @@ import torch
 
 from fabric_ckpt.core.telemetry import Recorder
 
-__all__ = ["LAZY_MIN_BYTES", "Snapshot", "pending_snapshots", "wait_for_snapshots"]
+__all__ = ["Snapshot", "pending_snapshots", "wait_for_snapshots"]
 
-# Storages smaller than this are copied before save_async returns even in a lazy snapshot: copying them costs less
-# than keeping track of them.
-LAZY_MIN_BYTES = 1 << 20
+# Storages at least this large are copied as tensors, which release the GIL while they copy; smaller ones with the
+# storage's own copy, which holds the GIL but costs a third as much to call.
+_RELEASE_GIL_FROM_BYTES = 256 << 10
 
 _pending: weakref.WeakSet[Snapshot] = weakref.WeakSet()
 _pending_lock = threading.Lock()
 
 
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over ``storage``'s bytes (no copy)."""
+    return torch.empty((0,), dtype=torch.uint8, device=storage.device).set_(storage)
+
+
 class _Copy:
     """One storage to copy into staging memory, and whether that is done."""
 
-    __slots__ = ("device", "done", "source", "target")
+    __slots__ = ("device", "source", "target")
 
     def __init__(self, source: torch.UntypedStorage, target: torch.UntypedStorage) -> None:
         self.source: torch.UntypedStorage | None = source
         self.target = target
         self.device = source.device.type
-        self.done = threading.Event()
 
     def run(self) -> int:
         assert self.source is not None, "copied twice"
-        self.target.copy_(self.source, non_blocking=self.device != "cpu")
-        return int(self.target.nbytes())
+        size = int(self.target.nbytes())
+        non_blocking = self.device != "cpu"
+        if size < _RELEASE_GIL_FROM_BYTES:
+            self.target.copy_(self.source, non_blocking=non_blocking)
+        else:
+            # A large storage is copied as a byte tensor: a tensor's copy releases the GIL, a storage's holds it for
+            # the whole copy, which would stall the training loop's Python while a lazy snapshot copies.
+            _bytes_of(self.target).copy_(_bytes_of(self.source), non_blocking=non_blocking)
+        return size
 
     def release(self) -> None:
         """Once the copy is complete (on the device too): the snapshot no longer keeps the source's memory alive."""
@@ -63,7 +74,10 @@ class Snapshot:
         self.checkpoint: Any = None
         self._eager: list[_Copy] = []
         self._lazy: list[_Copy] = []
-        self._by_target: dict[int, _Copy] = {}
+        self._lazy_index: dict[int, int] = {}  # a lazy copy's target address -> its place in the lazy copies' order
+        # Lazy copies run in order: the count done (under the condition) says which are (one lock for all of them).
+        self._lazy_done = 0
+        self._progress = threading.Condition()
         self._recorder = recorder
         self._finished = threading.Event()
         self._finished.set()
@@ -73,9 +87,11 @@ class Snapshot:
     def add(self, source: torch.UntypedStorage, target: torch.UntypedStorage, *, lazy: bool) -> None:
         """Plan copying ``source`` into ``target``, before the call returns or (``lazy``) in the background."""
         copy = _Copy(source, target)
-        (self._lazy if lazy else self._eager).append(copy)
         if lazy:
-            self._by_target[target.data_ptr()] = copy
+            self._lazy_index[target.data_ptr()] = len(self._lazy)
+            self._lazy.append(copy)
+        else:
+            self._eager.append(copy)
 
     @property
     def lazy_bytes(self) -> int:
@@ -121,12 +137,15 @@ class Snapshot:
                 else:
                     copied += copy.run()
                 copy.release()
-                copy.done.set()
+                with self._progress:
+                    self._lazy_done += 1
+                    self._progress.notify_all()
         except BaseException as err:  # reported by the writer, which waits for these copies
             self._error = err
         finally:
-            for copy in self._lazy:
-                copy.done.set()
+            with self._progress:
+                self._lazy_done = len(self._lazy)  # nothing more will be copied: no waiter may wait forever
+                self._progress.notify_all()
             if self._recorder is not None and copied:
                 self._recorder.add("stage (background)", time.perf_counter() - started, copied, start=started)
             with _pending_lock:
@@ -144,9 +163,10 @@ class Snapshot:
         Raises:
             RuntimeError: a background copy failed (the save fails with it).
         """
-        copy = self._by_target.get(storage.data_ptr()) if storage is not None else None
-        if copy is not None:
-            copy.done.wait()
+        index = self._lazy_index.get(storage.data_ptr()) if storage is not None else None
+        if index is not None:
+            with self._progress:
+                self._progress.wait_for(lambda: self._lazy_done > index)
         elif storage is None:
             self._finished.wait()
         if self._error is not None:

@@ -10,13 +10,13 @@ lazy snapshot, :mod:`fabric_ckpt.core.snapshot`).
 from __future__ import annotations
 
 import copy
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fabric_ckpt.core.snapshot import LAZY_MIN_BYTES, Snapshot
+from fabric_ckpt.core.snapshot import Snapshot
 from fabric_ckpt.core.state import resolved
 from fabric_ckpt.core.telemetry import Recorder, current_recorder
 
@@ -57,8 +57,8 @@ class Stager:
     ) -> Snapshot:
         """``checkpoint`` rebuilt around staging memory, with the copies that fill it planned, not made.
 
-        Storages whose address is in ``lazy`` (and at least :data:`LAZY_MIN_BYTES` large) are left to
-        :meth:`Snapshot.start`; :meth:`Snapshot.copy_eager` makes the others.
+        Storages whose address is in ``lazy`` are left to :meth:`Snapshot.start`; :meth:`Snapshot.copy_eager`
+        makes the others.
 
         Example:
             >>> snapshot = stager.snapshot({"model": model.state_dict()})
@@ -99,8 +99,8 @@ class Stager:
         return copy.deepcopy(obj)
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        if hasattr(tensor, "to_local") and hasattr(tensor, "device_mesh"):
-            sharded = cast(DTensor, tensor)
+        if isinstance(tensor, DTensor):
+            sharded = tensor
             local = self._tensor(sharded.to_local())  # a sharded tensor: stage this rank's shard, keep its layout
             return DTensor.from_local(
                 local,
@@ -131,8 +131,7 @@ class Stager:
         staged = self._copies.get(key)
         if staged is None:
             staged = self._storage_for(source)
-            lazy = key in self._lazy_sources and source.nbytes() >= LAZY_MIN_BYTES
-            self._plan.add(source, staged, lazy=lazy)
+            self._plan.add(source, staged, lazy=key in self._lazy_sources)
             self._copies[key] = staged
         view = torch.empty((0,), dtype=tensor.dtype)
         view.set_(staged, tensor.storage_offset(), tensor.size(), tensor.stride())
