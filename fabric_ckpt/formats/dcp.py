@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import io
 import itertools
+import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.formats.base import ReadOptions
+from fabric_ckpt.formats.dcp_reader import can_read_in_place, read_in_place
 from fabric_ckpt.formats.dcp_storage import ChecksummingFileSystem, StorageFileSystem, WrittenFile
 from fabric_ckpt.formats.torch_file import load_archive
 from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
@@ -156,9 +159,19 @@ class _SafeReader(FileSystemReader):
     def __init__(self, location: Location, metadata: Metadata | None = None) -> None:
         super().__init__(location.path)
         self.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
+        self._storage = location.storage
         self.path = location.path
         self._display = location.original
         self._metadata = metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        storage = self._storage
+        if not can_read_in_place(storage, self.storage_data, plan):
+            return super().read_data(plan, planner)
+        read_in_place(storage, os.fspath(self.path), self.storage_data, plan, planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = self._metadata

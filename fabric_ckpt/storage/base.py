@@ -35,6 +35,10 @@ class Storage(ABC):
         True
     """
 
+    # Whether :meth:`local_file` is the file itself on this machine's disk, so readers can map it in place rather
+    # than stream it (a remote backend would download the whole file first).
+    maps_in_place = False
+
     def __init__(self, options: StorageOptions) -> None:
         self.options = options
 

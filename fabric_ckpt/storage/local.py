@@ -45,6 +45,8 @@ class LocalStorage(Storage):
         LocalStorage()
     """
 
+    maps_in_place = True
+
     # ------------------------------------------------------------------ names
     def join(self, folder: str, name: str) -> str:
         return os.path.join(folder, *name.split("/"))

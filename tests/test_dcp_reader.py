@@ -1,0 +1,148 @@
+"""Reading DCP shard files in place (mapped, one copy into the target) must give exactly what DCP's reader gives.
+
+The reference is DCP's own ``FileSystemReader`` on the same folder: every dtype and shape DCP writes, the non-tensor
+entries, loads in place into existing tensors, a folder on an fsspec filesystem (read DCP's way), and memory: the
+in-place read holds no second copy of an item.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from fabric_ckpt import CheckpointError, Fabric
+from fabric_ckpt.storage import resolve
+from tests.conftest import bitwise_equal
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=generator)
+    tensors = {
+        "float32": torch.randn(5, 7, generator=generator),
+        "bfloat16": torch.randn(9, generator=generator).bfloat16(),
+        "float16": torch.randn(3, 3, generator=generator).half(),
+        "int64": torch.arange(11),
+        "bool": torch.tensor([True, False, True]),
+        "complex64": torch.randn(4, dtype=torch.complex64, generator=generator),
+        "uint16": torch.arange(6).to(torch.uint16),
+        "float8": torch.randn(4, generator=generator).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(3.5),
+        "zero_size": torch.empty(0, 4),
+        "strided_view": base[:, ::2],
+        "large": torch.randn(1 << 20, generator=generator),
+    }
+    return {f"w_{name}": value for name, value in tensors.items()}  # (names a module can hold as buffers)
+
+
+def _write(path) -> dict[str, object]:
+    state = {"model": _tensors(), "step": 12, "notes": ["a", {"b": 2}]}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+def _read_by_dcp(path) -> dict[str, torch.Tensor]:
+    """What DCP's own reader puts into fresh targets of the right shapes."""
+    targets = {name: torch.zeros_like(value) for name, value in _tensors().items()}
+    dcp.load({"model": targets}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    return targets
+
+
+def test_a_bare_dcp_folder_reads_in_place_exactly_as_dcps_reader_reads_it(tmp_path):
+    written = _write(tmp_path / "bare")
+    expected = _read_by_dcp(tmp_path / "bare")
+    loaded = Fabric(accelerator="cpu").load(tmp_path / "bare")
+    assert loaded["step"] == 12 and loaded["notes"] == ["a", {"b": 2}]
+    assert loaded["model"].keys() == expected.keys()
+    for name, value in expected.items():
+        assert bitwise_equal(loaded["model"][name], value), name
+        assert bitwise_equal(value, written["model"][name]), name  # (DCP's reader gives what was written)
+
+
+def test_a_load_into_a_module_fills_its_tensors_in_place(tmp_path):
+    _write(tmp_path / "bare")
+    expected = _read_by_dcp(tmp_path / "bare")
+    module = nn.Module()
+    for name, value in expected.items():
+        module.register_buffer(name, torch.zeros_like(value))
+    addresses = {name: t.data_ptr() for name, t in module.state_dict().items()}
+    remainder = Fabric(accelerator="cpu").load(tmp_path / "bare", {"model": module})
+    assert remainder == {"step": 12, "notes": ["a", {"b": 2}]}
+    for name, value in expected.items():
+        assert bitwise_equal(getattr(module, name), value), name
+        assert getattr(module, name).data_ptr() == addresses[name], name
+
+
+def test_a_folder_on_an_fsspec_filesystem_is_read_as_dcp_reads_it(tmp_path):
+    """Only a local disk maps files in place; elsewhere DCP's streaming reader runs, with the same result."""
+    _write(tmp_path / "bare")
+    expected = _read_by_dcp(tmp_path / "bare")
+    remote = "memory://dcp-reader/bare"
+    target = resolve(remote)
+    for name in sorted(p.name for p in (tmp_path / "bare").iterdir()):
+        with target.storage.open_write(target.storage.join(target.path, name)) as out:
+            out.write((tmp_path / "bare" / name).read_bytes())
+    assert not target.storage.maps_in_place and resolve(str(tmp_path)).storage.maps_in_place
+    loaded = Fabric(accelerator="cpu").load(remote)
+    for name, value in expected.items():
+        assert bitwise_equal(loaded["model"][name], value), name
+
+
+def test_an_item_whose_bytes_are_not_an_archive_fails_naming_the_checkpoint(tmp_path):
+    _write(tmp_path / "bare")
+    (shard,) = [p for p in (tmp_path / "bare").iterdir() if p.suffix == ".distcp"]
+    data = bytearray(shard.read_bytes())
+    data[:64] = b"\0" * 64  # the first item's zip header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="bare"):
+        Fabric(accelerator="cpu").load(tmp_path / "bare", verify=False)
+
+
+def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
+    """DCP's reader allocates each item again before copying it; mapped, the only copy is into the target."""
+    item_bytes = 32 << 20
+    tensors = {f"w{i}": torch.full((item_bytes // 4,), float(i)) for i in range(4)}
+    dcp.save({"model": tensors}, checkpoint_id=str(tmp_path / "big"), no_dist=True)
+    script = textwrap.dedent(f"""
+        import threading, time, warnings
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from fabric_ckpt.formats.dcp import reader_for
+        from fabric_ckpt.storage import resolve
+
+        warnings.simplefilter("ignore")
+
+        def rss_anon():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
+
+        def peak_extra(reader):
+            targets = {{f"w{{i}}": torch.zeros({item_bytes // 4}) for i in range(4)}}
+            peak, done = [0], threading.Event()
+            def sample():
+                while not done.is_set():
+                    peak[0] = max(peak[0], rss_anon())
+                    time.sleep(0.0005)
+            baseline = rss_anon()
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            dcp.load({{"model": targets}}, storage_reader=reader, no_dist=True)
+            done.set()
+            sampler.join()
+            assert all(torch.all(targets[f"w{{i}}"] == i) for i in range(4))
+            return peak[0] - baseline
+
+        folder = {str(tmp_path / "big")!r}
+        print(peak_extra(dcp.FileSystemReader(folder)), peak_extra(reader_for(resolve(folder))))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    by_dcp, in_place = (int(word) for word in result.stdout.split()[-2:])
+    assert by_dcp >= item_bytes // 2, f"the sampler missed DCP's own copy of an item ({by_dcp >> 20} MiB)"
+    assert in_place < item_bytes // 4, f"{in_place >> 20} MiB of anonymous memory for items of {item_bytes >> 20} MiB"
