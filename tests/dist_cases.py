@@ -239,6 +239,42 @@ def load_with_options(kind: str, path: str, **options: Any) -> dict[str, Any]:
     return {"error": None, **full_state(model, optimizer), "step": state["step"], "remainder": full(remainder)}
 
 
+class Recorder:
+    """A stateful object that records every state it is given."""
+
+    def __init__(self) -> None:
+        self.loaded: list[Any] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": "fresh"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded.append(state)
+
+
+def load_damaged_leaves_everything(kind: str, path: str) -> dict[str, Any]:
+    """Load a damaged checkpoint into a model, its optimizer and a stateful object; report what changed."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 8)
+    train(fabric, model, optimizer, 0, 1)
+    before = full_state(model, optimizer)
+    recorder = Recorder()
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "meta": recorder, "step": -1}
+    try:
+        fabric.load(path, state)
+    except Exception as err:
+        error: dict[str, Any] = {"error": type(err).__name__, "message": str(err)}
+    else:
+        error = {"error": None, "message": ""}
+    return {
+        **error,
+        "before": before,
+        "after": full_state(model, optimizer),
+        "stateful": recorder.loaded,
+        **{"step": state["step"]},
+    }
+
+
 def save_to(kind: str, path: str, seed: int) -> dict[str, Any]:
     fabric = make_fabric(kind)
     model, optimizer = build(fabric, seed)

@@ -182,6 +182,24 @@ def test_corrupted_shard_is_detected_before_anything_changes(group, tmp_path):
         Fabric(accelerator="cpu").load(path)
 
 
+@pytest.mark.parametrize("damaged_rank", [0, 1])
+def test_a_damaged_shard_changes_nothing_on_any_rank(group, tmp_path, damaged_rank):
+    """The CRC-32 checks run while the load is planned; nothing (tensors, optimizer, stateful objects, plain
+    values) may change on any rank unless every rank's checks passed."""
+    path = tmp_path / "sharded.ckpt"
+    group.run(cases.save_trained, "fsdp", str(path))
+    shard = Path(live_generation(path)) / f"__{damaged_rank}_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    outcomes = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path))
+    for outcome in outcomes:
+        assert outcome["error"] is not None
+        assert "corrupted" in outcome["message"] and f"__{damaged_rank}_0.distcp" in outcome["message"]
+        assert_states_equal(outcome["after"], outcome["before"])
+        assert outcome["stateful"] == [] and outcome["step"] == -1
+
+
 def test_consolidate_writes_a_single_device_file(saved, tmp_path):
     path, states = saved
     output = tmp_path / "consolidated.ckpt"

@@ -16,6 +16,7 @@ import itertools
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -156,15 +157,20 @@ class _SafeReader(FileSystemReader):
     """DCP's reader on our storage, reading ``.metadata`` with the allowlisting unpickler (or not at all, when the
     caller already holds it)."""
 
-    def __init__(self, location: Location, metadata: Metadata | None = None) -> None:
+    def __init__(
+        self, location: Location, metadata: Metadata | None = None, before_reading: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(location.path)
         self.fs = StorageFileSystem(location.storage)  # type: ignore[assignment]  # DCP types it as its own class
         self._storage = location.storage
         self.path = location.path
         self._display = location.original
         self._metadata = metadata
+        self._before_reading = before_reading
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self._before_reading is not None:  # on every rank, before anything is copied into the targets
+            self._before_reading()
         storage = self._storage
         if not can_read_in_place(storage, self.storage_data, plan):
             return super().read_data(plan, planner)
@@ -184,13 +190,16 @@ class _SafeReader(FileSystemReader):
         return dataclasses.replace(metadata, storage_meta=storage_meta)
 
 
-def reader_for(location: Location, metadata: Metadata | None = None) -> FileSystemReader:
+def reader_for(
+    location: Location, metadata: Metadata | None = None, *, before_reading: Callable[[], None] | None = None
+) -> FileSystemReader:
     """A DCP storage reader for the folder at ``location``; its ``.metadata`` read safely, or ``metadata`` used.
 
     Passing the metadata already read (a :class:`ShardedFolder`'s) saves unpickling it again on every ``dcp.load``:
-    the folder is an immutable generation, so its ``.metadata`` cannot have changed.
+    the folder is an immutable generation, so its ``.metadata`` cannot have changed. ``before_reading()`` runs in
+    ``read_data``, after DCP planned the load and before any byte is copied into its targets.
     """
-    return _SafeReader(location, metadata)
+    return _SafeReader(location, metadata, before_reading)
 
 
 def written_files(writer: FileSystemWriter) -> dict[str, WrittenFile]:

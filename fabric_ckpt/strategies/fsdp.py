@@ -11,7 +11,7 @@ DCP's ``get_optimizer_state_dict`` would take a zero-lr step on an optimizer wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, cast
@@ -26,34 +26,31 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from torch.utils.serialization import config as serialization_config
 
-from fabric_ckpt.core.restore import load_optimizer_state, prepare_restore
+from fabric_ckpt.core.restore import load_optimizer_state
 from fabric_ckpt.core.staging import Stager
 from fabric_ckpt.core.state import (
-    apply_ignore_keys,
     find_owner_module,
-    is_fqn_keyed,
     optimizer_state_to_fqn,
-    optimizer_state_to_index,
     refuse_unshardable,
 )
-from fabric_ckpt.core.wrappers import is_compiled, unwrap_module, unwrap_optimizer
-from fabric_ckpt.errors import CheckpointError, CheckpointMismatchError
+from fabric_ckpt.core.wrappers import is_compiled
+from fabric_ckpt.errors import CheckpointError
 from fabric_ckpt.formats import dcp as dcp_format
 from fabric_ckpt.formats import sharded
-from fabric_ckpt.formats.interop import adapt
 from fabric_ckpt.storage import Location, PathLike
 from fabric_ckpt.storage.pointers import follow_pointer
 from fabric_ckpt.strategies.base import LoadOptions, SaveOptions, WriteJob
 from fabric_ckpt.strategies.checkpoint_io import is_ours
 from fabric_ckpt.strategies.checkpoints import stage_snapshot
+from fabric_ckpt.strategies.fsdp_load import ShardedLoading, reshard
 from fabric_ckpt.strategies.fsdp_options import WrapPolicy, build_mesh, check_policy, parse_fsdp_options, shard
 from fabric_ckpt.strategies.module_init import has_meta_tensors, materialize_meta
-from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
+from fabric_ckpt.strategies.parallel import DEFAULT_TIMEOUT
 
 __all__ = ["FSDPStrategy"]
 
 
-class FSDPStrategy(ParallelStrategy):
+class FSDPStrategy(ShardedLoading):
     """FSDP2 across processes, with sharded (default) or full checkpoints.
 
     Takes Lightning's arguments, mapped onto FSDP2 (see :mod:`~fabric_ckpt.strategies.fsdp_options`); one with no
@@ -223,7 +220,7 @@ class FSDPStrategy(ParallelStrategy):
         return owner
 
     def module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        _reshard(module)
+        reshard(module)
         state_dict = module.state_dict()
         return self._gather_full(state_dict) if self.state_dict_type == "full" else state_dict
 
@@ -255,7 +252,7 @@ class FSDPStrategy(ParallelStrategy):
         Example:
             >>> strategy.load_module_state_dict(model, torch.load("full.ckpt")["model"], strict=True)
         """
-        _reshard(module)
+        reshard(module)
         targets = module.state_dict()
         sharded_state = {
             key: _shard_like(value, targets[key]) if isinstance(targets.get(key), DTensor) else value
@@ -395,151 +392,6 @@ class FSDPStrategy(ParallelStrategy):
                 return self._load_sharded(location, state, options)
         return super()._load_checkpoint(path, state, options)
 
-    def _load_sharded(self, location: Location, state: dict[str, Any] | None, options: LoadOptions) -> dict[str, Any]:
-        """Every rank reads the generation rank 0 resolved; if a save replaced it meanwhile, all start over."""
-        description = f"Loading '{location.original}'"
-        for attempt in range(sharded.READ_ATTEMPTS):
-            generation = self.broadcast(self.agree(lambda: self._live_generation(location), description))
-            try:
-                return self._load_generation(location, generation, state, options)
-            except (CheckpointError, OSError):
-                live = self.broadcast(self.agree(lambda: self._live_generation(location), description))
-                if attempt == sharded.READ_ATTEMPTS - 1 or live == generation:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _live_generation(self, location: Location) -> str | None:
-        if not self.is_global_zero:
-            return None
-        return (sharded.read_manifest(location) or {}).get("generation")
-
-    def _load_generation(
-        self, location: Location, generation: str | None, state: dict[str, Any] | None, options: LoadOptions
-    ) -> dict[str, Any]:
-        description = f"Loading '{location.original}'"
-        folder = self.agree(
-            lambda: sharded.open_folder(location, generation, weights_only=options.weights_only), description
-        )
-        share = (self.global_rank, self.world_size)
-        self.agree(lambda: sharded.verify_folder(folder, checksums=options.verify, share=share), description)
-        if not state:
-            checkpoint = self.agree(
-                lambda: dcp_format.load_full(folder, weights_only=options.weights_only), description
-            )
-            if options.on_load is not None:
-                options.on_load(checkpoint)
-            apply_ignore_keys(checkpoint, options.ignore_keys)
-            return checkpoint
-        heavy = {
-            key
-            for key, obj in state.items()
-            if key in folder.top_level_keys
-            and (isinstance(obj, nn.Module) or (isinstance(obj, Optimizer) and not options.load_weights_only))
-        }
-        light = set(folder.top_level_keys) - heavy
-
-        def read_view() -> dict[str, Any]:
-            view = dcp_format.load_full(folder, light, weights_only=options.weights_only)
-            view.update(dcp_format.load_full(folder, heavy, weights_only=options.weights_only, tensors="meta"))
-            return {key: view[key] for key in folder.top_level_keys if key in view}
-
-        view = self.agree(read_view, description)
-        # An optimizer saved without FSDP (index-keyed, e.g. a bare DCP folder) cannot be loaded in place by name:
-        # it is read in full and cut into shards like a single-file checkpoint.
-        by_index = {key for key in heavy if isinstance(state[key], Optimizer) and not is_fqn_keyed(view.get(key))}
-        if by_index:
-            view.update(
-                self.agree(
-                    lambda: dcp_format.load_full(folder, by_index, weights_only=options.weights_only), description
-                )
-            )
-        if options.on_load is not None:
-            options.on_load(view)
-        apply_ignore_keys(view, options.ignore_keys)
-        view = adapt(view, state, native=folder.manifest is not None)
-        # The modules' shards are read together with the first optimizer's, in one dcp.load: each call costs a
-        # planning round of collectives on every rank. What no optimizer took along is read after the optimizers.
-        pending: dict[str, Any] = {}
-        sharded_loader = self._sharded_optimizer_loader(folder, state, options, pending)
-
-        def load_optimizer(optimizer: Optimizer, entry: Mapping[str, Any]) -> None:
-            if _key_of(optimizer, state) in by_index:
-                self.load_optimizer_state_dict(optimizer, entry)
-            else:
-                sharded_loader(optimizer, entry)
-
-        def prepare() -> Any:
-            for key, obj in state.items():
-                if isinstance(obj, Optimizer) and key in view and is_fqn_keyed(view[key]):
-                    view[key] = optimizer_state_to_index(
-                        view[key], obj, self._owner(obj, state), label=f"Checkpoint entry '{key}'"
-                    )
-            return prepare_restore(
-                state,
-                view,
-                strict=options.strict,
-                load_weights_only=options.load_weights_only,
-                load_module=self._sharded_module_loader(state, pending),
-                load_optimizer=load_optimizer,
-                meta_placeholders=True,  # the view's module and optimizer tensors are read in place later
-            )
-
-        plan = self.agree(prepare, description)
-        self.agree(plan.apply_stateful, description)
-        self.agree(plan.apply_modules, description)
-        self.agree(plan.apply_optimizers, description)
-        if pending:  # the same on every rank: it follows from the state's structure alone
-            self.agree(lambda: self._dcp_load(folder, pending, options), description)
-        return self.agree(plan.finish, description)
-
-    def _sharded_module_loader(
-        self, state: dict[str, Any], pending: dict[str, Any]
-    ) -> Callable[[nn.Module, Mapping[str, Any], bool], None]:
-        def load(module: nn.Module, view: Mapping[str, Any], strict: bool) -> None:
-            key = _key_of(module, state)
-            _reshard(module)
-            live = module.state_dict()
-            targets = {name: live[name] for name in view if name in live and isinstance(live[name], torch.Tensor)}
-            pending[key] = targets  # read with the next optimizer's shards (or after the optimizers)
-
-        return load
-
-    def _sharded_optimizer_loader(
-        self, folder: dcp_format.ShardedFolder, state: dict[str, Any], options: LoadOptions, pending: dict[str, Any]
-    ) -> Callable[[Optimizer, Mapping[str, Any]], None]:
-        def load(optimizer: Optimizer, view: Mapping[str, Any]) -> None:
-            key = _key_of(optimizer, state)
-            owner = self._owner(optimizer, state)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            names = {id(p): name for name, p in owner.named_parameters(remove_duplicate=False)}
-            targets: dict[int, dict[str, Any]] = {}
-            for index, param_state in view.get("state", {}).items():
-                param = params[index]
-                existing = optimizer.state.get(param, {})
-                targets[index] = {
-                    name: _target_for(value, existing.get(name), param) if isinstance(value, torch.Tensor) else value
-                    for name, value in param_state.items()
-                }
-            by_name = {
-                names[id(params[index])]: {n: t for n, t in s.items() if isinstance(t, torch.Tensor)}
-                for index, s in targets.items()
-            }
-            targets_by_key = {**pending, key: {"state": by_name}}
-            pending.clear()
-            self._dcp_load(folder, targets_by_key, options)
-            optimizer.load_state_dict({"state": targets, "param_groups": view["param_groups"]})
-
-        return load
-
-    def _dcp_load(self, folder: dcp_format.ShardedFolder, targets: dict[str, Any], options: LoadOptions) -> None:
-        planner = dcp_format.SafeLoadPlanner(weights_only=options.weights_only, display=folder.location.original)
-        try:
-            dcp.load(targets, storage_reader=dcp_format.reader_for(folder.data, folder.metadata), planner=planner)
-        except CheckpointException as err:
-            raise dcp_format.translate_dcp_error(
-                err, f"Loading '{folder.location.original}' while reading the shards"
-            ) from err
-
     def __repr__(self) -> str:
         return f"FSDPStrategy(state_dict_type={self.state_dict_type!r}, world_size={self.world_size})"
 
@@ -554,32 +406,7 @@ def _torch_item_crc(*, enabled: bool) -> Iterator[None]:
         serialization_config.save.compute_crc32 = previous
 
 
-def _key_of(obj: Any, state: Mapping[str, Any]) -> str:
-    for key, value in state.items():
-        candidate = unwrap_module(value) if isinstance(value, nn.Module) else value
-        candidate = unwrap_optimizer(candidate) if isinstance(candidate, Optimizer) else candidate
-        if candidate is obj:
-            return key
-    raise CheckpointMismatchError("internal error: the object being restored is not in the state")
-
-
-def _reshard(module: nn.Module) -> None:
-    """Put every FSDP unit back in its sharded form, so state dicts hold the sharded parameters."""
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
-
-
 def _shard_like(full: torch.Tensor, target: DTensor) -> DTensor:
     """This rank's shard of ``full``, placed like ``target``, cut locally (every rank holds ``full``)."""
     full = full.to(device=target.device, dtype=target.dtype)
     return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-
-
-def _target_for(view: torch.Tensor, existing: Any, param: torch.Tensor) -> torch.Tensor:
-    """Where DCP loads an optimizer state tensor: the optimizer's own tensor if it fits, else a fresh one."""
-    if isinstance(existing, torch.Tensor) and existing.shape == view.shape and existing.dtype == view.dtype:
-        return existing
-    if isinstance(param, DTensor) and view.shape == param.shape:
-        return torch.empty_like(param, dtype=view.dtype)
-    return torch.empty(view.shape, dtype=view.dtype, device=param.device if view.dim() else "cpu")
