@@ -406,13 +406,13 @@ def s3_sharded_round_trip(kind: str, url: str) -> dict[str, Any]:
     return {"saved": full_state(model, optimizer), "loaded": full_state(fresh, fresh_optimizer), "step": state["step"]}
 
 
-def async_save_while_training(kind: str, path: str) -> dict[str, Any]:
+def async_save_while_training(kind: str, path: str, snapshot: str = "eager") -> dict[str, Any]:
     """save_async, then keep training (collectives on the default group) while the checkpoint is written."""
     fabric = make_fabric(kind)
     model, optimizer = build(fabric, 11)
     train(fabric, model, optimizer, 0, 2)
     expected = full_state(model, optimizer)
-    handle = fabric.save_async(path, {"model": model, "optimizer": optimizer, "step": 2})
+    handle = fabric.save_async(path, {"model": model, "optimizer": optimizer, "step": 2}, snapshot=snapshot)
     train(fabric, model, optimizer, 2, 5)  # overlaps with the background write
     handle.wait()
     fabric.wait_for_saves()

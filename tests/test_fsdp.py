@@ -228,9 +228,11 @@ def test_filter_hooks_and_load_raw_behave_as_on_one_device(group, tmp_path, kind
         assert all(torch.equal(result["raw"][k], v) for k, v in source.state_dict().items())
 
 
+@pytest.mark.parametrize("snapshot", ["eager", "lazy"])
 @pytest.mark.parametrize("kind", ["fsdp", "fsdp-full", "ddp"])
-def test_async_save_while_training_writes_the_snapshot(group, tmp_path, kind):
-    results = group.run(cases.async_save_while_training, kind, str(tmp_path / f"async-{kind}.ckpt"))
+def test_async_save_while_training_writes_the_snapshot(group, tmp_path, kind, snapshot):
+    """Lazy: the sharded parameters and optimizer state (DTensors) are staged and copied on the background thread."""
+    results = group.run(cases.async_save_while_training, kind, str(tmp_path / f"async-{kind}.ckpt"), snapshot)
     for result in results:
         assert_states_equal(result["loaded"], result["expected"])
         assert result["step"] == 2

@@ -19,6 +19,7 @@ from torch import nn
 
 from fabric_ckpt import CheckpointManager, Fabric
 from fabric_ckpt.core import snapshot as snapshot_module
+from fabric_ckpt.core import staging
 from fabric_ckpt.core.snapshot import pending_snapshots
 from tests.conftest import assert_same_state, snapshot
 
@@ -195,3 +196,58 @@ def test_the_background_copy_lets_the_training_threads_python_run():
     assert ran_while_copying
     for i, target in enumerate(targets):
         assert torch.equal(torch.empty((0,), dtype=torch.float32).set_(target), torch.full((16 << 20,), float(i)))
+
+
+def test_lazy_tensors_in_lists_tuples_and_views_are_written_as_they_were_at_the_call(tmp_path, fabric):
+    """The background thread stages lazy tensors held in dicts and lists; ones in tuples are staged at the call;
+    either way the file holds the values at the call, and views keep sharing their storage."""
+    model, optimizer = _set_up(fabric)
+    extras = {
+        "list": [model.scale, 1],
+        "tuple": (model.norm.weight, "x"),
+        "view": model.scale[10:20],
+        "nested": {"deeper": [[model.norm.bias]]},
+    }
+    expected = {
+        "list": model.scale.detach().clone(),
+        "tuple": model.norm.weight.detach().clone(),
+        "view": model.scale[10:20].detach().clone(),
+        "bias": model.norm.bias.detach().clone(),
+    }
+    handle = fabric.save_async(
+        tmp_path / "c.ckpt", {"model": model, "optimizer": optimizer, "extras": extras}, snapshot="lazy"
+    )
+    _train_step(fabric, model, optimizer)  # changes every parameter, once the background copies are done
+    handle.wait()
+    assert not torch.equal(model.scale.detach(), expected["list"])
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["extras"]
+    assert torch.equal(saved["list"][0], expected["list"]) and saved["list"][1] == 1
+    assert torch.equal(saved["tuple"][0], expected["tuple"]) and saved["tuple"][1] == "x"
+    assert torch.equal(saved["view"], expected["view"])
+    assert saved["view"].untyped_storage().data_ptr() == saved["list"][0].untyped_storage().data_ptr()
+    assert torch.equal(saved["nested"]["deeper"][0][0], expected["bias"])
+
+
+def test_a_failure_staging_in_the_background_fails_the_save_and_keeps_the_previous_checkpoint(
+    tmp_path, fabric, monkeypatch
+):
+    model, optimizer = _set_up(fabric)
+    fabric.save(tmp_path / "c.ckpt", {"model": model, "optimizer": optimizer})
+    previous = snapshot(model)
+
+    def fails(self):
+        raise MemoryError("no staging memory left")
+
+    monkeypatch.setattr(staging.Stager, "_stage_deferred", fails)
+    _train_step(fabric, model, optimizer)
+    handle = fabric.save_async(tmp_path / "c.ckpt", {"model": model, "optimizer": optimizer}, snapshot="lazy")
+    _train_step(fabric, model, optimizer)  # the step is not held up by the failed snapshot
+    with pytest.raises(Exception, match="no staging memory left"):
+        handle.wait()
+    monkeypatch.undo()
+    restored, _ = _set_up(Fabric(accelerator="cpu"), seed=1)
+    fabric.load(tmp_path / "c.ckpt", {"model": restored})
+    assert_same_state(snapshot(restored), previous)
+    fabric.save_async(tmp_path / "d.ckpt", {"model": model}, snapshot="lazy").wait()  # the next save works
+    fabric.load(tmp_path / "d.ckpt", {"model": restored})
+    assert_same_state(snapshot(restored), snapshot(model))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,7 +72,13 @@ class Snapshot:
     """
 
     def __init__(self, recorder: Recorder | None = None) -> None:
-        self.checkpoint: Any = None
+        self._checkpoint: Any = None
+        # A lazy snapshot rebuilds the parts of the structure it copies in the background on the copying thread
+        # (``complete``), so the caller does not wait for it: readers of ``checkpoint`` wait until that is done.
+        self._complete: Callable[[], None] | None = None
+        self._complete_on_cuda = False
+        self._structure_ready = threading.Event()
+        self._structure_ready.set()
         self._eager: list[_Copy] = []
         self._lazy: list[_Copy] = []
         self._lazy_index: dict[int, int] = {}  # a lazy copy's target address -> its place in the lazy copies' order
@@ -83,6 +90,27 @@ class Snapshot:
         self._finished.set()
         self._error: BaseException | None = None
         self._cuda_ready: Any = None  # an event on the caller's stream: lazy GPU copies start after it
+
+    @property
+    def checkpoint(self) -> Any:
+        """The checkpoint around staging memory (waiting, for a lazy snapshot, until its structure is complete).
+
+        Raises:
+            RuntimeError: completing the structure in the background failed (the save fails with it).
+        """
+        self._structure_ready.wait()
+        self._raise_error()
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, value: Any) -> None:
+        self._checkpoint = value
+
+    def complete_later(self, complete: Callable[[], None], *, on_cuda: bool) -> None:
+        """Let the background thread finish the structure (``complete()``, which may add lazy copies) first."""
+        self._complete = complete
+        self._complete_on_cuda = on_cuda
+        self._structure_ready.clear()
 
     def add(self, source: torch.UntypedStorage, target: torch.UntypedStorage, *, lazy: bool) -> None:
         """Plan copying ``source`` into ``target``, before the call returns or (``lazy``) in the background."""
@@ -112,9 +140,9 @@ class Snapshot:
 
     def start(self) -> None:
         """Start the lazy copies on a background thread; until they are done, :func:`wait_for_snapshots` waits."""
-        if not self._lazy:
+        if not self._lazy and self._complete is None:
             return
-        if any(copy.device == "cuda" for copy in self._lazy):
+        if self._complete_on_cuda or any(copy.device == "cuda" for copy in self._lazy):
             self._cuda_ready = torch.cuda.Event()
             self._cuda_ready.record()  # what the caller's stream has queued (e.g. the last step) comes first
         self._finished.clear()
@@ -125,6 +153,15 @@ class Snapshot:
     def _copy_lazy(self) -> None:
         started, copied = time.perf_counter(), 0
         try:
+            try:
+                if self._complete is not None:
+                    self._complete()
+            except BaseException as err:
+                self._error = err  # before the structure is released: a reader must see the failure
+                raise
+            finally:
+                self._complete = None
+                self._structure_ready.set()
             stream = None
             if self._cuda_ready is not None:
                 stream = torch.cuda.Stream()
@@ -169,6 +206,9 @@ class Snapshot:
                 self._progress.wait_for(lambda: self._lazy_done > index)
         elif storage is None:
             self._finished.wait()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"copying the snapshot into staging memory failed: {self._error}") from self._error
 

@@ -26,6 +26,15 @@ __all__ = ["Stager"]
 _IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, range, slice})
 
 
+class _Deferred:
+    """Stands in a staged structure for a lazy tensor until the background thread stages it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
 class Stager:
     """Copies checkpoints into staging memory it keeps for the next snapshot.
 
@@ -40,6 +49,8 @@ class Stager:
         self._copies: dict[int, torch.UntypedStorage] = {}
         self._plan = Snapshot()
         self._lazy_sources: frozenset[int] = frozenset()
+        # Lazy tensors found by the walk, left in their (staged) container for the background thread to stage.
+        self._deferred: list[tuple[Any, Any]] = []
 
     @property
     def staged_bytes(self) -> int:
@@ -68,13 +79,33 @@ class Stager:
         self._copies = {}
         self._plan = Snapshot(recorder if recorder is not None else current_recorder())
         self._lazy_sources = frozenset(lazy)
+        self._deferred = []
         try:
             self._plan.checkpoint = self._walk(checkpoint)
-        finally:
-            self._lazy_sources = frozenset()
-            self._copies = {}
-        del self._pool[self._next :]  # storages the new structure no longer needs
+        except BaseException:
+            self._end_snapshot()
+            raise
+        if self._deferred:
+            # Staging the lazy tensors (a view and a copy each) is left to the background thread too: the caller
+            # waits only for the walk. Their storages are not changed before the next step, which waits for it.
+            on_cuda = any(container[key].tensor.device.type == "cuda" for container, key in self._deferred)
+            self._plan.complete_later(self._stage_deferred, on_cuda=on_cuda)
+        else:
+            self._end_snapshot()
         return self._plan
+
+    def _stage_deferred(self) -> None:
+        try:
+            for container, key in self._deferred:
+                container[key] = self._tensor(container[key].tensor)
+        finally:
+            self._end_snapshot()
+
+    def _end_snapshot(self) -> None:
+        self._lazy_sources = frozenset()
+        self._copies = {}
+        self._deferred = []
+        del self._pool[self._next :]  # storages the new structure no longer needs
 
     def _walk(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -84,12 +115,15 @@ class Stager:
         if isinstance(obj, dict):
             staged = copy.copy(obj)  # keeps the type and attributes, e.g. a state dict's _metadata
             for key, value in obj.items():
-                staged[key] = self._walk(value)
+                staged[key] = self._walk_item(value, staged, key)
             if getattr(obj, "__dict__", None):
                 staged.__dict__.update(copy.deepcopy(obj.__dict__))
             return staged
         if isinstance(obj, list):
-            return [self._walk(value) for value in obj]
+            items: list[Any] = [None] * len(obj)
+            for index, value in enumerate(obj):
+                items[index] = self._walk_item(value, items, index)
+            return items
         if isinstance(obj, tuple):
             items = [self._walk(value) for value in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
@@ -97,6 +131,27 @@ class Stager:
             return type(obj)(self._walk(value) for value in obj)
         # Anything else may change after the call (a bytearray, a custom object): the file must hold it as it was.
         return copy.deepcopy(obj)
+
+    def _walk_item(self, value: Any, container: Any, key: Any) -> Any:
+        """``value`` staged, or (a lazy tensor in a dict or list) left for :meth:`_stage_deferred` to stage."""
+        if self._lazy_sources and isinstance(value, torch.Tensor) and self._is_lazy(value):
+            self._deferred.append((container, key))
+            return _Deferred(value)
+        return self._walk(value)
+
+    def _is_lazy(self, tensor: torch.Tensor) -> bool:
+        local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+        if (
+            type(local) not in (torch.Tensor, nn.Parameter)
+            or local.layout != torch.strided
+            or local.is_meta
+            or local.is_quantized
+            or local.is_conj()
+            or local.is_neg()
+        ):
+            return False
+        storage = local.untyped_storage()
+        return storage.nbytes() > 0 and storage.data_ptr() in self._lazy_sources
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if isinstance(tensor, DTensor):
