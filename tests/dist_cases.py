@@ -252,14 +252,19 @@ class Recorder:
         self.loaded.append(state)
 
 
-def load_damaged_leaves_everything(kind: str, path: str) -> dict[str, Any]:
-    """Load a damaged checkpoint into a model, its optimizer and a stateful object; report what changed."""
+def load_damaged_leaves_everything(kind: str, path: str, absent_key: bool = False) -> dict[str, Any]:
+    """Load a damaged checkpoint into a model, its optimizer and a stateful object; report what changed.
+
+    ``absent_key``: the state also asks (strictly) for an entry the checkpoint lacks, which planning finds first.
+    """
     fabric = make_fabric(kind)
     model, optimizer = build(fabric, 8)
     train(fabric, model, optimizer, 0, 1)
     before = full_state(model, optimizer)
     recorder = Recorder()
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "meta": recorder, "step": -1}
+    if absent_key:
+        state["absent"] = 0
     try:
         fabric.load(path, state)
     except Exception as err:

@@ -200,6 +200,24 @@ def test_a_damaged_shard_changes_nothing_on_any_rank(group, tmp_path, damaged_ra
         assert outcome["stateful"] == [] and outcome["step"] == -1
 
 
+def test_damage_is_reported_rather_than_a_missing_entry_found_while_the_checks_ran(group, tmp_path):
+    """The checks overlap the load's planning; when planning fails too, the damage is the error reported (as when
+    the checks ran first), and nothing changed."""
+    path = tmp_path / "sharded.ckpt"
+    group.run(cases.save_trained, "fsdp", str(path))
+    intact = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path), True)
+    assert all("absent" in outcome["message"] for outcome in intact)  # planning's own error, with nothing damaged
+    shard = Path(live_generation(path)) / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    outcomes = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path), True)
+    for outcome in outcomes:
+        assert "corrupted" in outcome["message"] and "__1_0.distcp" in outcome["message"]
+        assert_states_equal(outcome["after"], outcome["before"])
+        assert outcome["stateful"] == [] and outcome["step"] == -1
+
+
 def test_consolidate_writes_a_single_device_file(saved, tmp_path):
     path, states = saved
     output = tmp_path / "consolidated.ckpt"
