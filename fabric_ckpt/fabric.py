@@ -501,6 +501,11 @@ class _HookCaller:
         _call_each(_hook_modules(state, callbacks), "on_load_checkpoint", checkpoint)
         call_hooks(callbacks, "on_load_checkpoint", (checkpoint,), {}, warn=self._fabric.is_global_zero)
 
+    def has_load_hooks(self, state: Mapping[str, Any]) -> bool:
+        callbacks = self._fabric._given_callbacks()
+        targets = [*_hook_modules(state, callbacks), *callbacks]
+        return any(getattr(target, "on_load_checkpoint", None) is not None for target in targets)
+
 
 def _hook_modules(objects: Mapping[str, Any], callbacks: list[Any]) -> list[nn.Module]:
     """The modules of ``objects`` whose checkpoint hooks run, each once (not again if among ``callbacks``)."""

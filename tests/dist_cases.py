@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from fabric_ckpt import CheckpointError, DDPStrategy, Fabric, FSDPStrategy, StorageOptions
+from fabric_ckpt.core.wrappers import unwrap_module
 from tests.sharded_files import live_generation
 
 
@@ -252,15 +253,21 @@ class Recorder:
         self.loaded.append(state)
 
 
-def load_damaged_leaves_everything(kind: str, path: str, absent_key: bool = False) -> dict[str, Any]:
+def load_damaged_leaves_everything(
+    kind: str, path: str, absent_key: bool = False, hooked: bool = False
+) -> dict[str, Any]:
     """Load a damaged checkpoint into a model, its optimizer and a stateful object; report what changed.
 
     ``absent_key``: the state also asks (strictly) for an entry the checkpoint lacks, which planning finds first.
+    ``hooked``: the model has an ``on_load_checkpoint`` hook (which must only ever see checked data).
     """
     fabric = make_fabric(kind)
     model, optimizer = build(fabric, 8)
     train(fabric, model, optimizer, 0, 1)
     before = full_state(model, optimizer)
+    hook_calls: list[list[str]] = []
+    if hooked:
+        unwrap_module(model).on_load_checkpoint = lambda checkpoint: hook_calls.append(sorted(checkpoint))
     recorder = Recorder()
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "meta": recorder, "step": -1}
     if absent_key:
@@ -276,7 +283,8 @@ def load_damaged_leaves_everything(kind: str, path: str, absent_key: bool = Fals
         "before": before,
         "after": full_state(model, optimizer),
         "stateful": recorder.loaded,
-        **{"step": state["step"]},
+        "step": state["step"],
+        "hook_calls": hook_calls,
     }
 
 

@@ -188,16 +188,22 @@ def test_a_damaged_shard_changes_nothing_on_any_rank(group, tmp_path, damaged_ra
     values) may change on any rank unless every rank's checks passed."""
     path = tmp_path / "sharded.ckpt"
     group.run(cases.save_trained, "fsdp", str(path))
+    intact = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path), False, True)
+    for outcome in intact:  # the control: intact, everything is restored and the model's load hook sees it once
+        assert outcome["error"] is None and outcome["step"] == 3 and outcome["stateful"] == [{"name": "run"}]
+        assert outcome["hook_calls"] == [["meta", "model", "optimizer", "step"]]
     shard = Path(live_generation(path)) / f"__{damaged_rank}_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    outcomes = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path))
-    for outcome in outcomes:
-        assert outcome["error"] is not None
-        assert "corrupted" in outcome["message"] and f"__{damaged_rank}_0.distcp" in outcome["message"]
-        assert_states_equal(outcome["after"], outcome["before"])
-        assert outcome["stateful"] == [] and outcome["step"] == -1
+    for hooked in (False, True):
+        outcomes = group.run(cases.load_damaged_leaves_everything, "fsdp", str(path), False, hooked)
+        for outcome in outcomes:
+            assert outcome["error"] is not None
+            assert "corrupted" in outcome["message"] and f"__{damaged_rank}_0.distcp" in outcome["message"]
+            assert_states_equal(outcome["after"], outcome["before"])
+            assert outcome["stateful"] == [] and outcome["step"] == -1
+            assert outcome["hook_calls"] == []  # a load hook never sees unchecked data
 
 
 def test_damage_is_reported_rather_than_a_missing_entry_found_while_the_checks_ran(group, tmp_path):

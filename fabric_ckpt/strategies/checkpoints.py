@@ -106,6 +106,10 @@ class CheckpointHooks(Protocol):
 
     def on_load(self, checkpoint: dict[str, Any], state: Mapping[str, Any]) -> None: ...
 
+    def has_load_hooks(self, state: Mapping[str, Any]) -> bool:
+        """Whether :meth:`on_load` would call anything for ``state`` (a load skips it, and waits for nothing)."""
+        ...
+
 
 class SingleFileCheckpoints:
     """The checkpoint methods of a :class:`~fabric_ckpt.strategies.Strategy`: the single-file layout."""
@@ -223,6 +227,8 @@ class SingleFileCheckpoints:
     def _hooked_load(self, options: LoadOptions, state: Mapping[str, Any] | None) -> LoadOptions:
         if options.on_load is not None or self.checkpoint_hooks is None:
             return options
+        if not self.checkpoint_hooks.has_load_hooks(state or {}):
+            return options  # (a sharded load then need not agree on its checks before the hooks see the data)
         return replace(options, on_load=functools.partial(self.checkpoint_hooks.on_load, state=state or {}))
 
     # ------------------------------------------------------------------ checkpoints

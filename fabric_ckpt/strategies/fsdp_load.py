@@ -126,6 +126,7 @@ class ShardedLoading(ParallelStrategy):
                 )
             )
         if options.on_load is not None:
+            gate.verified()  # the hooks may act on what they see: only on checked data
             options.on_load(view)
         apply_ignore_keys(view, options.ignore_keys)
         view = adapt(view, state, native=folder.manifest is not None)

@@ -35,7 +35,7 @@ class VerificationGate:
         self._description = description
         self._error: BaseException | None = None
         self._then: list[Callable[[], None]] = []
-        self._opened = False
+        self._verified = False
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(verify,), name="fabric_ckpt-verify", daemon=True)
         self._thread.start()
@@ -43,7 +43,7 @@ class VerificationGate:
     def _run(self, verify: Callable[[], None]) -> None:
         try:
             verify()
-        except BaseException as err:  # raised by open(), on the caller's thread
+        except BaseException as err:  # raised by verified(), on the caller's thread
             self._error = err
 
     def _checked(self) -> None:
@@ -52,36 +52,37 @@ class VerificationGate:
             raise self._error
 
     def then(self, step: Callable[[], None]) -> None:
-        """Run ``step`` (agreed) right after the checks are agreed, before the first copy into live tensors."""
+        """Run ``step`` (agreed) in :meth:`open`, after the checks are agreed, before the first copy into tensors."""
         self._then.append(step)
 
-    @property
-    def opened(self) -> bool:
-        return self._opened
-
-    def open(self) -> None:
-        """Wait for the checks and agree on them (then run the ``then`` steps); a no-op after the first call.
+    def verified(self) -> None:
+        """Wait for the checks and agree on them across ranks (once; later calls return at once).
 
         Raises:
-            The checks' error (or the first step's), on every rank.
+            The checks' error, on every rank.
         """
-        if self._opened:
+        if self._verified:
             return
-        self._opened = True
+        self._verified = True
+        self._guarded(self._checked)
+
+    def open(self) -> None:
+        """:meth:`verified`, then the ``then`` steps not run yet: live state may change after it returns."""
+        self.verified()
+        while self._then:
+            self._guarded(self._then.pop(0))
+
+    def _guarded(self, step: Callable[[], None]) -> None:
         try:
-            self._agree(self._checked, self._description)
-            for step in self._then:
-                self._agree(step, self._description)
+            self._agree(step, self._description)
         except BaseException as err:
-            self.failure = err
+            self.failure = err  # for the caller that sees it only wrapped (in DCP's error)
             raise
 
     def explain(self) -> None:
-        """After an error before :meth:`open`: raise the checks' error instead where they failed (damage explains
+        """After an error before the checks were agreed: raise theirs instead where they failed (damage explains
         most failures); every rank must call it, as :meth:`open`."""
-        if not self._opened:
-            self._opened = True
-            self._agree(self._checked, self._description)
+        self.verified()
 
     def close(self) -> None:
         """Wait for the thread (without raising): nothing of the load outlives it."""
