@@ -35,6 +35,39 @@ class _Deferred:
         self.tensor = tensor
 
 
+def _copied_storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    """The storage a snapshot copies byte for byte for ``tensor``; ``None`` for a tensor staged otherwise
+    (:func:`_staged_otherwise`): one whose bytes are not its values, or that has none."""
+    if (
+        tensor.is_meta
+        or tensor.layout != torch.strided
+        or tensor.is_quantized
+        or type(tensor) not in (torch.Tensor, nn.Parameter)
+        or tensor.is_conj()
+        or tensor.is_neg()
+    ):
+        return None
+    storage = tensor.untyped_storage()
+    return storage if storage.nbytes() > 0 else None
+
+
+def _staged_otherwise(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor :func:`_copied_storage` has no storage for, staged now in memory of its own."""
+    if tensor.is_meta:
+        # No values to copy: the same description of a tensor, written as the synchronous save writes it.
+        described = tensor.detach()
+        if isinstance(tensor, nn.Parameter):
+            return nn.Parameter(described, requires_grad=tensor.requires_grad)
+        return described
+    if tensor.layout != torch.strided or tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter):
+        return tensor.detach().to("cpu", copy=True)  # a copy keeps a quantized tensor's quantizer
+    if tensor.is_conj() or tensor.is_neg():
+        # The bytes under a conjugate or negative view are not its values: copy the values (memory of their own).
+        values = resolved(tensor.detach()).to("cpu")
+        return nn.Parameter(values, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else values
+    return torch.empty(tensor.shape, dtype=tensor.dtype)  # no bytes
+
+
 class Stager:
     """Copies checkpoints into staging memory it keeps for the next snapshot.
 
@@ -140,18 +173,8 @@ class Stager:
         return self._walk(value)
 
     def _is_lazy(self, tensor: torch.Tensor) -> bool:
-        local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-        if (
-            type(local) not in (torch.Tensor, nn.Parameter)
-            or local.layout != torch.strided
-            or local.is_meta
-            or local.is_quantized
-            or local.is_conj()
-            or local.is_neg()
-        ):
-            return False
-        storage = local.untyped_storage()
-        return storage.nbytes() > 0 and storage.data_ptr() in self._lazy_sources
+        source = _copied_storage(tensor._local_tensor if isinstance(tensor, DTensor) else tensor)
+        return source is not None and source.data_ptr() in self._lazy_sources
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if isinstance(tensor, DTensor):
@@ -165,23 +188,9 @@ class Stager:
                 shape=sharded.shape,
                 stride=sharded.stride(),
             )
-        if tensor.is_meta:
-            # No values to copy: the same description of a tensor, written as the synchronous save writes it.
-            described = tensor.detach()
-            if isinstance(tensor, nn.Parameter):
-                return nn.Parameter(described, requires_grad=tensor.requires_grad)
-            return described
-        if tensor.layout != torch.strided or tensor.is_quantized or type(tensor) not in (torch.Tensor, nn.Parameter):
-            return tensor.detach().to("cpu", copy=True)  # a copy keeps a quantized tensor's quantizer
-        if tensor.is_conj() or tensor.is_neg():
-            # The bytes under a conjugate or negative view are not its values: copy the values (memory of their own).
-            values = resolved(tensor.detach()).to("cpu")
-            return (
-                nn.Parameter(values, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else values
-            )
-        source = tensor.untyped_storage()
-        if source.nbytes() == 0:
-            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        source = _copied_storage(tensor)
+        if source is None:
+            return _staged_otherwise(tensor)
         key = source.data_ptr()
         staged = self._copies.get(key)
         if staged is None:

@@ -84,24 +84,17 @@ class _Output:
         self.position = 0
 
     def write(self, data: Buffer) -> None:
-        # Headers (bytes) and small records are appended as they are: a view's cast costs more than their copy.
-        if type(data) is bytes or (type(data) is memoryview and data.format == "B" and data.ndim == 1):
-            size = len(data)
-            if size < _SMALL_WRITE:
-                self.position += size
-                self._pending += data
-                if len(self._pending) >= _COALESCE_LIMIT:
-                    self.flush()
-                return
-        view = memoryview(data).cast("B")
-        self.position += view.nbytes
-        if view.nbytes < _SMALL_WRITE:
+        # Headers (bytes) are taken as they are, other buffers as flat byte views; small ones are coalesced.
+        view = data if type(data) is bytes else _byte_view(data)
+        size = len(view)
+        self.position += size
+        if size < _SMALL_WRITE:
             self._pending += view
             if len(self._pending) >= _COALESCE_LIMIT:
                 self.flush()
             return
         self.flush()
-        self._write_all(view)
+        self._write_all(memoryview(view))
 
     def flush(self) -> None:
         if self._pending:
