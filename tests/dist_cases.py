@@ -288,6 +288,42 @@ def load_damaged_leaves_everything(
     }
 
 
+class Shortener:
+    """A stateful object whose restore shortens a shard file: another process truncating it mid-load.
+
+    Sharded loads restore stateful objects after every rank's checks passed and before any tensor is copied, so
+    the truncation lands between the checks and the copy.
+    """
+
+    def __init__(self, shard: str, on_rank: int, rank: int) -> None:
+        self.shard, self.active = shard, on_rank == rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": "fresh"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.active:
+            self.active = False
+            os.truncate(self.shard, 4096)
+
+
+def load_while_a_shard_is_shortened(kind: str, path: str, shard: str, on_rank: int) -> dict[str, Any]:
+    """Load ``path`` while ``shard`` is truncated by "another process" (on ``on_rank``) after the checks passed."""
+    fabric = make_fabric(kind)
+    model, optimizer = build(fabric, 8)
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "meta": Shortener(shard, on_rank, fabric.global_rank),
+        "step": -1,
+    }
+    try:
+        fabric.load(path, state)
+    except Exception as err:
+        return {"error": type(err).__name__, "message": str(err), "alive": True}
+    return {"error": None, "message": "", "alive": True}
+
+
 def save_to(kind: str, path: str, seed: int) -> dict[str, Any]:
     fabric = make_fabric(kind)
     model, optimizer = build(fabric, seed)

@@ -1,4 +1,4 @@
-"""Reading DCP shard files in place (mapped, one copy into the target) must give exactly what DCP's reader gives.
+"""Reading DCP shard files in place (by position, one copy into the target) must give exactly what DCP's reader gives.
 
 The reference is DCP's own ``FileSystemReader`` on the same folder: every dtype and shape DCP writes, the non-tensor
 entries, loads in place into existing tensors, a folder on an fsspec filesystem (read DCP's way), and memory: the
@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from fabric_ckpt import CheckpointError, Fabric
+from fabric_ckpt.formats.dcp import reader_for
 from fabric_ckpt.storage import resolve
 from tests.conftest import bitwise_equal
 
@@ -80,7 +81,7 @@ def test_a_load_into_a_module_fills_its_tensors_in_place(tmp_path):
 
 
 def test_a_folder_on_an_fsspec_filesystem_is_read_as_dcp_reads_it(tmp_path):
-    """Only a local disk maps files in place; elsewhere DCP's streaming reader runs, with the same result."""
+    """Only a local disk is read in place; elsewhere DCP's streaming reader runs, with the same result."""
     _write(tmp_path / "bare")
     expected = _read_by_dcp(tmp_path / "bare")
     remote = "memory://dcp-reader/bare"
@@ -88,7 +89,7 @@ def test_a_folder_on_an_fsspec_filesystem_is_read_as_dcp_reads_it(tmp_path):
     for name in sorted(p.name for p in (tmp_path / "bare").iterdir()):
         with target.storage.open_write(target.storage.join(target.path, name)) as out:
             out.write((tmp_path / "bare" / name).read_bytes())
-    assert not target.storage.maps_in_place and resolve(str(tmp_path)).storage.maps_in_place
+    assert not target.storage.reads_in_place and resolve(str(tmp_path)).storage.reads_in_place
     loaded = Fabric(accelerator="cpu").load(remote)
     for name, value in expected.items():
         assert bitwise_equal(loaded["model"][name], value), name
@@ -105,7 +106,7 @@ def test_an_item_whose_bytes_are_not_an_archive_fails_naming_the_checkpoint(tmp_
 
 
 def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
-    """DCP's reader allocates each item again before copying it; mapped, the only copy is into the target."""
+    """DCP's reader allocates each item again before copying it; read in place, the only copy is into the target."""
     item_bytes = 32 << 20
     tensors = {f"w{i}": torch.full((item_bytes // 4,), float(i)) for i in range(4)}
     dcp.save({"model": tensors}, checkpoint_id=str(tmp_path / "big"), no_dist=True)
@@ -146,3 +147,62 @@ def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
     by_dcp, in_place = (int(word) for word in result.stdout.split()[-2:])
     assert by_dcp >= item_bytes // 2, f"the sampler missed DCP's own copy of an item ({by_dcp >> 20} MiB)"
     assert in_place < item_bytes // 4, f"{in_place >> 20} MiB of anonymous memory for items of {item_bytes >> 20} MiB"
+
+
+def test_a_shard_shortened_while_its_items_are_read_raises_naming_the_file_instead_of_killing_the_process(tmp_path):
+    """Another process truncates the shard after its first item was read. Read from a memory map, the next item's
+    page fault killed the process (SIGBUS, exit 135); read by position it is an error naming the file and entry,
+    as DCP's own reader gives. The truncation is timed by a DCP load planner (a public extension point)."""
+    tensors = {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(4)}
+    dcp.save({"model": tensors}, checkpoint_id=str(tmp_path / "bare"), no_dist=True)
+    script = textwrap.dedent(f"""
+        import os, warnings
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from fabric_ckpt.formats.dcp import reader_for
+        from fabric_ckpt.storage import resolve
+
+        warnings.simplefilter("ignore")
+        folder = {str(tmp_path / "bare")!r}
+        (shard,) = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".distcp")]
+
+        class AnotherProcessTruncates(DefaultLoadPlanner):
+            resolved = 0
+            def resolve_tensor(self, read_item):
+                self.resolved += 1
+                if self.resolved == 2:  # the first item is in; the file is mapped or open
+                    os.truncate(shard, 4096)
+                return super().resolve_tensor(read_item)
+
+        targets = {{f"w{{i}}": torch.zeros(1 << 18) for i in range(4)}}
+        try:
+            dcp.load({{"model": targets}}, storage_reader=reader_for(resolve(folder)),
+                     planner=AnotherProcessTruncates(), no_dist=True)
+        except BaseException as err:
+            print("raised", type(err).__name__, err)
+        else:
+            print("loaded")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the process died (exit {result.returncode}): {result.stderr[-2000:]}"
+    assert result.stdout.startswith("raised"), result.stdout
+    assert "__0_0.distcp" in result.stdout and "model.w1" in result.stdout and "changed while" in result.stdout
+
+
+def test_targets_the_bytes_cannot_be_read_into_directly_get_the_same_values(tmp_path):
+    """A non-contiguous target, or one of another dtype, is filled through a buffer of the item: same values as
+    DCP's reader puts there."""
+    written = {"w_rows": torch.randn(6, 8), "w_cast": torch.randn(5, 3)}
+    dcp.save({"model": written}, checkpoint_id=str(tmp_path / "bare"), no_dist=True)
+
+    def targets() -> dict[str, torch.Tensor]:
+        return {"w_rows": torch.zeros(8, 6).t(), "w_cast": torch.zeros(5, 3, dtype=torch.float64)}
+
+    by_dcp, ours = targets(), targets()
+    dcp.load({"model": by_dcp}, storage_reader=dcp.FileSystemReader(str(tmp_path / "bare")), no_dist=True)
+    dcp.load({"model": ours}, storage_reader=reader_for(resolve(str(tmp_path / "bare"))), no_dist=True)
+    assert not ours["w_rows"].is_contiguous() and ours["w_cast"].dtype == torch.float64
+    for name in written:
+        assert bitwise_equal(ours[name], by_dcp[name]), name
+    assert torch.equal(ours["w_rows"], written["w_rows"])

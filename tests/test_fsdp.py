@@ -224,6 +224,24 @@ def test_damage_is_reported_rather_than_a_missing_entry_found_while_the_checks_r
         assert outcome["stateful"] == [] and outcome["step"] == -1
 
 
+@pytest.mark.parametrize("shortened_rank", [0, 1])
+def test_a_shard_shortened_by_another_process_during_the_load_is_an_error_not_a_crash(tmp_path, shortened_rank):
+    """A shard truncated after the checks passed (another user's ``cp`` over it, say) must raise an error naming
+    the file on every rank, as DCP's own reader would; reading it from a memory map killed the process (SIGBUS)."""
+    path = tmp_path / "sharded.ckpt"
+    workers = WorkerGroup(2)  # its own processes: a crashed worker must not take the module's group with it
+    try:
+        workers.run(cases.save_trained, "fsdp", str(path))
+        shard = os.path.join(live_generation(path), f"__{shortened_rank}_0.distcp")
+        outcomes = workers.run(cases.load_while_a_shard_is_shortened, "fsdp", str(path), shard, shortened_rank)
+    finally:
+        workers.close()
+    for outcome in outcomes:
+        assert outcome["alive"] and outcome["error"] == "CheckpointError", outcome
+        assert f"__{shortened_rank}_0.distcp" in outcome["message"] and "changed while" in outcome["message"]
+        assert "partly loaded" in outcome["message"]  # the copy had begun: the error says what that means
+
+
 def test_consolidate_writes_a_single_device_file(saved, tmp_path):
     path, states = saved
     output = tmp_path / "consolidated.ckpt"

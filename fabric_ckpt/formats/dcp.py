@@ -30,13 +30,14 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.formats.base import ReadOptions
 from fabric_ckpt.formats.dcp_reader import can_read_in_place, read_in_place
 from fabric_ckpt.formats.dcp_storage import ChecksummingFileSystem, StorageFileSystem, WrittenFile
 from fabric_ckpt.formats.torch_file import load_archive
-from fabric_ckpt.formats.torch_format import LazyTensor, read_archive_info, verify_archive
-from fabric_ckpt.formats.zip_archive import ZipFormatError
+from fabric_ckpt.formats.torch_format import LazyTensor, archive_info, verify_archive
+from fabric_ckpt.formats.zip_archive import ZipFormatError, read_zip_directory_at
 from fabric_ckpt.storage import Location
 
 __all__ = [
@@ -132,21 +133,22 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.original_state_dict[fqn] = obj
 
 
-def translate_dcp_error(error: BaseException, description: str) -> BaseException:
+def translate_dcp_error(error: BaseException, description: str, consequence: str = "") -> BaseException:
     """DCP's ``CheckpointException`` (a ``BaseException``, collected from every rank) as our documented errors.
 
     An unsafe entry anywhere stays an :class:`UnsafeCheckpointError`; failures that are all ``OSError`` (a full disk,
     a lost connection) stay an ``OSError`` with their errno; anything else is a :class:`CheckpointError`. Each names
-    the failing ranks.
+    the failing ranks, then ``consequence`` (what the failure left behind).
     """
     failures = getattr(error, "failures", None) or {}
     originals = [exception for exception, _trace in failures.values()]
     detail = "; ".join(
         f"on rank {rank}: {type(exception).__name__}: {exception}" for rank, (exception, _) in sorted(failures.items())
     ) or str(error)
+    detail += consequence
     unsafe = [exception for exception in originals if isinstance(exception, UnsafeCheckpointError)]
     if unsafe:
-        return UnsafeCheckpointError(str(unsafe[0]))
+        return UnsafeCheckpointError(f"{unsafe[0]}{consequence}")
     if originals and all(isinstance(exception, OSError) for exception in originals):
         first = originals[0]
         return type(first)(first.errno, f"{description} failed {detail}", getattr(first, "filename", None))
@@ -441,6 +443,11 @@ def _chunks_of(folder: ShardedFolder, fqn: str) -> list[tuple[Any, Any]]:
 
 
 def verify_chunk_archives(folder: ShardedFolder, share: tuple[int, int]) -> None:
+    """Check the zip archive (records and CRC-32s) of every tensor chunk in this process's share of the files.
+
+    The files are read as streams, not mapped: one that another process shortens meanwhile is reported as damaged
+    (its bytes are missing), where a mapped read past its new end would kill the process.
+    """
     by_file: dict[str, list[tuple[str, int, int]]] = {}
     for index, info in folder.metadata.storage_data.items():
         md = folder.metadata.state_dict_metadata.get(index.fqn)
@@ -451,20 +458,42 @@ def verify_chunk_archives(folder: ShardedFolder, share: tuple[int, int]) -> None
     for name in sorted(by_file)[rank::world_size]:
         problem = None
         try:
-            with folder.data.child(name).view() as data:
-                view = memoryview(data)
-                for fqn, offset, length in by_file[name]:
-                    chunk = view[offset : offset + length]
-                    try:
-                        found = verify_archive(chunk, read_archive_info(chunk), first_only=True)
-                    except ZipFormatError as err:
-                        found = [str(err)]  # type: ignore[list-item]
-                    chunk.release()
+            with folder.data.child(name).open() as stream:
+                for fqn, offset, length in sorted(by_file[name], key=lambda chunk: chunk[1]):
+                    found = _chunk_problem(stream, offset, length)
                     if found:
-                        problem = f"file '{name}' (entry '{fqn}'): {found[0]}"
+                        problem = f"file '{name}' (entry '{fqn}'): {found}"
                         break
-                view.release()
         except FileNotFoundError:
             problem = f"file '{name}' is missing"
         if problem:
             raise CheckpointCorruptedError(f"Sharded checkpoint '{display}' is corrupted: {problem}")
+
+
+_CHECK_BLOCK = 4 << 20
+
+
+def _chunk_problem(stream: BinaryIO, start: int, length: int) -> str | None:
+    """What is wrong with the chunk archive at bytes ``start`` to ``start + length`` of ``stream``, if anything."""
+
+    def read_at(offset: int, size: int) -> bytes:
+        stream.seek(start + offset)
+        return stream.read(max(0, min(size, length - offset)))  # within the chunk, as if it were the whole file
+
+    def checksum(offset: int, size: int) -> int:
+        value, position, end = 0, offset, offset + size
+        while position < end:
+            piece = read_at(position, min(_CHECK_BLOCK, end - position))
+            if not piece:  # the file ends early: the CRC-32 of what is there cannot match
+                break
+            value, position = crc32(piece, value), position + len(piece)
+        return value
+
+    try:
+        info = archive_info(
+            read_zip_directory_at(read_at, length), lambda entry: read_at(entry.data_offset, entry.size)
+        )
+    except ZipFormatError as err:
+        return str(err)
+    found = verify_archive(b"", info, first_only=True, checksum=checksum)
+    return str(found[0]) if found else None

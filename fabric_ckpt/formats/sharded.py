@@ -57,6 +57,7 @@ from fabric_ckpt.formats.dcp import (
 from fabric_ckpt.formats.dcp_checks import check_metadata
 from fabric_ckpt.formats.dcp_storage import WrittenFile
 from fabric_ckpt.storage import Location
+from fabric_ckpt.storage.positional import FileShortenedError
 
 __all__ = [
     "GENERATION_PREFIX",
@@ -121,13 +122,10 @@ def file_checksums(
         if kept is not None and chunks is not None:
             records.append(FileRecord(name, kept.size, kept.crc32, chunks))
             continue
-        with folder.child(name).view() as data:
-            view = memoryview(data)
-            chunks = tuple(
-                (fqn, offset, length, crc32(view[offset : offset + length])) for fqn, offset, length in items
-            )
-            records.append(FileRecord(name, view.nbytes, crc32(view), chunks))
-            view.release()
+        size = folder.child(name).size()
+        found, whole = folder.child(name).checksums([(offset, length) for _, offset, length in items])
+        chunks = tuple((fqn, offset, length, crc) for (fqn, offset, length), crc in zip(items, found, strict=True))
+        records.append(FileRecord(name, size, whole, chunks))
     return records
 
 
@@ -203,7 +201,7 @@ def _well_formed(body: Any) -> bool:
             isinstance(item, list)
             and len(item) == 4
             and isinstance(item[0], str)
-            and all(isinstance(number, int) for number in item[1:])
+            and all(isinstance(number, int) and number >= 0 for number in item[1:])
             for item in items
         ):
             return False
@@ -381,16 +379,18 @@ def check_files(
 
 
 def _check_crcs(folder: Location, name: str, expected: dict[str, Any], display: str) -> None:
-    with folder.child(name).view() as data:
-        view = memoryview(data)
-        problem = None
-        for fqn, offset, length, item_crc in expected.get("items", []):
-            if crc32(view[offset : offset + length]) != item_crc:
-                problem = f"file '{name}' (entry '{fqn}') fails its CRC-32 check"
-                break
-        if problem is None and crc32(view) != expected["crc32"]:
-            problem = f"file '{name}' fails its CRC-32 check"
-        view.release()
+    items = expected.get("items", [])
+    try:
+        found, whole = folder.child(name).checksums([(offset, length) for _, offset, length, _ in items])
+    except FileShortenedError as err:  # another process shortened it after its size was checked
+        raise CheckpointCorruptedError(
+            f"Sharded checkpoint '{display}' is corrupted: file '{name}' is shorter than its entries say "
+            f"({err.strerror}); it may have changed while it was checked"
+        ) from err
+    damaged = [fqn for (fqn, *_, crc), actual in zip(items, found, strict=True) if actual != crc]
+    problem = f"file '{name}' (entry '{damaged[0]}') fails its CRC-32 check" if damaged else None
+    if problem is None and whole != expected["crc32"]:
+        problem = f"file '{name}' fails its CRC-32 check"
     if problem:
         raise CheckpointCorruptedError(f"Sharded checkpoint '{display}' is corrupted: {problem}")
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.core.progress import ProgressBar, progress_bar
 from fabric_ckpt.errors import CheckpointCorruptedError, CheckpointError, UnsafeCheckpointError
 from fabric_ckpt.formats import dcp as dcp_format
@@ -31,10 +30,9 @@ from fabric_ckpt.formats.reading import relocate
 from fabric_ckpt.formats.reports import Description, VerifyReport, as_infos, refuse_expanded
 from fabric_ckpt.formats.torch_format import LazyTensor
 from fabric_ckpt.storage import Location
+from fabric_ckpt.storage.positional import FileShortenedError
 
 __all__ = ["DcpFormat", "LightningShardedFormat", "ShardedFormat"]
-
-_CHUNK = 64 << 20
 
 
 class DcpFormat(Format):
@@ -286,36 +284,25 @@ def _check_file(
     if size != expected.get("size"):
         report.problems.append(f"file '{name}': {size} bytes, the manifest says {expected.get('size')}")
         return
-    with child.view() as data_bytes:
-        view = memoryview(data_bytes)
-        try:
-            damaged = False
-            for fqn, offset, length, item_crc in expected.get("items", []):
-                actual = crc32(view[offset : offset + length])
-                if actual != item_crc:
-                    damaged = True
-                    entry = names.get(fqn, fqn)
-                    report.problems.append(
-                        f"file '{name}' (entry '{entry}'): bytes damaged "
-                        f"(CRC-32 {actual:#010x}, expected {item_crc:#010x})"
-                    )
-            whole = _crc_in_chunks(view, bar)
-        finally:
-            view.release()
+    items = expected.get("items", [])
+    try:
+        found, whole = child.checksums([(offset, length) for _, offset, length, _ in items], bar.update)
+    except FileShortenedError as err:
+        report.problems.append(f"file '{name}': shorter than its entries say ({err.strerror})")
+        return
+    damaged = False
+    for (fqn, _, _, item_crc), actual in zip(items, found, strict=True):
+        if actual != item_crc:
+            damaged = True
+            report.problems.append(
+                f"file '{name}' (entry '{names.get(fqn, fqn)}'): bytes damaged "
+                f"(CRC-32 {actual:#010x}, expected {item_crc:#010x})"
+            )
     if not damaged and whole != expected.get("crc32"):
         report.problems.append(
             f"file '{name}': bytes damaged (CRC-32 {whole:#010x}, expected {int(expected.get('crc32', 0)):#010x})"
         )
     report.bytes += size
-
-
-def _crc_in_chunks(view: memoryview, bar: ProgressBar) -> int:
-    value = 0
-    for start in range(0, view.nbytes, _CHUNK):
-        piece = view[start : start + _CHUNK]
-        value = crc32(piece, value)
-        bar.update(piece.nbytes)
-    return value
 
 
 def _check_bare_dcp(location: Location, report: VerifyReport) -> None:

@@ -8,13 +8,14 @@ storage's methods bound to it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from typing_extensions import Buffer
 
+from fabric_ckpt.core.checksum import crc32
 from fabric_ckpt.storage.options import StorageOptions
 
 __all__ = ["Location", "Storage"]
@@ -35,9 +36,9 @@ class Storage(ABC):
         True
     """
 
-    # Whether :meth:`local_file` is the file itself on this machine's disk, so readers can map it in place rather
-    # than stream it (a remote backend would download the whole file first).
-    maps_in_place = False
+    # Whether :meth:`local_file` is the file itself on this machine's disk, so readers can read it where it is (by
+    # position, straight into their targets) rather than stream it (a remote backend would download it first).
+    reads_in_place = False
 
     def __init__(self, options: StorageOptions) -> None:
         self.options = options
@@ -109,6 +110,31 @@ class Storage(ABC):
     @abstractmethod
     def view(self, path: str) -> AbstractContextManager[Buffer]:
         """All bytes of the file at ``path``: a read-only memory map where the backend has one."""
+
+    def checksums(
+        self, path: str, ranges: Sequence[tuple[int, int]], progress: Callable[[int], object] | None = None
+    ) -> tuple[list[int], int]:
+        """The CRC-32 of each ``(offset, length)`` range of the file at ``path``, and of the whole file;
+        ``progress(nbytes)`` is called as the bytes are checked.
+
+        A local disk reads the file once, by position, so a file shortened meanwhile is an error, not a crash.
+
+        Raises:
+            FileShortenedError: (local disk) the file ends before a range does, or before the size it had when
+                opened.
+
+        Example:
+            >>> items, whole = location.storage.checksums(location.path, [(0, 4096), (4096, 512)])
+        """
+        with self.view(path) as data:
+            view = memoryview(data)
+            try:
+                found = [crc32(view[offset : offset + length]) for offset, length in ranges], crc32(view)
+                if progress is not None:
+                    progress(view.nbytes)
+            finally:
+                view.release()
+        return found
 
     @abstractmethod
     def local_file(self, path: str) -> AbstractContextManager[str]:
@@ -237,6 +263,11 @@ class Location:
 
     def head(self, nbytes: int) -> bytes:
         return self.storage.head(self.path, nbytes)
+
+    def checksums(
+        self, ranges: Sequence[tuple[int, int]], progress: Callable[[int], object] | None = None
+    ) -> tuple[list[int], int]:
+        return self.storage.checksums(self.path, ranges, progress)
 
     def local_file(self) -> AbstractContextManager[str]:
         return self.storage.local_file(self.path)

@@ -13,7 +13,7 @@ import mmap
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO
 
@@ -21,6 +21,7 @@ from typing_extensions import Buffer
 
 from fabric_ckpt.core.telemetry import record_stage, stage
 from fabric_ckpt.storage.base import Storage
+from fabric_ckpt.storage.positional import open_positional
 from fabric_ckpt.storage.temporaries import (
     delete_in_background,
     remove_tree_or_file,
@@ -45,7 +46,7 @@ class LocalStorage(Storage):
         LocalStorage()
     """
 
-    maps_in_place = True
+    reads_in_place = True
 
     # ------------------------------------------------------------------ names
     def join(self, folder: str, name: str) -> str:
@@ -96,6 +97,14 @@ class LocalStorage(Storage):
                 return
             with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 yield mapped
+
+    def checksums(
+        self, path: str, ranges: Sequence[tuple[int, int]], progress: Callable[[int], object] | None = None
+    ) -> tuple[list[int], int]:
+        with open_positional(path) as file:
+            items, whole = file.crc32_ranges(ranges, progress=progress)
+        assert whole is not None
+        return items, whole
 
     @contextmanager
     def local_file(self, path: str) -> Iterator[str]:

@@ -227,9 +227,15 @@ class ShardedLoading(ParallelStrategy):
         except CheckpointException as err:
             if gate.failure is not None:  # the checks (or a stateful object) failed inside read_data: that error
                 raise gate.failure from None
-            raise dcp_format.translate_dcp_error(
-                err, f"Loading '{folder.location.original}' while reading the shards"
-            ) from err
+            # Past the gate the checks had passed and copying had begun: the error says what that leaves behind.
+            consequence = PARTLY_LOADED if gate.opened else ""
+            description = f"Loading '{folder.location.original}' while reading the shards"
+            raise dcp_format.translate_dcp_error(err, description, consequence) from err
+
+
+PARTLY_LOADED = (
+    "; the model, optimizer and stateful objects may be partly loaded: load an intact checkpoint before training on"
+)
 
 
 def _key_of(obj: Any, state: Mapping[str, Any]) -> str:

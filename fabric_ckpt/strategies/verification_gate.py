@@ -36,6 +36,7 @@ class VerificationGate:
         self._error: BaseException | None = None
         self._then: list[Callable[[], None]] = []
         self._verified = False
+        self.opened = False  # open() returned: live state may have changed since
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(verify,), name="fabric_ckpt-verify", daemon=True)
         self._thread.start()
@@ -71,6 +72,7 @@ class VerificationGate:
         self.verified()
         while self._then:
             self._guarded(self._then.pop(0))
+        self.opened = True
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
