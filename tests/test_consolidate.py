@@ -9,6 +9,7 @@ import textwrap
 import torch
 
 from fabric_ckpt import Fabric, consolidate
+from tests.memory_peak import REPOSITORY
 
 TENSOR_MB = 32
 TENSORS = 8
@@ -34,28 +35,14 @@ def test_bare_dcp_folder_consolidates_and_loads(tmp_path):
 def test_peak_memory_stays_near_the_largest_tensor(tmp_path):
     make_bare_dcp_folder(tmp_path / "bare")
     script = textwrap.dedent(f"""
-        import threading, time
         from fabric_ckpt import consolidate
+        from tests.memory_peak import PeakAnonymousMemory
 
-        def rss_anon():
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
-
-        peak, done = [0], threading.Event()
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_anon())
-                time.sleep(0.001)
-
-        baseline = rss_anon()
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        consolidate({str(tmp_path / "bare")!r}, {str(tmp_path / "out.ckpt")!r}, progress=False)
-        done.set()
-        sampler.join()
-        print(peak[0] - baseline)
+        with PeakAnonymousMemory(interval=0.001) as memory:
+            consolidate({str(tmp_path / "bare")!r}, {str(tmp_path / "out.ckpt")!r}, progress=False)
+        print(memory.extra)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr
     extra = int(result.stdout.split()[-1])
     checkpoint_bytes = TENSORS * TENSOR_MB << 20

@@ -20,6 +20,7 @@ from fabric_ckpt import CheckpointError, Fabric
 from fabric_ckpt.formats.dcp import reader_for
 from fabric_ckpt.storage import resolve
 from tests.conftest import bitwise_equal
+from tests.memory_peak import REPOSITORY
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -111,38 +112,26 @@ def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
     tensors = {f"w{i}": torch.full((item_bytes // 4,), float(i)) for i in range(4)}
     dcp.save({"model": tensors}, checkpoint_id=str(tmp_path / "big"), no_dist=True)
     script = textwrap.dedent(f"""
-        import threading, time, warnings
+        import warnings
         import torch
         import torch.distributed.checkpoint as dcp
         from fabric_ckpt.formats.dcp import reader_for
         from fabric_ckpt.storage import resolve
+        from tests.memory_peak import PeakAnonymousMemory
 
         warnings.simplefilter("ignore")
 
-        def rss_anon():
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
-
         def peak_extra(reader):
             targets = {{f"w{{i}}": torch.zeros({item_bytes // 4}) for i in range(4)}}
-            peak, done = [0], threading.Event()
-            def sample():
-                while not done.is_set():
-                    peak[0] = max(peak[0], rss_anon())
-                    time.sleep(0.0005)
-            baseline = rss_anon()
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            dcp.load({{"model": targets}}, storage_reader=reader, no_dist=True)
-            done.set()
-            sampler.join()
+            with PeakAnonymousMemory() as memory:
+                dcp.load({{"model": targets}}, storage_reader=reader, no_dist=True)
             assert all(torch.all(targets[f"w{{i}}"] == i) for i in range(4))
-            return peak[0] - baseline
+            return memory.extra
 
         folder = {str(tmp_path / "big")!r}
         print(peak_extra(dcp.FileSystemReader(folder)), peak_extra(reader_for(resolve(folder))))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr
     by_dcp, in_place = (int(word) for word in result.stdout.split()[-2:])
     assert by_dcp >= item_bytes // 2, f"the sampler missed DCP's own copy of an item ({by_dcp >> 20} MiB)"
