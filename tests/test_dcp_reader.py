@@ -7,6 +7,7 @@ in-place read holds no second copy of an item.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,6 +107,19 @@ def test_an_item_whose_bytes_are_not_an_archive_fails_naming_the_checkpoint(tmp_
         Fabric(accelerator="cpu").load(tmp_path / "bare", verify=False)
 
 
+def test_a_shard_shorter_than_its_metadata_says_fails_unchecked_naming_the_file_entry_and_missing_bytes(tmp_path):
+    """With ``verify=False`` nothing checks the file first: the read itself must refuse the missing bytes."""
+    _write(tmp_path / "bare")
+    (shard,) = [p for p in (tmp_path / "bare").iterdir() if p.suffix == ".distcp"]
+    size = shard.stat().st_size
+    os.truncate(shard, size - 100)
+    with pytest.raises(CheckpointError, match=r"bare") as caught:
+        Fabric(accelerator="cpu").load(tmp_path / "bare", verify=False)
+    message = str(caught.value)
+    assert shard.name in message and "is shorter than the entry needs" in message
+    assert f"the file has {size - 100} bytes" in message
+
+
 def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
     """DCP's reader allocates each item again before copying it; read in place, the only copy is into the target."""
     item_bytes = 32 << 20
@@ -176,7 +190,11 @@ def test_a_shard_shortened_while_its_items_are_read_raises_naming_the_file_inste
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"the process died (exit {result.returncode}): {result.stderr[-2000:]}"
     assert result.stdout.startswith("raised"), result.stdout
-    assert "__0_0.distcp" in result.stdout and "model.w1" in result.stdout and "changed while" in result.stdout
+    assert (
+        "__0_0.distcp" in result.stdout
+        and "model.w1" in result.stdout
+        and "changed while it was being loaded" in result.stdout
+    )
 
 
 def test_targets_the_bytes_cannot_be_read_into_directly_get_the_same_values(tmp_path):

@@ -238,7 +238,10 @@ def test_a_shard_shortened_by_another_process_during_the_load_is_an_error_not_a_
         workers.close()
     for outcome in outcomes:
         assert outcome["alive"] and outcome["error"] == "CheckpointError", outcome
-        assert f"__{shortened_rank}_0.distcp" in outcome["message"] and "changed while" in outcome["message"]
+        assert (
+            f"__{shortened_rank}_0.distcp" in outcome["message"]
+            and "changed while it was being loaded" in outcome["message"]
+        )
         assert "partly loaded" in outcome["message"]  # the copy had begun: the error says what that means
 
 

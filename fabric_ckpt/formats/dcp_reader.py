@@ -46,8 +46,8 @@ def read_in_place(
     """Read every item of ``plan`` from the shard files of ``folder`` into ``planner``'s targets.
 
     Raises:
-        CheckpointError: a file is shorter than an item needs (it changed after it was checked), naming the file
-            and the entry.
+        CheckpointError: a file is shorter than an item needs (it changed after it was checked, or was not
+            checked and is damaged), naming the file, the entry and the missing bytes.
 
     Example:
         >>> if can_read_in_place(storage, reader.storage_data, plan):
@@ -64,8 +64,8 @@ def read_in_place(
                     _read_item(file, item, storage_data[item.storage_index], planner)
                 except FileShortenedError as err:
                     raise CheckpointError(
-                        f"file '{relative_path}' (entry '{item.storage_index.fqn}') changed while it was being "
-                        f"loaded: {err.strerror}"
+                        f"file '{relative_path}' (entry '{item.storage_index.fqn}') is shorter than the entry needs "
+                        f"({err.strerror}): it changed while it was being loaded, or is damaged"
                     ) from err
 
 
