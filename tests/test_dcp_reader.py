@@ -120,6 +120,22 @@ def test_a_shard_shorter_than_its_metadata_says_fails_unchecked_naming_the_file_
     assert f"the file has {size - 100} bytes" in message
 
 
+def test_an_item_whose_pickle_points_past_its_bytes_is_refused_not_read_from_elsewhere_in_the_file(tmp_path):
+    """Unchecked (``verify=False``), an item whose pickle puts its tensor past the bytes of its record must fail as
+    ``torch.load`` does, not be filled from whatever follows the record in the shard file."""
+    dcp.save({"model": {"w": torch.arange(4.0), "v": torch.full((64,), 7.0)}}, checkpoint_id=str(tmp_path / "bare"))
+    (shard,) = [p for p in (tmp_path / "bare").iterdir() if p.suffix == ".distcp"]
+    data = shard.read_bytes()
+    # _rebuild_tensor_v2(storage, offset=0, size=(4,), ...) -> offset 16 elements: 64 bytes past a 16-byte storage
+    assert data.count(b"QK\x00K\x04\x85") == 1
+    shard.write_bytes(data.replace(b"QK\x00K\x04\x85", b"QK\x10K\x04\x85"))
+    module = nn.Module()
+    module.register_buffer("w", torch.zeros(4))
+    module.register_buffer("v", torch.zeros(64))
+    with pytest.raises(CheckpointError, match=r"model\.w"):
+        Fabric(accelerator="cpu").load(tmp_path / "bare", {"model": module}, verify=False, strict=False)
+
+
 def test_an_in_place_read_holds_no_second_copy_of_the_items(tmp_path):
     """DCP's reader allocates each item again before copying it; read in place, the only copy is into the target."""
     item_bytes = 32 << 20

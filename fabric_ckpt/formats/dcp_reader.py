@@ -67,6 +67,8 @@ def read_in_place(
                         f"file '{relative_path}' (entry '{item.storage_index.fqn}') is shorter than the entry needs "
                         f"({err.strerror}): it changed while it was being loaded, or is damaged"
                     ) from err
+                except ValueError as err:  # what the item holds does not fit: say where it is
+                    raise ValueError(f"file '{relative_path}' (entry '{item.storage_index.fqn}'): {err}") from err
 
 
 def _read_item(file: PositionalFile, item: ReadItem, where: Any, planner: LoadPlanner) -> None:
@@ -123,9 +125,20 @@ def _locate_tensor(file: PositionalFile, start: int, length: int) -> _LocatedTen
         return torch.UntypedStorage(nbytes, device="meta")
 
     tensor = unpickle_with_storages(read_at(pickle_record.data_offset, pickle_record.size), placeholder_storage)
-    if not isinstance(tensor, torch.Tensor) or type(tensor) is not torch.Tensor or len(storages) != 1:
+    if type(tensor) is not torch.Tensor or len(storages) != 1 or tensor.layout != torch.strided:
         raise FastPathUnavailable("not one plain tensor")
-    return _LocatedTensor(tensor, *storages[0])
+    if tensor.is_conj() or tensor.is_neg():  # raw bytes would lose the view's meaning
+        raise FastPathUnavailable("a conjugate or negative view")
+    storage_offset, storage_bytes = storages[0]
+    # A placeholder storage has no bytes to check a view against (torch checks real ones): a pickle that puts the
+    # tensor past its record must not be filled from whatever follows the record in the file.
+    end = tensor.storage_offset() + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True)) + 1
+    if tensor.numel() and (tensor.storage_offset() < 0 or end * tensor.element_size() > storage_bytes):
+        raise ValueError(
+            f"the item at bytes {start}-{start + length} holds a tensor of shape {list(tensor.shape)} at element "
+            f"{tensor.storage_offset()} of a {storage_bytes}-byte storage: it lies past the storage's bytes"
+        )
+    return _LocatedTensor(tensor, storage_offset, storage_bytes)
 
 
 class _ItemBytes:
