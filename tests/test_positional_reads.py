@@ -84,3 +84,16 @@ def test_a_read_into_a_tensor_fills_its_memory_exactly(data_file):
     assert target.numpy().tobytes() == data[64 : 64 + 4000]
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         tensor_bytes(torch.zeros(4, 4).t())
+
+
+def test_reads_a_damaged_or_hostile_file_asks_for_are_refused_before_any_memory_is_allocated(data_file):
+    """Offsets and lengths come from the file itself (a zip directory, DCP's metadata): one claiming a petabyte must
+    be a clear error, not a ``MemoryError`` or an ``OverflowError`` from ``pread``."""
+    path, data = data_file
+    with open_positional(path) as file:
+        with pytest.raises(FileShortenedError, match=f"bytes {len(data)}-{len(data) + (1 << 50)} are missing"):
+            file.read(len(data), 1 << 50)
+        with pytest.raises(FileShortenedError, match="are missing"):
+            file.crc32_ranges([(0, 10), (1 << 70, 1)])
+        with pytest.raises(ValueError, match="cannot read"):
+            file.read(-5, 10)

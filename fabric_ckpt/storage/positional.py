@@ -57,6 +57,7 @@ class PositionalFile:
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``."""
+        self._within(offset, length)  # before allocating: a length from a damaged or hostile file may be huge
         buffer = bytearray(length)
         self.read_into(offset, memoryview(buffer))
         return bytes(buffer)
@@ -65,6 +66,7 @@ class PositionalFile:
         """Fill ``buffer`` (writable, bytes) with the file's bytes from ``offset`` on (the GIL is released)."""
         view = buffer.cast("B") if buffer.format != "B" else buffer
         done, total = 0, view.nbytes
+        self._within(offset, total)
         while done < total:
             got = os.preadv(self.fd, [view[done : done + _MAX_READ]], offset + done)
             if got == 0:
@@ -87,7 +89,8 @@ class PositionalFile:
         """
         start = 0 if whole else min((offset for offset, _ in ranges), default=0)
         end = max((offset + length for offset, length in ranges), default=0)
-        end = max(end, self.size) if whole else end  # a range past the end fails its read: no CRC of a part
+        self._within(start, end - start)  # a range past the end is refused whole: no CRC-32 of a part of it
+        end = self.size if whole else end
         boundaries = sorted({start, end, *(o for o, _ in ranges), *(o + n for o, n in ranges)})
         running: dict[int, int] = {start: 0}  # the running CRC-32 (from ``start``) at each boundary
         value, position, next_boundary = 0, start, 1
@@ -111,6 +114,13 @@ class PositionalFile:
             view.release()
         found = [crc32_between(running[offset], running[offset + size], size) for offset, size in ranges]
         return found, (value if whole else None)
+
+    def _within(self, offset: int, length: int) -> None:
+        """Refuse a read that the file, as opened, cannot hold (also one too far out for ``pread`` itself)."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"cannot read {length} bytes at offset {offset} of '{self.path}'")
+        if offset + length > self.size:
+            self._shortened(max(offset, self.size), offset + length)
 
     def _shortened(self, at: int, needed_until: int) -> None:
         now = os.fstat(self.fd).st_size
