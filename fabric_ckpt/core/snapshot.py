@@ -121,11 +121,6 @@ class Snapshot:
         else:
             self._eager.append(copy)
 
-    @property
-    def lazy_bytes(self) -> int:
-        """Bytes left to the background copy."""
-        return sum(copy.target.nbytes() for copy in self._lazy)
-
     def copy_eager(self) -> None:
         """Make the copies that must be done before the call returns (all of them, for an eager snapshot)."""
         started, copied = time.perf_counter(), 0
