@@ -93,8 +93,8 @@ def _on_cpu(map_location: Any) -> bool:
         return False
 
 
-def load_mapped_archive(mapped: MappedFile, info: ArchiveInfo, map_location: Any = "cpu", start: int = 0) -> Any:
-    """The object a torch archive holds, its tensors viewing ``mapped`` (the archive starts at byte ``start``).
+def load_mapped_archive(mapped: MappedFile, info: ArchiveInfo, map_location: Any = "cpu") -> Any:
+    """The object a torch archive holds, its tensors viewing ``mapped``.
 
     Raises:
         FastPathUnavailable: use ``torch.load`` for this archive.
@@ -112,11 +112,11 @@ def load_mapped_archive(mapped: MappedFile, info: ArchiveInfo, map_location: Any
     view = mapped.view
     try:
         if byteorder is not None:
-            raw = bytes(view[start + byteorder.data_offset : start + byteorder.data_offset + byteorder.size])
+            raw = bytes(view[byteorder.data_offset : byteorder.data_offset + byteorder.size])
             order = raw.decode("ascii", "replace")
             if order != sys.byteorder:
                 raise FastPathUnavailable(f"byte order {order!r}")
-        data = bytes(view[start + pickle_record.data_offset : start + pickle_record.data_offset + pickle_record.size])
+        data = bytes(view[pickle_record.data_offset : pickle_record.data_offset + pickle_record.size])
     finally:
         view.release()
 
@@ -124,6 +124,6 @@ def load_mapped_archive(mapped: MappedFile, info: ArchiveInfo, map_location: Any
         record = info.records.get(f"data/{key}")
         if record is None or record.method != 0 or record.size < nbytes:
             raise FastPathUnavailable(f"record data/{key} is missing, compressed or short")
-        return mapped.storage_slice(start + record.data_offset, nbytes)
+        return mapped.storage_slice(record.data_offset, nbytes)
 
     return unpickle_with_storages(data, storage)

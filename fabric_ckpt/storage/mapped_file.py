@@ -20,8 +20,6 @@ import torch
 
 __all__ = ["MappedFile", "map_local_file"]
 
-_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in now, with the kernel's batched page-table fill
-
 
 def _load_madvise() -> Any:
     try:
@@ -89,15 +87,6 @@ class MappedFile:
         end = self.size if length is None else min(self.size, start + length)
         if end > begin:
             _madvise(self.storage.data_ptr() + begin, end - begin, advice)
-
-    def populate(self, start: int = 0, length: int | None = None) -> bool:
-        """Fault a range in now (``MADV_POPULATE_READ``); ``False`` where the kernel cannot."""
-        if _madvise is None:
-            return False
-        page = mmap.PAGESIZE
-        begin = start - start % page
-        end = self.size if length is None else min(self.size, start + length)
-        return end <= begin or _madvise(self.storage.data_ptr() + begin, end - begin, _MADV_POPULATE_READ) == 0
 
     def release(self) -> None:
         """Drop the buffer; tensors viewing the mapping keep it (and only it) alive."""
